@@ -1,0 +1,72 @@
+"""The update kernels as Python calls: the native op when it is loaded, else the reference.
+
+Callers (optimizers, executors) use these functions rather than torch.ops directly, so the
+fallback to the PyTorch reference is decided in one place.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._native import native_ops
+
+
+def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+               adamw_mode: bool = True, bias_correction: bool = True, maximize: bool = False,
+               grad_scale: float = 1.0, stochastic_rounding: bool = False, seed: int = 0) -> None:
+    """One fused Adam (``adamw_mode=False``: L2 decay) or AdamW step, in place.
+
+    param: fp32/bf16/fp16; grad: fp32/bf16/fp16 of param's shape; exp_avg, exp_avg_sq: fp32.
+    All contiguous, on the CPU. ``step`` counts this step (1 on the first). ``grad_scale``
+    multiplies the gradient first (unscaling, clipping). bf16/fp16 params are rounded to
+    nearest-even, or stochastically with the stream of ``seed`` when stochastic_rounding.
+    Bad arguments raise ValueError/TypeError naming the argument, before anything is written.
+    """
+    kwargs = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                  weight_decay=float(weight_decay), step=int(step), adamw_mode=bool(adamw_mode),
+                  bias_correction=bool(bias_correction), maximize=bool(maximize), grad_scale=float(grad_scale),
+                  stochastic_rounding=bool(stochastic_rounding), seed=_as_int64(seed))
+    if native_ops().available and param.device.type == "cpu":
+        torch.ops.offload_engine.adam_step_(param, grad, exp_avg, exp_avg_sq, **kwargs)
+    else:
+        _check_reference_args(param, grad, exp_avg, exp_avg_sq, **kwargs)
+        reference.adam_step_(param, grad, exp_avg, exp_avg_sq, **kwargs)
+
+
+def simd_path() -> str:
+    """The CPU kernel path in use now: avx512 | avx2 | scalar, or 'reference'."""
+    ops = native_ops()
+    return ops.module.selected_simd_path() if ops.available else "reference"
+
+
+def _as_int64(seed: int) -> int:
+    seed = int(seed) & ((1 << 64) - 1)
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def _check_reference_args(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
+                          grad_scale, **_):
+    """The native op's argument checks (ops/csrc/adam_op.cpp: check_args), for the fallback."""
+    import math
+
+    for name, value, ok in (("lr", lr, lr >= 0 and math.isfinite(lr)), ("eps", eps, eps >= 0 and math.isfinite(eps)),
+                            ("beta1", beta1, 0 <= beta1 < 1), ("beta2", beta2, 0 <= beta2 < 1),
+                            ("weight_decay", weight_decay, weight_decay >= 0 and math.isfinite(weight_decay)),
+                            ("step", step, step >= 1), ("grad_scale", grad_scale, math.isfinite(grad_scale))):
+        if not ok:
+            raise ValueError(f"adam_step_: {name} is out of range: {value}")
+    for name, t in (("param", param), ("grad", grad)):
+        if t.dtype not in reference.PARAM_DTYPES:
+            raise TypeError(f"adam_step_: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"adam_step_: {name} must be float32, got {t.dtype}")
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if t.device != param.device:
+            raise ValueError(f"adam_step_: {name} is on {t.device} but param is on {param.device}")
+        if t.shape != param.shape:
+            raise ValueError(f"adam_step_: {name} has shape {list(t.shape)} but param has shape {list(param.shape)}")
+    for name, t in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if not t.is_contiguous():
+            raise ValueError(f"adam_step_: {name} must be contiguous, got strides {t.stride()}")

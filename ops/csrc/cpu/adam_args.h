@@ -1,0 +1,51 @@
+// Plain-C++ description of one Adam/AdamW update over a contiguous range of elements.
+//
+// This header is shared by the per-ISA kernel translation units, which are compiled with
+// different target flags; it therefore holds only plain data (no functions), so that no
+// inline function can be emitted with AVX-512 code in one unit and picked by the linker
+// for another (an ODR trap that would crash CPUs without AVX-512).
+#pragma once
+#include <cstdint>
+
+namespace offload_engine {
+
+// 16-bit storage types, distinguished by tag so kernels can overload loads and stores.
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+enum class ElemType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+enum class Rounding : int { kNearestEven = 0, kStochastic = 1 };
+
+// Float32 coefficients of one step. They are computed once in double precision and rounded
+// to float32 (see adam_coefficients() in adam_op.cpp and in reference.py), so the kernel
+// and the PyTorch reference multiply by the very same float32 values.
+struct AdamCoeffs {
+  float beta1, one_minus_beta1;
+  float beta2, one_minus_beta2;
+  float eps;
+  float neg_step_size;   // -lr / (1 - beta1^t)
+  float inv_bc2_sqrt;    // 1 / sqrt(1 - beta2^t)
+  float decay;           // AdamW: 1 - lr * weight_decay
+  float l2;              // Adam: weight_decay added to the gradient as l2 * param
+  float grad_scale;      // multiplies the gradient first (loss-scale unscale, clipping)
+  bool adamw, use_l2, use_grad_scale, maximize;
+  Rounding rounding;
+  uint64_t seed;         // stochastic rounding stream; element i draws hash(seed, i)
+};
+
+// One tensor's worth of update: param/grad of the given types, fp32 exp_avg/exp_avg_sq.
+struct AdamTensorArgs {
+  void* param;
+  const void* grad;
+  float* exp_avg;
+  float* exp_avg_sq;
+  ElemType param_type, grad_type;
+  AdamCoeffs coeffs;
+};
+
+// Updates elements [begin, end) of the tensor. `begin` must be a multiple of 64 so that a
+// SIMD vector never straddles a tile boundary (tiles are handed out by the caller).
+using AdamRangeFn = void (*)(const AdamTensorArgs&, int64_t begin, int64_t end);
+
+}  // namespace offload_engine

@@ -1,0 +1,26 @@
+// AVX-512F path (16 floats per vector, F16C-style conversions in AVX-512F).
+//
+// Headers with plain inline functions come first, so they are compiled for the baseline
+// target in every unit; only what follows the pragma uses the wider instructions.
+#include <type_traits>
+#include "simd_scalar.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx512f,avx2,fma,f16c")
+#include "simd_avx512.h"
+#include "adam_kernel.h"
+
+namespace offload_engine {
+
+void adam_range_avx512(const AdamTensorArgs& a, int64_t begin, int64_t end) {
+  adam_range<simd_avx512::Vec>(a, begin, end);
+}
+
+}  // namespace offload_engine
+
+#else  // not x86: never selected (cpu_supports() is false), linked for completeness
+namespace offload_engine {
+void adam_range_scalar(const AdamTensorArgs&, int64_t, int64_t);
+void adam_range_avx512(const AdamTensorArgs& a, int64_t begin, int64_t end) { adam_range_scalar(a, begin, end); }
+}  // namespace offload_engine
+#endif

@@ -1,0 +1,88 @@
+// AVX2 + FMA + F16C vector of 8 floats. Include only in a translation unit compiled for
+// those targets (adam_avx2.cpp); every function here must match simd_scalar.h bit for bit.
+#pragma once
+#include <immintrin.h>
+#include <cstdint>
+#include "adam_args.h"
+#include "simd_scalar.h"
+
+namespace offload_engine {
+namespace simd_avx2 {
+
+struct Vec {
+  static constexpr int W = 8;
+  using F = __m256;
+  using U = __m256i;
+
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F sqrt(F a) { return _mm256_sqrt_ps(a); }
+  static F neg(F a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
+
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F load(const bf16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static F load(const f16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+
+  // Narrows eight u32 lanes holding 16-bit values to eight u16 and stores them.
+  static void store_u16(void* p, U w) {
+    const __m256i packed = _mm256_packus_epi32(w, w);  // per 128-bit lane: [a0..a3 a0..a3]
+    const __m256i ordered = _mm256_permute4x64_epi64(packed, 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(ordered));
+  }
+  static U bf16_nan_fix(F x, U w) {
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(w, _mm256_set1_epi32(0x7FC0), nan);
+  }
+
+  static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
+  static void store(bf16_t* p, F x) {
+    const __m256i b = _mm256_castps_si256(x);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    store_u16(p, bf16_nan_fix(x, r));
+  }
+  static void store(f16_t* p, F x) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+
+  static void store_sr(float* p, F x, U) { store(p, x); }
+  static void store_sr(bf16_t* p, F x, U rnd) {
+    const __m256i b = _mm256_castps_si256(x);
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_srli_epi32(rnd, 16)), 16);
+    store_u16(p, bf16_nan_fix(x, r));
+  }
+  static void store_sr(f16_t* p, F x, U rnd) {
+    const __m256i b = _mm256_castps_si256(x);
+    const __m256i e = _mm256_min_epu32(_mm256_and_si256(b, _mm256_set1_epi32(0x7F800000)), _mm256_set1_epi32(0x7F000000));
+    const __m256 scale = _mm256_max_ps(_mm256_mul_ps(_mm256_castsi256_ps(e), _mm256_set1_ps(0x1p-23f)), _mm256_set1_ps(0x1p-37f));
+    __m256 noise = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(rnd, 19)), scale);
+    noise = _mm256_or_ps(noise, _mm256_and_ps(x, _mm256_set1_ps(-0.0f)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(_mm256_add_ps(x, noise), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
+  }
+
+  static U mix32v(U x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int(0x846ca68bU)));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  }
+  // Same stream as simd_scalar::Vec::random_bits for indices index .. index+7 (never
+  // straddling a multiple of 2^32, since index is a multiple of the tile size).
+  static U random_bits(uint64_t seed, int64_t index) {
+    using simd_scalar::mix32;
+    const uint32_t key = mix32(uint32_t(seed) ^ mix32(uint32_t(seed >> 32) + uint32_t(uint64_t(index) >> 32) * 0x9E3779B9U));
+    const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(index))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return mix32v(_mm256_xor_si256(idx, _mm256_set1_epi32(int(key))));
+  }
+};
+
+}  // namespace simd_avx2
+}  // namespace offload_engine

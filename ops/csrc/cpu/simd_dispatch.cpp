@@ -1,0 +1,72 @@
+#include "simd_dispatch.h"
+
+#include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
+#include <cstdlib>
+#include <cstring>
+
+namespace offload_engine {
+
+void adam_range_scalar(const AdamTensorArgs&, int64_t, int64_t);
+void adam_range_avx2(const AdamTensorArgs&, int64_t, int64_t);
+void adam_range_avx512(const AdamTensorArgs&, int64_t, int64_t);
+
+const char* simd_path_name(SimdPath path) {
+  switch (path) {
+    case SimdPath::kAvx512: return "avx512";
+    case SimdPath::kAvx2: return "avx2";
+    case SimdPath::kScalar: return "scalar";
+  }
+  return "?";
+}
+
+bool cpu_supports(SimdPath path) {
+#if defined(__x86_64__) || defined(__i386__)
+  // __builtin_cpu_supports also checks that the OS saves the wider registers (XCR0).
+  switch (path) {
+    case SimdPath::kAvx512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+                                   __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case SimdPath::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                                 __builtin_cpu_supports("f16c");
+    case SimdPath::kScalar: return true;
+  }
+  return false;
+#else
+  return path == SimdPath::kScalar;
+#endif
+}
+
+std::vector<std::string> supported_simd_paths() {
+  std::vector<std::string> out;
+  for (SimdPath p : {SimdPath::kAvx512, SimdPath::kAvx2, SimdPath::kScalar})
+    if (cpu_supports(p)) out.emplace_back(simd_path_name(p));
+  return out;
+}
+
+SimdPath selected_simd_path() {
+  const char* env = std::getenv("OFFLOAD_ENGINE_SIMD");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) {
+    if (cpu_supports(SimdPath::kAvx512)) return SimdPath::kAvx512;
+    if (cpu_supports(SimdPath::kAvx2)) return SimdPath::kAvx2;
+    return SimdPath::kScalar;
+  }
+  for (SimdPath p : {SimdPath::kAvx512, SimdPath::kAvx2, SimdPath::kScalar}) {
+    if (std::strcmp(env, simd_path_name(p)) == 0) {
+      TORCH_CHECK_VALUE(cpu_supports(p), "OFFLOAD_ENGINE_SIMD=", env, " is not supported by this CPU; it supports: ",
+                        c10::Join(", ", supported_simd_paths()));
+      return p;
+    }
+  }
+  TORCH_CHECK_VALUE(false, "OFFLOAD_ENGINE_SIMD='", env, "' is not a known path; allowed: auto, avx512, avx2, scalar");
+}
+
+AdamRangeFn adam_range_for(SimdPath path) {
+  switch (path) {
+    case SimdPath::kAvx512: return &adam_range_avx512;
+    case SimdPath::kAvx2: return &adam_range_avx2;
+    case SimdPath::kScalar: return &adam_range_scalar;
+  }
+  return &adam_range_scalar;
+}
+
+}  // namespace offload_engine
