@@ -53,9 +53,11 @@ def native_extensions():
         arch_flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in build_cfg.CUDA_ARCHS]
         extra["nvcc"] = build_cfg.NVCC_FLAGS + arch_flags
         ext = cpp_extension.CUDAExtension(build_cfg.EXTENSION_NAME, sources + cu, extra_compile_args=extra,
+                                          extra_link_args=build_cfg.ld_flags(),
                                           define_macros=[("OFFLOAD_ENGINE_WITH_CUDA", "1")])
     else:
-        ext = cpp_extension.CppExtension(build_cfg.EXTENSION_NAME, sources, extra_compile_args=extra)
+        ext = cpp_extension.CppExtension(build_cfg.EXTENSION_NAME, sources, extra_compile_args=extra,
+                                         extra_link_args=build_cfg.ld_flags())
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     return [ext], {"build_ext": build_ext}
 

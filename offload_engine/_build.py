@@ -13,7 +13,11 @@ EXTENSION_NAME = "offload_engine._C"
 
 # -ffp-contract=off: [Note: one update math] in ops/csrc/cpu/adam_kernel.h; every path must
 # round each mul and add separately so the kernels and the PyTorch reference agree bit for bit.
-CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno"]
+# -fopenmp: at::parallel_for's `#pragma omp parallel` is inlined into our module; without it
+# the kernel silently runs on one thread. libgomp.so.1 resolves to the copy torch already
+# loaded, so the threads are torch's pool and follow torch.set_num_threads().
+CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
 # CUDA archs the .cu sources must build for (checked by nvcc even on CPU-only machines).
 CUDA_ARCHS = ("80", "90")
@@ -39,6 +43,10 @@ def cuda_sources(root: Path) -> list[str]:
 def cxx_flags() -> list[str]:
     # MSVC spells these differently; the project builds with GCC or Clang.
     return [] if platform.system() == "Windows" else list(CXX_FLAGS)
+
+
+def ld_flags() -> list[str]:
+    return [] if platform.system() == "Windows" else list(LD_FLAGS)
 
 
 def build_ops_requested() -> bool:

@@ -58,6 +58,7 @@ def _load_jit() -> ModuleType:
         name="offload_engine_jit_C",
         sources=_build.cpp_sources(root),
         extra_cflags=_build.cxx_flags(),
+        extra_ldflags=_build.ld_flags(),
         build_directory=str(build_dir),
         verbose=False,
     )

@@ -49,14 +49,15 @@ void check_args(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
   for (const auto& [name, t] : others) {
     TORCH_CHECK_VALUE(t->device() == param.device(), "adam_step_: ", name, " is on ", t->device(),
                       " but param is on ", param.device());
-    TORCH_CHECK_VALUE(t->sizes() == param.sizes(), "adam_step_: ", name, " has shape ", t->sizes(),
-                      " but param has shape ", param.sizes());
+    // sym_* accessors: the Meta kernel also runs under dynamic shapes (torch.compile, opcheck).
+    TORCH_CHECK_VALUE(t->sym_sizes() == param.sym_sizes(), "adam_step_: ", name, " has shape ", t->sym_sizes(),
+                      " but param has shape ", param.sym_sizes());
   }
   const std::pair<const char*, const at::Tensor*> all[] = {{"param", &param}, {"grad", &grad}, {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}};
   for (const auto& [name, t] : all) {
-    TORCH_CHECK_VALUE(t->is_contiguous(), "adam_step_: ", name, " must be contiguous, got strides ", t->strides());
+    TORCH_CHECK_VALUE(t->is_contiguous(), "adam_step_: ", name, " must be contiguous, got strides ", t->sym_strides());
   }
-  if (param.numel() > 0 && param.device().type() != c10::DeviceType::Meta) {
+  if (param.device().type() != c10::DeviceType::Meta && param.numel() > 0) {
     TORCH_CHECK_VALUE(param.data_ptr() != exp_avg.data_ptr() && param.data_ptr() != exp_avg_sq.data_ptr() &&
                           exp_avg.data_ptr() != exp_avg_sq.data_ptr(),
                       "adam_step_: param, exp_avg and exp_avg_sq must be distinct tensors");
