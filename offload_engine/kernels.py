@@ -5,6 +5,8 @@ fallback to the PyTorch reference is decided in one place.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import reference
@@ -26,12 +28,25 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     kwargs = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
                   weight_decay=float(weight_decay), step=int(step), adamw_mode=bool(adamw_mode),
                   bias_correction=bool(bias_correction), maximize=bool(maximize), grad_scale=float(grad_scale),
-                  stochastic_rounding=bool(stochastic_rounding), seed=_as_int64(seed))
+                  stochastic_rounding=bool(stochastic_rounding), seed=as_int64(seed))
     if native_ops().available and param.device.type == "cpu":
         torch.ops.offload_engine.adam_step_(param, grad, exp_avg, exp_avg_sq, **kwargs)
     else:
-        _check_reference_args(param, grad, exp_avg, exp_avg_sq, **kwargs)
-        reference.adam_step_(param, grad, exp_avg, exp_avg_sq, **kwargs)
+        _checked_reference(param, grad, exp_avg, exp_avg_sq, **kwargs)
+
+
+def adam_step_impl():
+    """The callable behind adam_step_ (native op or checked reference), for hot loops that pass
+    already-normalised keyword arguments (float/int/bool, seed as int64) and skip the
+    per-call conversion above."""
+    if native_ops().available:
+        return torch.ops.offload_engine.adam_step_.default
+    return _checked_reference
+
+
+def _checked_reference(param, grad, exp_avg, exp_avg_sq, **kwargs):
+    _check_reference_args(param, grad, exp_avg, exp_avg_sq, **kwargs)
+    reference.adam_step_(param, grad, exp_avg, exp_avg_sq, **kwargs)
 
 
 def simd_path() -> str:
@@ -40,7 +55,8 @@ def simd_path() -> str:
     return ops.module.selected_simd_path() if ops.available else "reference"
 
 
-def _as_int64(seed: int) -> int:
+def as_int64(seed: int) -> int:
+    """A 64-bit seed in the op's signed int64 argument (same bits)."""
     seed = int(seed) & ((1 << 64) - 1)
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
@@ -48,8 +64,6 @@ def _as_int64(seed: int) -> int:
 def _check_reference_args(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
                           grad_scale, **_):
     """The native op's argument checks (ops/csrc/adam_op.cpp: check_args), for the fallback."""
-    import math
-
     for name, value, ok in (("lr", lr, lr >= 0 and math.isfinite(lr)), ("eps", eps, eps >= 0 and math.isfinite(eps)),
                             ("beta1", beta1, 0 <= beta1 < 1), ("beta2", beta2, 0 <= beta2 < 1),
                             ("weight_decay", weight_decay, weight_decay >= 0 and math.isfinite(weight_decay)),

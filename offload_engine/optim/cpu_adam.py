@@ -48,8 +48,14 @@ class CPUAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        adam_step_ = kernels.adam_step_impl()
+        for group_index, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
+            # Normalised once per group: the per-param loop below is the optimizer's hot path.
+            hyper = dict(lr=_as_float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                         weight_decay=float(group["weight_decay"]), adamw_mode=bool(group["adamw_mode"]),
+                         bias_correction=bool(group["bias_correction"]), maximize=bool(group["maximize"]),
+                         grad_scale=1.0, stochastic_rounding=bool(group["stochastic_rounding"]))
             for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -62,17 +68,11 @@ class CPUAdam(Optimizer):
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
-                step = int(state["step"].item()) + 1
+                step = int(state["step"]) + 1
                 # The kernel needs contiguous tensors; a strided param is updated in a copy.
                 p_work = p if p.is_contiguous() else p.contiguous()
-                kernels.adam_step_(
-                    p_work, p.grad.contiguous(), state["exp_avg"], state["exp_avg_sq"],
-                    lr=_as_float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], step=step, adamw_mode=group["adamw_mode"],
-                    bias_correction=group["bias_correction"], maximize=group["maximize"],
-                    stochastic_rounding=group["stochastic_rounding"],
-                    seed=self._seed_base + 1_000_003 * step + index,
-                )
+                adam_step_(p_work, p.grad.contiguous(), state["exp_avg"], state["exp_avg_sq"], step=step,
+                           seed=kernels.as_int64(_stream_seed(self._seed_base, group_index, index, step)), **hyper)
                 if p_work is not p:
                     p.copy_(p_work)
                 state["step"].fill_(step)
@@ -101,6 +101,11 @@ class CPUAdam(Optimizer):
                 if key in saved:
                     self.state[p][key] = saved[key].detach().to(device="cpu", dtype=torch.float32).clone().contiguous()
         self._seed_base = int(state_dict.get("seed_base", self._seed_base))
+
+
+def _stream_seed(base: int, group_index: int, index: int, step: int) -> int:
+    """A distinct stochastic-rounding stream per (param, step), reproducible from the base."""
+    return (base ^ (step * 0x9E3779B97F4A7C15 + (group_index << 40) + index)) & ((1 << 64) - 1)
 
 
 def _as_float(value) -> float:

@@ -13,7 +13,9 @@
 namespace offload_engine {
 namespace {
 
-constexpr int64_t kTileElems = 16384;  // multiple of every SIMD width and of 2^32's divisors used for seeding
+// A multiple of every SIMD width (and a divisor of 2^32), so no vector straddles a tile or the
+// 2^32-element boundary where the stochastic-rounding key changes.
+constexpr int64_t kTileElems = 16384;
 constexpr int64_t kTilesPerTask = 4;   // at::parallel_for grain: 64K elements before splitting across threads
 
 ElemType elem_type(const at::Tensor& t, const char* name) {
