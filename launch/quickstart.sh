@@ -37,7 +37,7 @@ stamp="$VENV/.offload_engine_build_stamp"
 if [ ! -f "$stamp" ] || ! python -c "import offload_engine" >/dev/null 2>&1 \
    || [ -n "$(find "$ROOT/setup.py" "$ROOT/ops/csrc" "$ROOT/offload_engine/_build.py" -newer "$stamp" -print -quit)" ]; then
   echo "quickstart: installing offload_engine and building its native ops (about a minute)" >&2
-  python -m pip install -q "setuptools>=64" wheel
+  python -m pip install -q --upgrade pip "setuptools>=64" wheel
   # --no-build-isolation: compile against the torch installed above, never fetch another one.
   python -m pip install -q --no-build-isolation -e "$ROOT[test]"
   touch "$stamp"
