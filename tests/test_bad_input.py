@@ -71,6 +71,11 @@ def test_cpu_adam_constructor_validation(kwargs, match):
         CPUAdam([torch.nn.Parameter(torch.randn(3))], **kwargs)
 
 
+def test_cpu_adam_rejects_unsupported_param_dtype_up_front():
+    with pytest.raises(TypeError, match="float64"):
+        CPUAdam([torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3, dtype=torch.float64))])
+
+
 def test_cpu_adam_rejects_bad_group_and_loaded_state():
     p = torch.nn.Parameter(torch.randn(5))
     opt = CPUAdam([p])

@@ -11,7 +11,7 @@ from itertools import chain
 import torch
 from torch.optim import Optimizer
 
-from .. import kernels
+from .. import kernels, reference
 
 _STATE_FP32_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -41,6 +41,11 @@ class CPUAdam(Optimizer):
         if group_defaults:
             _check_hyperparameters(**group_defaults)
         super().add_param_group(param_group)
+        # Checked here rather than in step(), where a bad param would fail after others moved.
+        for p in self.param_groups[-1]["params"]:
+            if p.dtype not in reference.PARAM_DTYPES:
+                raise TypeError(f"CPUAdam: params must be float32, bfloat16 or float16; got {p.dtype} "
+                                f"for a param of shape {list(p.shape)}")
 
     @torch.no_grad()
     def step(self, closure=None):
