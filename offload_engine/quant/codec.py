@@ -1,0 +1,96 @@
+"""Block formats and the reference blockwise codec: the definition every kernel matches.
+
+A tensor of n elements is split into blocks of ``block`` elements (the last one partial).
+Each block stores one float32 absmax and one code per element: code = the number of the
+map's thresholds (midpoints between neighbouring map values) strictly below x * (1 / absmax)
+(so the nearest map value, ties going to the lower code); value = map[code] * absmax.
+4-bit codes are packed two per byte, element 2k in the low nibble.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from . import maps
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockFormat:
+    name: str
+    bits: int
+    default_block: int
+    signed_map: tuple  # for exp_avg (and Lion's momentum)
+    unsigned_map: tuple  # for exp_avg_sq
+
+    def code_map(self, signed: bool) -> torch.Tensor:
+        return torch.tensor(self.signed_map if signed else self.unsigned_map, dtype=torch.float32)
+
+    def code_bytes(self, numel: int, block: int) -> int:
+        """Bytes of codes for numel elements, padded to whole blocks."""
+        padded = -(-numel // block) * block
+        return padded * self.bits // 8
+
+
+def _t(x: torch.Tensor) -> tuple:
+    return tuple(x.tolist())
+
+
+FORMATS = {
+    "int8": BlockFormat("int8", 8, 256, _t(maps.dynamic_map(True, 7, 8)), _t(maps.dynamic_map(False, 7, 8))),
+    "int4": BlockFormat("int4", 4, 128, _t(maps.dynamic_map(True, 3, 4)), _t(maps.linear_unsigned_map(4))),
+}
+BLOCK_SIZES = tuple(2 ** k for k in range(6, 13))  # 64 .. 4096
+
+
+def check_block(block: int) -> int:
+    if block not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be a power of two from 64 to 4096, got {block!r}")
+    return block
+
+
+@functools.lru_cache(maxsize=None)
+def _midpoints(fmt_name: str, signed: bool) -> torch.Tensor:
+    return maps.midpoints(FORMATS[fmt_name].code_map(signed))
+
+
+def block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
+    n = x.numel()
+    pad = -n % block
+    xb = torch.nn.functional.pad(x.reshape(-1).float(), (0, pad)).view(-1, block)
+    return xb.abs().amax(dim=1)
+
+
+def quantize_blockwise(x: torch.Tensor, fmt: BlockFormat, signed: bool, block: int):
+    """Reference quantization of float32 x: (codes uint8 [padded, packed], absmax float32)."""
+    n = x.numel()
+    pad = -n % block
+    xb = torch.nn.functional.pad(x.reshape(-1).to(torch.float32), (0, pad)).view(-1, block)
+    absmax = xb.abs().amax(dim=1)
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    normalised = xb * inv[:, None]
+    codes = torch.searchsorted(_midpoints(fmt.name, signed), normalised.reshape(-1), right=False)
+    codes = codes.to(torch.uint8)
+    if pad:
+        codes[n:] = 0  # padding is never read; keep it deterministic
+    return pack(codes, fmt.bits), absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, fmt: BlockFormat, signed: bool, block: int,
+                         numel: int) -> torch.Tensor:
+    values = fmt.code_map(signed)[unpack(codes, fmt.bits).long()].view(-1, block)
+    return (values * absmax[:, None]).reshape(-1)[:numel]
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return codes
+    pairs = codes.view(-1, 2)
+    return (pairs[:, 0] | (pairs[:, 1] << 4)).contiguous()
+
+
+def unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return codes
+    return torch.stack([codes & 0xF, codes >> 4], dim=1).reshape(-1)
