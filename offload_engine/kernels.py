@@ -35,6 +35,36 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
         _checked_reference(param, grad, exp_avg, exp_avg_sq, **kwargs)
 
 
+def adam_step_blockwise_(param: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
+                         v_codes: torch.Tensor, v_absmax: torch.Tensor, *, fmt: str, block: int, lr: float,
+                         beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+                         adamw_mode: bool = True, bias_correction: bool = True, maximize: bool = False,
+                         grad_scale: float = 1.0, stochastic_rounding: bool = False, seed: int = 0) -> None:
+    """adam_step_ with block-quantized moments in place: ``fmt`` is "int8" or "int4"
+    (offload_engine.quant.FORMATS), ``block`` the elements per absmax; m_codes/v_codes hold the
+    codes padded to whole blocks (4-bit: two per byte), m_absmax/v_absmax one float32 per block."""
+    from .quant import codec
+
+    kwargs = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                  weight_decay=float(weight_decay), step=int(step), adamw_mode=bool(adamw_mode),
+                  bias_correction=bool(bias_correction), maximize=bool(maximize), grad_scale=float(grad_scale),
+                  stochastic_rounding=bool(stochastic_rounding), seed=as_int64(seed))
+    if fmt not in codec.FORMATS:
+        raise ValueError(f"adam_step_blockwise_: fmt must be one of {sorted(codec.FORMATS)}, got {fmt!r}")
+    if native_ops().available and param.device.type == "cpu":
+        m_t, v_t = codec.code_tables(fmt, True), codec.code_tables(fmt, False)
+        torch.ops.offload_engine.adam_step_blockwise_(
+            param, grad, m_codes, m_absmax, v_codes, v_absmax, m_t.map, m_t.mid, m_t.lut, v_t.map, v_t.mid, v_t.lut,
+            [m_t.min_exponent, m_t.mantissa_bits, v_t.min_exponent, v_t.mantissa_bits],
+            bits=codec.FORMATS[fmt].bits, block=int(block), **kwargs)
+    else:
+        _check_reference_args(param, grad, torch.empty_like(param, dtype=torch.float32),
+                              torch.empty_like(param, dtype=torch.float32), **kwargs)
+        codec.check_block(block)
+        reference.adam_step_blockwise_(param, grad, m_codes, m_absmax, v_codes, v_absmax,
+                                       fmt=codec.FORMATS[fmt], block=int(block), **kwargs)
+
+
 def adam_step_impl():
     """The callable behind adam_step_ (native op or checked reference), for hot loops that pass
     already-normalised keyword arguments (float/int/bool, seed as int64) and skip the

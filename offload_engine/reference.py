@@ -161,3 +161,20 @@ def adam_step_(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weigh
         param.copy_(p)
     else:
         param.copy_(round_to_dtype(p, param.dtype, stochastic_rounding, seed).view(param.shape))
+
+
+@torch.no_grad()
+def adam_step_blockwise_(param, grad, m_codes, m_absmax, v_codes, v_absmax, *, fmt, block, **adam):
+    """Adam/AdamW with block-quantized moments, by definition: dequantize exp_avg (signed map)
+    and exp_avg_sq (unsigned map), take the fp32 step above, requantize. The fused kernel
+    (ops/csrc/cpu/adam_kernel.h: [Note: blockwise step]) matches this bit for bit."""
+    from .quant import codec
+
+    n = param.numel()
+    m = codec.dequantize_blockwise(m_codes, m_absmax, fmt, True, block, n).view(param.shape)
+    v = codec.dequantize_blockwise(v_codes, v_absmax, fmt, False, block, n).view(param.shape)
+    adam_step_(param, grad, m, v, **adam)
+    for codes, absmax, value, signed in ((m_codes, m_absmax, m, True), (v_codes, v_absmax, v, False)):
+        new_codes, new_absmax = codec.quantize_blockwise(value, fmt, signed, block)
+        codes.copy_(new_codes)
+        absmax.copy_(new_absmax)

@@ -94,3 +94,22 @@ def unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes
     return torch.stack([codes & 0xF, codes >> 4], dim=1).reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeTablesT:
+    """The tensors a kernel needs for one map (see maps.CodeLookup)."""
+
+    map: torch.Tensor
+    mid: torch.Tensor
+    lut: torch.Tensor  # uint8, padded by 3 bytes so 32-bit gathers stay in bounds
+    min_exponent: int
+    mantissa_bits: int
+
+
+@functools.lru_cache(maxsize=None)
+def code_tables(fmt_name: str, signed: bool) -> CodeTablesT:
+    code_map = FORMATS[fmt_name].code_map(signed)
+    lookup = maps.build_lookup(code_map)
+    lut = torch.cat([lookup.candidate, torch.zeros(3, dtype=torch.uint8)]).contiguous()
+    return CodeTablesT(code_map, maps.midpoints(code_map), lut, lookup.min_exponent, lookup.mantissa_bits)

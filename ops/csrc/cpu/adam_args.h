@@ -44,6 +44,37 @@ struct AdamTensorArgs {
   AdamCoeffs coeffs;
 };
 
+// A code map with its nearest-code lookup (offload_engine/quant/maps.py: CodeLookup).
+struct CodeTables {
+  const float* map;      // value of each code
+  const float* mid;      // threshold above each code (+inf after the last)
+  const uint8_t* lut;    // candidate code per key, padded by 3 bytes for 32-bit gathers
+  int32_t min_exponent;  // biased fp32 exponent of the first non-tiny bucket
+  int32_t mantissa_bits;
+  int32_t keys_per_sign;
+};
+
+// One tensor with block-quantized moments: codes (one byte each, or two per byte for 4-bit,
+// padded to whole blocks) and one fp32 absmax per block for each of exp_avg and exp_avg_sq.
+struct AdamBlockwiseArgs {
+  void* param;
+  const void* grad;
+  ElemType param_type, grad_type;
+  uint8_t* m_codes;
+  float* m_absmax;
+  uint8_t* v_codes;
+  float* v_absmax;
+  CodeTables m_tables, v_tables;
+  int bits;       // 8 or 4
+  int64_t block;  // elements per block: a power of two, 64 .. kMaxBlock
+  int64_t numel;
+  AdamCoeffs coeffs;
+};
+constexpr int64_t kMaxBlock = 4096;
+
+// Updates blocks [block_begin, block_end) of the tensor.
+using AdamBlockwiseFn = void (*)(const AdamBlockwiseArgs&, int64_t block_begin, int64_t block_end);
+
 // Updates elements [begin, end) of the tensor. `begin` must be a multiple of 64 so that a
 // SIMD vector never straddles a tile boundary (tiles are handed out by the caller).
 using AdamRangeFn = void (*)(const AdamTensorArgs&, int64_t begin, int64_t end);

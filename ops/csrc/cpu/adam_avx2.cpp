@@ -17,11 +17,17 @@ void adam_range_avx2(const AdamTensorArgs& a, int64_t begin, int64_t end) {
   adam_range<simd_avx2::Vec>(a, begin, end);
 }
 
+void adam_blocks_avx2(const AdamBlockwiseArgs& a, int64_t block_begin, int64_t block_end) {
+  adam_blocks<simd_avx2::Vec>(a, block_begin, block_end);
+}
+
 }  // namespace offload_engine
 
 #else  // not x86: never selected (cpu_supports() is false), linked for completeness
 namespace offload_engine {
 void adam_range_scalar(const AdamTensorArgs&, int64_t, int64_t);
 void adam_range_avx2(const AdamTensorArgs& a, int64_t begin, int64_t end) { adam_range_scalar(a, begin, end); }
+void adam_blocks_scalar(const AdamBlockwiseArgs&, int64_t, int64_t);
+void adam_blocks_avx2(const AdamBlockwiseArgs& a, int64_t b0, int64_t b1) { adam_blocks_scalar(a, b0, b1); }
 }  // namespace offload_engine
 #endif

@@ -8,6 +8,7 @@
 // kernel bit for bit on every path. Change both together.
 #pragma once
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include "adam_args.h"
 
@@ -88,6 +89,110 @@ void adam_range_fp32_state(const AdamTensorArgs& a, int64_t begin, int64_t end) 
     std::memcpy(p + i, p_buf, rest * sizeof(P));
     std::memcpy(a.exp_avg + i, m_buf, rest * sizeof(float));
     std::memcpy(a.exp_avg_sq + i, v_buf, rest * sizeof(float));
+  }
+}
+
+// Block-quantized moments of one block, as the StateIO of adam_vector: loads dequantize codes
+// (value = map[code] * absmax), stores go to fp32 block buffers that are requantized once the
+// whole block is updated (the new absmax needs every element first).
+template <class V>
+struct QuantBlockIO {
+  const uint8_t* m_codes;  // unpacked codes of this block
+  const uint8_t* v_codes;
+  typename V::F m_absmax, v_absmax;
+  const float* m_map;
+  const float* v_map;
+  float* m_out;
+  float* v_out;
+  typename V::F load_m(int64_t i) const { return V::mul(V::gather(m_map, V::load_u8(m_codes + i)), m_absmax); }
+  typename V::F load_v(int64_t i) const { return V::mul(V::gather(v_map, V::load_u8(v_codes + i)), v_absmax); }
+  void store(int64_t i, typename V::F mv, typename V::F vv) const { V::store(m_out + i, mv); V::store(v_out + i, vv); }
+};
+
+// Requantizes `len` fp32 values of one block into codes[0, round_up(len, W)); codes past len
+// are set to 0, as the reference leaves block padding. Returns nothing; absmax is given.
+template <class V>
+inline void quantize_block(const float* values, int64_t len, float absmax, const CodeTables& t, uint8_t* codes) {
+  constexpr int W = V::W;
+  const typename V::F inv = V::set1(absmax > 0.0f ? 1.0f / absmax : 0.0f);
+  int64_t i = 0;
+  for (; i < len; i += W) V::store_u8(codes + i, V::quantize(V::mul(V::load(values + i), inv), t));
+  std::memset(codes + len, 0, size_t(i - len));
+}
+
+// [Note: blockwise step] Per block: dequantize m and v, run the same Adam math as the fp32
+// kernel (adam_vector), track the new absmax, then requantize, all in one pass over memory
+// (the block's fp32 moments live in L1-resident stack buffers between the two halves).
+template <class V, class P, class G>
+void adam_blocks_typed(const AdamBlockwiseArgs& a, int64_t block_begin, int64_t block_end) {
+  constexpr int W = V::W;
+  using F = typename V::F;
+  alignas(64) float m_buf[kMaxBlock], v_buf[kMaxBlock];
+  alignas(64) uint8_t m_cb[kMaxBlock], v_cb[kMaxBlock];
+  P* p = static_cast<P*>(a.param);
+  const G* g = static_cast<const G*>(a.grad);
+  const AdamConsts<V> c(a.coeffs);
+  const int64_t B = a.block;
+  for (int64_t blk = block_begin; blk < block_end; ++blk) {
+    const int64_t start = blk * B, len = std::min(B, a.numel - start);
+    uint8_t* m_codes = a.bits == 8 ? a.m_codes + start : m_cb;  // 8-bit: codes used in place
+    uint8_t* v_codes = a.bits == 8 ? a.v_codes + start : v_cb;
+    if (a.bits == 4) {
+      simd_scalar::unpack_nibbles(a.m_codes + start / 2, m_cb, B);
+      simd_scalar::unpack_nibbles(a.v_codes + start / 2, v_cb, B);
+    }
+    const QuantBlockIO<V> io{m_codes, v_codes, V::set1(a.m_absmax[blk]), V::set1(a.v_absmax[blk]),
+                             a.m_tables.map, a.v_tables.map, m_buf, v_buf};
+    F m_max = V::set1(0.0f), v_max = V::set1(0.0f);
+    int64_t i = 0;
+    for (; i + W <= len; i += W) {
+      adam_vector<V>(p + start + i, g + start + i, io, i, start + i, c);
+      m_max = V::max(m_max, V::abs(V::load(m_buf + i)));
+      v_max = V::max(v_max, V::load(v_buf + i));
+    }
+    if (i < len) {  // tail of the last block: zero-padded param/grad copies, padded lanes zeroed
+      const int64_t rest = len - i;
+      P p_buf[W] = {}; G g_buf[W] = {};
+      std::memcpy(p_buf, p + start + i, rest * sizeof(P));
+      std::memcpy(g_buf, g + start + i, rest * sizeof(G));
+      adam_vector<V>(p_buf, g_buf, io, i, start + i, c);
+      std::memcpy(p + start + i, p_buf, rest * sizeof(P));
+      std::memset(m_buf + i + rest, 0, (W - rest) * sizeof(float));
+      std::memset(v_buf + i + rest, 0, (W - rest) * sizeof(float));
+      m_max = V::max(m_max, V::abs(V::load(m_buf + i)));
+      v_max = V::max(v_max, V::load(v_buf + i));
+    }
+    const float m_absmax = V::reduce_max(m_max), v_absmax = V::reduce_max(v_max);
+    quantize_block<V>(m_buf, len, m_absmax, a.m_tables, m_codes);
+    quantize_block<V>(v_buf, len, v_absmax, a.v_tables, v_codes);
+    if (a.bits == 4) {
+      std::memset(m_cb + len, 0, size_t(B - len));  // padding codes are 0 in storage
+      std::memset(v_cb + len, 0, size_t(B - len));
+      simd_scalar::pack_nibbles(m_cb, a.m_codes + start / 2, B);
+      simd_scalar::pack_nibbles(v_cb, a.v_codes + start / 2, B);
+    } else if (len < B) {
+      std::memset(m_codes + len, 0, size_t(B - len));
+      std::memset(v_codes + len, 0, size_t(B - len));
+    }
+    a.m_absmax[blk] = m_absmax;
+    a.v_absmax[blk] = v_absmax;
+  }
+}
+
+template <class V>
+void adam_blocks(const AdamBlockwiseArgs& a, int64_t block_begin, int64_t block_end) {
+  auto with_grad = [&](auto* param_tag) {
+    using P = std::remove_pointer_t<decltype(param_tag)>;
+    switch (a.grad_type) {
+      case ElemType::kFloat32: return adam_blocks_typed<V, P, float>(a, block_begin, block_end);
+      case ElemType::kBFloat16: return adam_blocks_typed<V, P, bf16_t>(a, block_begin, block_end);
+      case ElemType::kFloat16: return adam_blocks_typed<V, P, f16_t>(a, block_begin, block_end);
+    }
+  };
+  switch (a.param_type) {
+    case ElemType::kFloat32: return with_grad(static_cast<float*>(nullptr));
+    case ElemType::kBFloat16: return with_grad(static_cast<bf16_t*>(nullptr));
+    case ElemType::kFloat16: return with_grad(static_cast<f16_t*>(nullptr));
   }
 }
 

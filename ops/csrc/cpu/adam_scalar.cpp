@@ -12,4 +12,8 @@ void adam_range_scalar(const AdamTensorArgs& a, int64_t begin, int64_t end) {
   adam_range<simd_scalar::Vec>(a, begin, end);
 }
 
+void adam_blocks_scalar(const AdamBlockwiseArgs& a, int64_t block_begin, int64_t block_end) {
+  adam_blocks<simd_scalar::Vec>(a, block_begin, block_end);
+}
+
 }  // namespace offload_engine

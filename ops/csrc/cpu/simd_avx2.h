@@ -67,6 +67,37 @@ struct Vec {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(_mm256_add_ps(x, noise), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
   }
 
+  // ---- block-quantized state ----
+  static U load_u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+  static void store_u8(uint8_t* p, U c) {  // lanes hold values < 256
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(words, words));
+  }
+  static F gather(const float* table, U idx) { return _mm256_i32gather_ps(table, idx, 4); }
+  static F abs(F x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static float reduce_max(F a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+  }
+  // Nearest code via the lookup table (see CodeLookup in quant/maps.py); matches Vec (scalar).
+  static U quantize(F x, const CodeTables& t) {
+    const __m256i b = _mm256_castps_si256(x);
+    const __m256i e = _mm256_and_si256(_mm256_srli_epi32(b, 23), _mm256_set1_epi32(0xFF));
+    const __m256i top = _mm256_and_si256(_mm256_srl_epi32(b, _mm_cvtsi32_si128(23 - t.mantissa_bits)),
+                                         _mm256_set1_epi32((1 << t.mantissa_bits) - 1));
+    const __m256i rel = _mm256_sub_epi32(e, _mm256_set1_epi32(t.min_exponent));
+    __m256i mag = _mm256_add_epi32(_mm256_set1_epi32(1), _mm256_add_epi32(_mm256_sll_epi32(rel, _mm_cvtsi32_si128(t.mantissa_bits)), top));
+    mag = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(t.min_exponent), e), mag);  // tiny -> key 0
+    const __m256i neg = _mm256_srai_epi32(b, 31);  // all ones for negative x
+    const __m256i key = _mm256_add_epi32(mag, _mm256_and_si256(neg, _mm256_set1_epi32(t.keys_per_sign)));
+    const __m256i cand = _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(t.lut), key, 1), _mm256_set1_epi32(0xFF));
+    const __m256 mid = _mm256_i32gather_ps(t.mid, cand, 4);
+    return _mm256_sub_epi32(cand, _mm256_castps_si256(_mm256_cmp_ps(x, mid, _CMP_GT_OQ)));  // mask is -1
+  }
+
   static U mix32v(U x) {
     x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
     x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));

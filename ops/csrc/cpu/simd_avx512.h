@@ -63,6 +63,35 @@ struct Vec {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(_mm512_add_ps(x, noise), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
   }
 
+  // ---- block-quantized state ----
+  static U load_u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static void store_u8(uint8_t* p, U c) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(c)); }
+  static F gather(const float* table, U idx) { return _mm512_i32gather_ps(idx, table, 4); }
+  static F abs(F x) {
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF)));
+  }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static float reduce_max(F a) { return _mm512_reduce_max_ps(a); }
+  // Nearest code via the lookup table (see CodeLookup in quant/maps.py); matches Vec (scalar).
+  static U quantize(F x, const CodeTables& t) {
+    const __m512i b = _mm512_castps_si512(x);
+    const __m512i e = _mm512_and_si512(_mm512_srli_epi32(b, 23), _mm512_set1_epi32(0xFF));
+    const __m512i top = _mm512_and_si512(_mm512_srl_epi32(b, _mm_cvtsi32_si128(23 - t.mantissa_bits)),
+                                         _mm512_set1_epi32((1 << t.mantissa_bits) - 1));
+    const __m512i rel = _mm512_sub_epi32(e, _mm512_set1_epi32(t.min_exponent));
+    const __m512i mag = _mm512_add_epi32(_mm512_set1_epi32(1), _mm512_add_epi32(_mm512_sll_epi32(rel, _mm_cvtsi32_si128(t.mantissa_bits)), top));
+    const __mmask16 normal = _mm512_cmpge_epi32_mask(e, _mm512_set1_epi32(t.min_exponent));
+    const __mmask16 negative = sign_mask(b);
+    const __m512i key = _mm512_mask_add_epi32(_mm512_maskz_mov_epi32(normal, mag), negative,
+                                              _mm512_maskz_mov_epi32(normal, mag), _mm512_set1_epi32(t.keys_per_sign));
+    const __m512i cand = _mm512_and_si512(_mm512_i32gather_epi32(key, t.lut, 1), _mm512_set1_epi32(0xFF));
+    const __m512 mid = _mm512_i32gather_ps(cand, t.mid, 4);
+    const __mmask16 up = _mm512_cmp_ps_mask(x, mid, _CMP_GT_OQ);
+    return _mm512_mask_add_epi32(cand, up, cand, _mm512_set1_epi32(1));
+  }
+  // Sign bits as a mask using AVX-512F only (movepi32_mask needs AVX512DQ).
+  static __mmask16 sign_mask(__m512i b) { return _mm512_cmplt_epi32_mask(b, _mm512_setzero_si512()); }
+
   static U mix32v(U x) {
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
     x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));

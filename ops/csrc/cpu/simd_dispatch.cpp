@@ -10,6 +10,9 @@ namespace offload_engine {
 void adam_range_scalar(const AdamTensorArgs&, int64_t, int64_t);
 void adam_range_avx2(const AdamTensorArgs&, int64_t, int64_t);
 void adam_range_avx512(const AdamTensorArgs&, int64_t, int64_t);
+void adam_blocks_scalar(const AdamBlockwiseArgs&, int64_t, int64_t);
+void adam_blocks_avx2(const AdamBlockwiseArgs&, int64_t, int64_t);
+void adam_blocks_avx512(const AdamBlockwiseArgs&, int64_t, int64_t);
 
 const char* simd_path_name(SimdPath path) {
   switch (path) {
@@ -67,6 +70,15 @@ AdamRangeFn adam_range_for(SimdPath path) {
     case SimdPath::kScalar: return &adam_range_scalar;
   }
   return &adam_range_scalar;
+}
+
+AdamBlockwiseFn adam_blocks_for(SimdPath path) {
+  switch (path) {
+    case SimdPath::kAvx512: return &adam_blocks_avx512;
+    case SimdPath::kAvx2: return &adam_blocks_avx2;
+    case SimdPath::kScalar: return &adam_blocks_scalar;
+  }
+  return &adam_blocks_scalar;
 }
 
 }  // namespace offload_engine

@@ -16,5 +16,6 @@ std::vector<std::string> supported_simd_paths();
 // time); throws a ValueError naming the variable for unknown or unsupported values.
 SimdPath selected_simd_path();
 AdamRangeFn adam_range_for(SimdPath path);
+AdamBlockwiseFn adam_blocks_for(SimdPath path);
 
 }  // namespace offload_engine

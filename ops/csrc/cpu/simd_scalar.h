@@ -49,6 +49,15 @@ inline uint16_t float_to_half_rz(float f) {
   return uint16_t(sign | ((ax - 0x38000000U) >> 13));
 }
 
+// 4-bit codes, two per byte, element 2k in the low nibble. Plain functions live in this header
+// (compiled for the baseline target in every unit), not in adam_kernel.h.
+inline void unpack_nibbles(const uint8_t* packed, uint8_t* codes, int64_t n) {
+  for (int64_t k = 0; k < n / 2; ++k) { codes[2 * k] = packed[k] & 0xF; codes[2 * k + 1] = packed[k] >> 4; }
+}
+inline void pack_nibbles(const uint8_t* codes, uint8_t* packed, int64_t n) {
+  for (int64_t k = 0; k < n / 2; ++k) packed[k] = uint8_t(codes[2 * k] | (codes[2 * k + 1] << 4));
+}
+
 struct Vec {
   static constexpr int W = 1;
   using F = float;
@@ -81,6 +90,21 @@ struct Vec {
     const float scale = std::max(u2f(std::min(b & 0x7F800000U, 0x7F000000U)) * 0x1p-23f, 0x1p-37f);
     const float noise = u2f(f2u(float(r >> 19) * scale) | (b & 0x80000000U));
     p->bits = float_to_half_rz(x + noise);
+  }
+
+  // ---- block-quantized state ----
+  static U load_u8(const uint8_t* p) { return *p; }
+  static void store_u8(uint8_t* p, U c) { *p = uint8_t(c); }
+  static F gather(const float* table, U idx) { return table[idx]; }
+  static F abs(F x) { return u2f(f2u(x) & 0x7FFFFFFFU); }
+  static F max(F a, F b) { return a > b ? a : b; }
+  static float reduce_max(F a) { return a; }
+  static U quantize(F x, const CodeTables& t) {
+    const uint32_t b = f2u(x), e = (b >> 23) & 0xFF;
+    const uint32_t top = (b >> (23 - t.mantissa_bits)) & ((1U << t.mantissa_bits) - 1);
+    const uint32_t mag = int32_t(e) < t.min_exponent ? 0 : 1 + ((e - t.min_exponent) << t.mantissa_bits) + top;
+    const uint32_t cand = t.lut[(b >> 31) * uint32_t(t.keys_per_sign) + mag];
+    return cand + (x > t.mid[cand] ? 1 : 0);
   }
 
   static U random_bits(uint64_t seed, int64_t index) {

@@ -1,0 +1,70 @@
+#include "adam_op_common.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace offload_engine {
+
+ElemType elem_type(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ElemType::kFloat32;
+    case at::kBFloat16: return ElemType::kBFloat16;
+    case at::kHalf: return ElemType::kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+void check_hyperparameters(const char* op, double lr, double beta1, double beta2, double eps, double weight_decay,
+                           int64_t step, double grad_scale) {
+  TORCH_CHECK_VALUE(lr >= 0.0 && std::isfinite(lr), op, ": lr must be finite and >= 0, got ", lr);
+  TORCH_CHECK_VALUE(eps >= 0.0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, op, ": beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, op, ": beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK_VALUE(weight_decay >= 0.0 && std::isfinite(weight_decay), op,
+                    ": weight_decay must be finite and >= 0, got ", weight_decay);
+  TORCH_CHECK_VALUE(step >= 1, op, ": step must be >= 1 (the count including this step), got ", step);
+  TORCH_CHECK_VALUE(std::isfinite(grad_scale), op, ": grad_scale must be finite, got ", grad_scale);
+}
+
+void check_param_grad(const char* op, const at::Tensor& param, const at::Tensor& grad) {
+  elem_type(param, op, "param");
+  elem_type(grad, op, "grad");
+  TORCH_CHECK_VALUE(grad.device() == param.device(), op, ": grad is on ", grad.device(), " but param is on ",
+                    param.device());
+  // sym_* accessors: the Meta kernels also run under dynamic shapes (torch.compile, opcheck).
+  TORCH_CHECK_VALUE(grad.sym_sizes() == param.sym_sizes(), op, ": grad has shape ", grad.sym_sizes(),
+                    " but param has shape ", param.sym_sizes());
+  TORCH_CHECK_VALUE(param.is_contiguous(), op, ": param must be contiguous, got strides ", param.sym_strides());
+  TORCH_CHECK_VALUE(grad.is_contiguous(), op, ": grad must be contiguous, got strides ", grad.sym_strides());
+}
+
+// [Note: coefficients] Computed in double, rounded once to float32. reference.py's
+// adam_coefficients() does the same arithmetic, so both sides use identical constants.
+AdamCoeffs make_coeffs(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                       bool adamw_mode, bool bias_correction, bool maximize, double grad_scale,
+                       bool stochastic_rounding, int64_t seed) {
+  const double bc1 = bias_correction ? 1.0 - std::pow(beta1, double(step)) : 1.0;
+  const double bc2 = bias_correction ? 1.0 - std::pow(beta2, double(step)) : 1.0;
+  AdamCoeffs c{};
+  c.beta1 = float(beta1);
+  c.one_minus_beta1 = float(1.0 - beta1);
+  c.beta2 = float(beta2);
+  c.one_minus_beta2 = float(1.0 - beta2);
+  c.eps = float(eps);
+  c.neg_step_size = float(-(lr / bc1));
+  c.inv_bc2_sqrt = float(1.0 / std::sqrt(bc2));
+  c.decay = float(1.0 - lr * weight_decay);
+  c.l2 = float(weight_decay);
+  c.grad_scale = float(grad_scale);
+  c.adamw = adamw_mode && weight_decay != 0.0;
+  c.use_l2 = !adamw_mode && weight_decay != 0.0;
+  c.use_grad_scale = grad_scale != 1.0;
+  c.maximize = maximize;
+  c.rounding = stochastic_rounding ? Rounding::kStochastic : Rounding::kNearestEven;
+  c.seed = uint64_t(seed);
+  return c;
+}
+
+}  // namespace offload_engine

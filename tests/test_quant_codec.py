@@ -1,0 +1,90 @@
+"""The block-quantized state codec: maps compatible with bitsandbytes/torchao, round-trip
+error bounds, the exact code lookup, and packing."""
+import hashlib
+
+import pytest
+import torch
+
+from offload_engine.quant import FORMATS, codec, maps
+
+# sha256 of the float32 maps, checked against bitsandbytes' create_dynamic_map and torchao's
+# AdamW4bit maps when those are installed (test below); pinned so CI checks without them.
+MAP_SHA256 = {("int8", True): "e732639a65f497b4", ("int8", False): "305f002cc11278fb",
+              ("int4", True): "721d11e3711326d4", ("int4", False): "0aeb670b8c9b6b0f"}
+
+
+@pytest.mark.parametrize("fmt,signed", list(MAP_SHA256))
+def test_maps_are_pinned(fmt, signed):
+    m = FORMATS[fmt].code_map(signed)
+    assert hashlib.sha256(m.numpy().tobytes()).hexdigest()[:16] == MAP_SHA256[(fmt, signed)]
+    assert len(m) == 2 ** FORMATS[fmt].bits and torch.all(m[1:] >= m[:-1]) and m.max() == 1.0
+
+
+def test_maps_equal_bitsandbytes_and_torchao():
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    assert torch.equal(maps.dynamic_map(True, 7, 8), bnb.create_dynamic_map(signed=True))
+    assert torch.equal(maps.dynamic_map(False, 7, 8), bnb.create_dynamic_map(signed=False))
+    t4 = pytest.importorskip("torchao.optim.subclass_4bit")
+    assert torch.equal(maps.dynamic_map(True, 3, 4), torch.as_tensor(t4.get_qmap_signed(), dtype=torch.float32))
+    assert torch.equal(maps.linear_unsigned_map(4), torch.as_tensor(t4.get_qmap_unsigned(), dtype=torch.float32))
+
+
+@pytest.mark.parametrize("fmt,signed", list(MAP_SHA256))
+def test_lookup_equals_search(fmt, signed):
+    """The kernels' table lookup gives exactly the reference's code, at every threshold,
+    one ulp either side of it, every map value, signed zeros and random values."""
+    code_map = FORMATS[fmt].code_map(signed)
+    lookup = maps.build_lookup(code_map)
+    mid = maps.midpoints(code_map)
+    thresholds = mid[:-1]
+    x = torch.cat([torch.rand(100_000, generator=torch.Generator().manual_seed(1)) * 2 - 1, thresholds,
+                   torch.nextafter(thresholds, torch.tensor(2.0)), torch.nextafter(thresholds, torch.tensor(-2.0)),
+                   code_map, -code_map, torch.tensor([0.0, -0.0, 1e-30, -1e-30])]).clamp(-1, 1)
+    expected = torch.searchsorted(mid, x, right=False)
+    candidate = lookup.candidate[maps.lookup_key(x, lookup)].long()
+    assert torch.equal(candidate + (x > mid[candidate]).long(), expected)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 4097])
+@pytest.mark.parametrize("block", [64, 256, 4096])
+def test_round_trip_error_bound(fmt, n, block):
+    """|x - deq(q(x))| is at most the map's worst nearest-rounding error over [-1, 1] (signed)
+    or [0, 1] (unsigned) -- half its widest gap, or the distance from the interval's low end to the lowest value (a
+    signed map holds no -1; the 4-bit unsigned map no 0) -- times the block's absmax; each code is the nearest value."""
+    f = FORMATS[fmt]
+    gen = torch.Generator().manual_seed(n + block)
+    for signed in (True, False):
+        x = torch.randn(n, generator=gen) * 1e-2
+        x = x if signed else x.abs()
+        codes, absmax = codec.quantize_blockwise(x, f, signed, block)
+        assert codes.numel() == f.code_bytes(n, block) and absmax.numel() == -(-n // block)
+        back = codec.dequantize_blockwise(codes, absmax, f, signed, block, n)
+        code_map = f.code_map(signed)
+        worst = max(float((code_map[1:] - code_map[:-1]).max()) / 2, float(code_map.min() + 1) if signed else float(code_map.min()))
+        per_elem_absmax = absmax.repeat_interleave(block)[:n]
+        assert torch.all((back - x).abs() <= worst * per_elem_absmax * (1 + 1e-5) + 1e-12)
+        # nearest: no other map value is strictly closer
+        normalised = x / per_elem_absmax.clamp_min(1e-30)
+        dist = (code_map[None, :] - normalised[:, None]).abs()
+        chosen = codec.unpack(codes, f.bits)[:n].long()
+        assert torch.all(dist.gather(1, chosen[:, None]).squeeze(1) <= dist.min(dim=1).values * (1 + 1e-6) + 1e-12)
+
+
+def test_pack_unpack_round_trip():
+    codes = torch.randint(0, 16, (512,), dtype=torch.uint8)
+    packed = codec.pack(codes, 4)
+    assert packed.numel() == 256 and torch.equal(codec.unpack(packed, 4), codes)
+    assert packed[0] == codes[0] | (codes[1] << 4)  # element 2k in the low nibble
+
+
+def test_zero_block_round_trips_to_zero():
+    for fmt in FORMATS.values():
+        codes, absmax = codec.quantize_blockwise(torch.zeros(300), fmt, True, 128)
+        assert torch.equal(codec.dequantize_blockwise(codes, absmax, fmt, True, 128, 300), torch.zeros(300))
+
+
+@pytest.mark.parametrize("block", [0, 32, 100, 8192])
+def test_bad_block_size_is_refused(block):
+    with pytest.raises(ValueError, match="block_size must be a power of two from 64 to 4096"):
+        codec.check_block(block)
