@@ -54,7 +54,7 @@ def adam_step_blockwise_(param: torch.Tensor, grad: torch.Tensor, m_codes: torch
     if native_ops().available and param.device.type == "cpu":
         m_t, v_t = codec.code_tables(fmt, True), codec.code_tables(fmt, False)
         torch.ops.offload_engine.adam_step_blockwise_(
-            param, grad, m_codes, m_absmax, v_codes, v_absmax, m_t.map, m_t.mid, m_t.lut, v_t.map, v_t.mid, v_t.lut,
+            param, grad, m_codes, m_absmax, v_codes, v_absmax, m_t.map, m_t.lut, v_t.map, v_t.lut,
             [m_t.min_exponent, m_t.mantissa_bits, v_t.min_exponent, v_t.mantissa_bits],
             bits=codec.FORMATS[fmt].bits, block=int(block), **kwargs)
     else:

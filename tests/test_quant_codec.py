@@ -43,6 +43,7 @@ def test_lookup_equals_search(fmt, signed):
     expected = torch.searchsorted(mid, x, right=False)
     candidate = lookup.candidate[maps.lookup_key(x, lookup)].long()
     assert torch.equal(candidate + (x > mid[candidate]).long(), expected)
+    assert torch.equal(maps.lookup_codes(x, lookup), expected)  # the single-read form the kernels use
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

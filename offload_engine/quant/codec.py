@@ -101,8 +101,7 @@ class CodeTablesT:
     """The tensors a kernel needs for one map (see maps.CodeLookup)."""
 
     map: torch.Tensor
-    mid: torch.Tensor
-    lut: torch.Tensor  # uint8, padded by 3 bytes so 32-bit gathers stay in bounds
+    lut: torch.Tensor  # int32 per key: candidate << 24 | threshold offset (maps.CodeLookup.packed)
     min_exponent: int
     mantissa_bits: int
 
@@ -111,5 +110,4 @@ class CodeTablesT:
 def code_tables(fmt_name: str, signed: bool) -> CodeTablesT:
     code_map = FORMATS[fmt_name].code_map(signed)
     lookup = maps.build_lookup(code_map)
-    lut = torch.cat([lookup.candidate, torch.zeros(3, dtype=torch.uint8)]).contiguous()
-    return CodeTablesT(code_map, maps.midpoints(code_map), lut, lookup.min_exponent, lookup.mantissa_bits)
+    return CodeTablesT(code_map, lookup.packed.contiguous(), lookup.min_exponent, lookup.mantissa_bits)

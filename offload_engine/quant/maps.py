@@ -60,9 +60,16 @@ class CodeLookup:
     (clamped below at ``min_exponent``) and the top ``mantissa_bits`` of its mantissa;
     ``candidate[key]`` is the code of the smallest value with that key; the code of x is then
     ``candidate + (x > mid[candidate])``. Exact because each key's range of floats holds at
-    most one threshold (checked when the table is built)."""
+    most one threshold (checked when the table is built).
+
+    ``packed[key]`` holds ``candidate << 24 | offset``, where offset locates that threshold
+    inside the bucket (its magnitude bits minus the bucket's first), so a kernel decides with
+    one table read: the offset of x is simply its mantissa bits below the top ones, and x lies
+    above the threshold when that is larger (positive x) or smaller (negative x). A bucket
+    without a threshold gets an offset nothing passes (0xFFFFFF positive, 0 negative)."""
 
     candidate: torch.Tensor  # uint8, indexed by key
+    packed: torch.Tensor  # int32, indexed by key
     min_exponent: int  # biased float32 exponent of the smallest non-tiny bucket
     mantissa_bits: int
     keys_per_sign: int
@@ -91,9 +98,9 @@ def build_lookup(code_map: torch.Tensor) -> CodeLookup:
     while min_exponent > 1 and 2.0 ** (min_exponent - 127) > smallest:
         min_exponent -= 1  # below 2^(min_exponent-127) there is no threshold: one "tiny" bucket
     for mantissa_bits in range(0, 12):
-        table, exact = _try_lookup(mid, min_exponent, mantissa_bits)
+        table, packed, exact = _try_lookup(mid, min_exponent, mantissa_bits)
         if exact:
-            return CodeLookup(table, min_exponent, mantissa_bits, len(table) // 2)
+            return CodeLookup(table, packed, min_exponent, mantissa_bits, len(table) // 2)
     raise ValueError("build_lookup: no exact table with up to 11 mantissa bits")
 
 
@@ -109,7 +116,18 @@ def _try_lookup(mid: torch.Tensor, min_exponent: int, mantissa_bits: int):
     candidate = torch.searchsorted(mid, lo, right=False)   # thresholds strictly below lo
     through_hi = torch.searchsorted(mid, hi, right=False)  # thresholds strictly below hi
     exact = bool((through_hi - candidate <= 1).all())
-    return candidate.to(torch.uint8), exact
+    # Offset of the bucket's threshold (if any) from the bucket's first magnitude pattern.
+    keys = len(ranges)
+    has_threshold = through_hi > candidate
+    threshold = mid[candidate.clamp(max=len(mid) - 1)]
+    magnitude = threshold.abs().contiguous().view(torch.int32).to(torch.int64)
+    start = torch.cat([ranges[:, 0], ranges[:, 0]])
+    start[0] = start[keys] = 0  # the tiny bucket: offsets are taken as 0 there (it has no threshold)
+    offset = (magnitude - start).clamp(0, 0xFFFFFF)
+    none = torch.cat([torch.full((keys,), 0xFFFFFF), torch.zeros(keys, dtype=torch.int64)])
+    offset = torch.where(has_threshold, offset, none)
+    packed = ((candidate.to(torch.int64) << 24) | offset).to(torch.int32)  # wraps to int32 bits
+    return candidate.to(torch.uint8), packed, exact
 
 
 def lookup_key(x: torch.Tensor, lookup: CodeLookup) -> torch.Tensor:
@@ -121,3 +139,16 @@ def lookup_key(x: torch.Tensor, lookup: CodeLookup) -> torch.Tensor:
     magnitude_key = torch.where(exponent < lookup.min_exponent, torch.zeros_like(exponent),
                                 1 + ((exponent - lookup.min_exponent) << lookup.mantissa_bits) + top)
     return sign * lookup.keys_per_sign + magnitude_key
+
+
+def lookup_codes(x: torch.Tensor, lookup: CodeLookup) -> torch.Tensor:
+    """Codes of float32 x computed exactly as the kernels do, from ``lookup.packed`` alone."""
+    entry = lookup.packed[lookup_key(x, lookup)].to(torch.int64) & 0xFFFFFFFF
+    candidate, offset = entry >> 24, entry & 0xFFFFFF
+    bits = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    exponent = (bits >> 23) & 0xFF
+    low = bits & ((1 << (23 - lookup.mantissa_bits)) - 1)
+    low = torch.where(exponent < lookup.min_exponent, torch.zeros_like(low), low)
+    negative = (bits >> 31) == 1
+    up = torch.where(negative, low < offset, low > offset)
+    return candidate + up.long()

@@ -15,24 +15,20 @@ namespace {
 constexpr const char* kOp = "adam_step_blockwise_";
 constexpr int64_t kElemsPerTask = 65536;  // at::parallel_for grain, in elements (whole blocks)
 
-void check_tables(const char* name, const at::Tensor& map, const at::Tensor& mid, const at::Tensor& lut,
-                  int64_t min_exponent, int64_t mantissa_bits, int64_t bits) {
+void check_tables(const char* name, const at::Tensor& map, const at::Tensor& lut, int64_t min_exponent,
+                  int64_t mantissa_bits, int64_t bits) {
   const int64_t codes = int64_t(1) << bits;
-  for (const auto& [what, t] : {std::pair<const char*, const at::Tensor*>{"map", &map}, {"mid", &mid}}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, kOp, ": ", name, "_", what, " must be float32, got ",
-                     t->scalar_type());
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->sym_numel() == codes && t->is_contiguous(), kOp, ": ", name, "_", what,
-                      " must be a contiguous 1-D tensor of ", codes, " values for ", bits, "-bit codes, got shape ",
-                      t->sym_sizes());
-  }
+  TORCH_CHECK_TYPE(map.scalar_type() == at::kFloat, kOp, ": ", name, "_map must be float32, got ", map.scalar_type());
+  TORCH_CHECK_VALUE(map.dim() == 1 && map.sym_numel() == codes && map.is_contiguous(), kOp, ": ", name,
+                    "_map must be a contiguous 1-D tensor of ", codes, " values for ", bits, "-bit codes, got shape ",
+                    map.sym_sizes());
   TORCH_CHECK_VALUE(mantissa_bits >= 0 && mantissa_bits <= 11 && min_exponent >= 1 && min_exponent <= 127, kOp, ": ",
                     name, " lookup parameters out of range (min_exponent ", min_exponent, ", mantissa_bits ",
                     mantissa_bits, ")");
   const int64_t keys = 2 * (1 + ((128 - min_exponent) << mantissa_bits));
-  TORCH_CHECK_TYPE(lut.scalar_type() == at::kByte, kOp, ": ", name, "_lut must be uint8, got ", lut.scalar_type());
-  TORCH_CHECK_VALUE(lut.dim() == 1 && lut.is_contiguous() && lut.sym_numel() >= keys + 3, kOp, ": ", name,
-                    "_lut must be a contiguous 1-D uint8 tensor of at least ", keys + 3, " bytes, got ",
-                    lut.sym_sizes());
+  TORCH_CHECK_TYPE(lut.scalar_type() == at::kInt, kOp, ": ", name, "_lut must be int32, got ", lut.scalar_type());
+  TORCH_CHECK_VALUE(lut.dim() == 1 && lut.is_contiguous() && lut.sym_numel() == keys, kOp, ": ", name,
+                    "_lut must be a contiguous 1-D int32 tensor of ", keys, " entries, got ", lut.sym_sizes());
 }
 
 void check_state(const char* name, const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& param,
@@ -56,8 +52,8 @@ void check_state(const char* name, const at::Tensor& codes, const at::Tensor& ab
 }
 
 void check_all(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes, const at::Tensor& m_absmax,
-               const at::Tensor& v_codes, const at::Tensor& v_absmax, const at::Tensor& m_map, const at::Tensor& m_mid,
-               const at::Tensor& m_lut, const at::Tensor& v_map, const at::Tensor& v_mid, const at::Tensor& v_lut,
+               const at::Tensor& v_codes, const at::Tensor& v_absmax, const at::Tensor& m_map,
+               const at::Tensor& m_lut, const at::Tensor& v_map, const at::Tensor& v_lut,
                c10::IntArrayRef lut_params, int64_t bits, int64_t block, double lr, double beta1, double beta2,
                double eps, double weight_decay, int64_t step, double grad_scale) {
   check_hyperparameters(kOp, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
@@ -69,30 +65,29 @@ void check_all(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
                     ": lut_params must be [m_min_exponent, m_mantissa_bits, v_min_exponent, v_mantissa_bits]");
   check_state("m", m_codes, m_absmax, param, bits, block);
   check_state("v", v_codes, v_absmax, param, bits, block);
-  check_tables("m", m_map, m_mid, m_lut, lut_params[0], lut_params[1], bits);
-  check_tables("v", v_map, v_mid, v_lut, lut_params[2], lut_params[3], bits);
+  check_tables("m", m_map, m_lut, lut_params[0], lut_params[1], bits);
+  check_tables("v", v_map, v_lut, lut_params[2], lut_params[3], bits);
   if (param.device().type() != c10::DeviceType::Meta && param.numel() > 0) {
     TORCH_CHECK_VALUE(m_codes.data_ptr() != v_codes.data_ptr() && m_absmax.data_ptr() != v_absmax.data_ptr(), kOp,
                       ": exp_avg and exp_avg_sq state must be distinct tensors");
   }
 }
 
-CodeTables tables(const at::Tensor& map, const at::Tensor& mid, const at::Tensor& lut, int64_t min_exponent,
-                  int64_t mantissa_bits) {
-  return CodeTables{map.const_data_ptr<float>(), mid.const_data_ptr<float>(), lut.const_data_ptr<uint8_t>(),
+CodeTables tables(const at::Tensor& map, const at::Tensor& lut, int64_t min_exponent, int64_t mantissa_bits) {
+  return CodeTables{map.const_data_ptr<float>(), lut.const_data_ptr<int32_t>(),
                     int32_t(min_exponent), int32_t(mantissa_bits),
                     int32_t(1 + ((128 - min_exponent) << mantissa_bits))};
 }
 
 void adam_step_blockwise_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
                              const at::Tensor& m_absmax, const at::Tensor& v_codes, const at::Tensor& v_absmax,
-                             const at::Tensor& m_map, const at::Tensor& m_mid, const at::Tensor& m_lut,
-                             const at::Tensor& v_map, const at::Tensor& v_mid, const at::Tensor& v_lut,
+                             const at::Tensor& m_map, const at::Tensor& m_lut, const at::Tensor& v_map,
+                             const at::Tensor& v_lut,
                              c10::IntArrayRef lut_params, int64_t bits, int64_t block, double lr, double beta1,
                              double beta2, double eps, double weight_decay, int64_t step, bool adamw_mode,
                              bool bias_correction, bool maximize, double grad_scale, bool stochastic_rounding,
                              int64_t seed) {
-  check_all(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, m_mid, m_lut, v_map, v_mid, v_lut, lut_params,
+  check_all(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, m_lut, v_map, v_lut, lut_params,
             bits, block, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
   TORCH_CHECK_VALUE(param.device().is_cpu(), kOp, ": the CPU kernel got param on ", param.device());
   const AdamBlockwiseFn blocks_fn = adam_blocks_for(selected_simd_path());
@@ -101,8 +96,8 @@ void adam_step_blockwise_cpu(const at::Tensor& param, const at::Tensor& grad, co
   AdamBlockwiseArgs args{param.data_ptr(), grad.const_data_ptr(), elem_type(param, kOp, "param"),
                          elem_type(grad, kOp, "grad"), m_codes.data_ptr<uint8_t>(), m_absmax.data_ptr<float>(),
                          v_codes.data_ptr<uint8_t>(), v_absmax.data_ptr<float>(),
-                         tables(m_map, m_mid, m_lut, lut_params[0], lut_params[1]),
-                         tables(v_map, v_mid, v_lut, lut_params[2], lut_params[3]), int(bits), block, n,
+                         tables(m_map, m_lut, lut_params[0], lut_params[1]),
+                         tables(v_map, v_lut, lut_params[2], lut_params[3]), int(bits), block, n,
                          make_coeffs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction, maximize,
                                      grad_scale, stochastic_rounding, seed)};
   const int64_t n_blocks = (n + block - 1) / block;
@@ -114,12 +109,12 @@ void adam_step_blockwise_cpu(const at::Tensor& param, const at::Tensor& grad, co
 
 void adam_step_blockwise_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
                               const at::Tensor& m_absmax, const at::Tensor& v_codes, const at::Tensor& v_absmax,
-                              const at::Tensor& m_map, const at::Tensor& m_mid, const at::Tensor& m_lut,
-                              const at::Tensor& v_map, const at::Tensor& v_mid, const at::Tensor& v_lut,
+                              const at::Tensor& m_map, const at::Tensor& m_lut, const at::Tensor& v_map,
+                              const at::Tensor& v_lut,
                               c10::IntArrayRef lut_params, int64_t bits, int64_t block, double lr, double beta1,
                               double beta2, double eps, double weight_decay, int64_t step, bool, bool, bool,
                               double grad_scale, bool, int64_t) {
-  check_all(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, m_mid, m_lut, v_map, v_mid, v_lut, lut_params,
+  check_all(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, m_lut, v_map, v_lut, lut_params,
             bits, block, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
 }
 
@@ -128,8 +123,8 @@ void adam_step_blockwise_meta(const at::Tensor& param, const at::Tensor& grad, c
 TORCH_LIBRARY_FRAGMENT(offload_engine, m) {
   m.def(
       "adam_step_blockwise_(Tensor(a!) param, Tensor grad, Tensor(b!) m_codes, Tensor(c!) m_absmax, "
-      "Tensor(d!) v_codes, Tensor(e!) v_absmax, Tensor m_map, Tensor m_mid, Tensor m_lut, Tensor v_map, "
-      "Tensor v_mid, Tensor v_lut, int[] lut_params, *, int bits, int block, float lr, float beta1, float beta2, "
+      "Tensor(d!) v_codes, Tensor(e!) v_absmax, Tensor m_map, Tensor m_lut, Tensor v_map, Tensor v_lut, "
+      "int[] lut_params, *, int bits, int block, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, int step, bool adamw_mode=True, bool bias_correction=True, "
       "bool maximize=False, float grad_scale=1.0, bool stochastic_rounding=False, int seed=0) -> ()");
 }

@@ -47,8 +47,7 @@ struct AdamTensorArgs {
 // A code map with its nearest-code lookup (offload_engine/quant/maps.py: CodeLookup).
 struct CodeTables {
   const float* map;      // value of each code
-  const float* mid;      // threshold above each code (+inf after the last)
-  const uint8_t* lut;    // candidate code per key, padded by 3 bytes for 32-bit gathers
+  const int32_t* lut;    // per key: candidate code << 24 | offset of the bucket's threshold
   int32_t min_exponent;  // biased fp32 exponent of the first non-tiny bucket
   int32_t mantissa_bits;
   int32_t keys_per_sign;

@@ -86,16 +86,19 @@ struct Vec {
   static U quantize(F x, const CodeTables& t) {
     const __m256i b = _mm256_castps_si256(x);
     const __m256i e = _mm256_and_si256(_mm256_srli_epi32(b, 23), _mm256_set1_epi32(0xFF));
+    const __m256i tiny = _mm256_cmpgt_epi32(_mm256_set1_epi32(t.min_exponent), e);
     const __m256i top = _mm256_and_si256(_mm256_srl_epi32(b, _mm_cvtsi32_si128(23 - t.mantissa_bits)),
                                          _mm256_set1_epi32((1 << t.mantissa_bits) - 1));
     const __m256i rel = _mm256_sub_epi32(e, _mm256_set1_epi32(t.min_exponent));
     __m256i mag = _mm256_add_epi32(_mm256_set1_epi32(1), _mm256_add_epi32(_mm256_sll_epi32(rel, _mm_cvtsi32_si128(t.mantissa_bits)), top));
-    mag = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(t.min_exponent), e), mag);  // tiny -> key 0
+    mag = _mm256_andnot_si256(tiny, mag);  // tiny -> key 0
     const __m256i neg = _mm256_srai_epi32(b, 31);  // all ones for negative x
     const __m256i key = _mm256_add_epi32(mag, _mm256_and_si256(neg, _mm256_set1_epi32(t.keys_per_sign)));
-    const __m256i cand = _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(t.lut), key, 1), _mm256_set1_epi32(0xFF));
-    const __m256 mid = _mm256_i32gather_ps(t.mid, cand, 4);
-    return _mm256_sub_epi32(cand, _mm256_castps_si256(_mm256_cmp_ps(x, mid, _CMP_GT_OQ)));  // mask is -1
+    const __m256i entry = _mm256_i32gather_epi32(t.lut, key, 4);
+    const __m256i offset = _mm256_and_si256(entry, _mm256_set1_epi32(0xFFFFFF));
+    const __m256i low = _mm256_andnot_si256(tiny, _mm256_and_si256(b, _mm256_set1_epi32((1 << (23 - t.mantissa_bits)) - 1)));
+    const __m256i up = _mm256_blendv_epi8(_mm256_cmpgt_epi32(low, offset), _mm256_cmpgt_epi32(offset, low), neg);
+    return _mm256_sub_epi32(_mm256_srli_epi32(entry, 24), up);  // up is -1 where the code rises
   }
 
   static U mix32v(U x) {

@@ -76,21 +76,22 @@ struct Vec {
   static U quantize(F x, const CodeTables& t) {
     const __m512i b = _mm512_castps_si512(x);
     const __m512i e = _mm512_and_si512(_mm512_srli_epi32(b, 23), _mm512_set1_epi32(0xFF));
+    const __mmask16 normal = _mm512_cmpge_epi32_mask(e, _mm512_set1_epi32(t.min_exponent));
+    const __mmask16 negative = _mm512_cmplt_epi32_mask(b, _mm512_setzero_si512());  // sign bit (AVX-512F only)
     const __m512i top = _mm512_and_si512(_mm512_srl_epi32(b, _mm_cvtsi32_si128(23 - t.mantissa_bits)),
                                          _mm512_set1_epi32((1 << t.mantissa_bits) - 1));
     const __m512i rel = _mm512_sub_epi32(e, _mm512_set1_epi32(t.min_exponent));
-    const __m512i mag = _mm512_add_epi32(_mm512_set1_epi32(1), _mm512_add_epi32(_mm512_sll_epi32(rel, _mm_cvtsi32_si128(t.mantissa_bits)), top));
-    const __mmask16 normal = _mm512_cmpge_epi32_mask(e, _mm512_set1_epi32(t.min_exponent));
-    const __mmask16 negative = sign_mask(b);
-    const __m512i key = _mm512_mask_add_epi32(_mm512_maskz_mov_epi32(normal, mag), negative,
-                                              _mm512_maskz_mov_epi32(normal, mag), _mm512_set1_epi32(t.keys_per_sign));
-    const __m512i cand = _mm512_and_si512(_mm512_i32gather_epi32(key, t.lut, 1), _mm512_set1_epi32(0xFF));
-    const __m512 mid = _mm512_i32gather_ps(cand, t.mid, 4);
-    const __mmask16 up = _mm512_cmp_ps_mask(x, mid, _CMP_GT_OQ);
+    const __m512i mag = _mm512_maskz_add_epi32(normal, _mm512_set1_epi32(1),
+                                               _mm512_add_epi32(_mm512_sll_epi32(rel, _mm_cvtsi32_si128(t.mantissa_bits)), top));
+    const __m512i key = _mm512_mask_add_epi32(mag, negative, mag, _mm512_set1_epi32(t.keys_per_sign));
+    const __m512i entry = _mm512_i32gather_epi32(key, t.lut, 4);
+    const __m512i offset = _mm512_and_si512(entry, _mm512_set1_epi32(0xFFFFFF));
+    const __m512i low = _mm512_maskz_and_epi32(normal, b, _mm512_set1_epi32((1 << (23 - t.mantissa_bits)) - 1));
+    const __mmask16 up = (negative & _mm512_cmplt_epi32_mask(low, offset)) |
+                         (__mmask16(~negative) & _mm512_cmpgt_epi32_mask(low, offset));
+    const __m512i cand = _mm512_srli_epi32(entry, 24);
     return _mm512_mask_add_epi32(cand, up, cand, _mm512_set1_epi32(1));
   }
-  // Sign bits as a mask using AVX-512F only (movepi32_mask needs AVX512DQ).
-  static __mmask16 sign_mask(__m512i b) { return _mm512_cmplt_epi32_mask(b, _mm512_setzero_si512()); }
 
   static U mix32v(U x) {
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));

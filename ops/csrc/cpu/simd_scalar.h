@@ -101,10 +101,13 @@ struct Vec {
   static float reduce_max(F a) { return a; }
   static U quantize(F x, const CodeTables& t) {
     const uint32_t b = f2u(x), e = (b >> 23) & 0xFF;
+    const bool tiny = int32_t(e) < t.min_exponent;
     const uint32_t top = (b >> (23 - t.mantissa_bits)) & ((1U << t.mantissa_bits) - 1);
-    const uint32_t mag = int32_t(e) < t.min_exponent ? 0 : 1 + ((e - t.min_exponent) << t.mantissa_bits) + top;
-    const uint32_t cand = t.lut[(b >> 31) * uint32_t(t.keys_per_sign) + mag];
-    return cand + (x > t.mid[cand] ? 1 : 0);
+    const uint32_t mag = tiny ? 0 : 1 + ((e - t.min_exponent) << t.mantissa_bits) + top;
+    const uint32_t entry = uint32_t(t.lut[(b >> 31) * uint32_t(t.keys_per_sign) + mag]);
+    const uint32_t offset = entry & 0xFFFFFF;
+    const uint32_t low = tiny ? 0 : b & ((1U << (23 - t.mantissa_bits)) - 1);
+    return (entry >> 24) + ((b >> 31) ? (low < offset) : (low > offset));
   }
 
   static U random_bits(uint64_t seed, int64_t index) {
