@@ -1,4 +1,4 @@
 """Drop-in torch.optim optimizers backed by this project's kernels."""
-from .cpu_adam import CPUAdam
+from .adam import Adam4bit, Adam8bit, AdamW4bit, AdamW8bit, CPUAdam
 
-__all__ = ["CPUAdam"]
+__all__ = ["CPUAdam", "Adam8bit", "AdamW8bit", "Adam4bit", "AdamW4bit"]

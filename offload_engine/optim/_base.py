@@ -1,0 +1,267 @@
+"""Shared machinery of the CPU optimizers: per-param state in fp32 or block-quantized form,
+the step loop, logical_state, and a state_dict that survives format and block-size changes.
+
+State of a param (``self.state[p]``):
+  step                      float32 scalar tensor (as torch.optim)
+  format                    "fp32" | "int8" | "int4"
+  fp32:      exp_avg, exp_avg_sq                   float32, the param's shape
+  int8/int4: block_size, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax
+             (codes padded to whole blocks, 4-bit two per byte; one float32 absmax per block;
+             each moment's codes and absmax are contiguous, so a pager can move them by block)
+"""
+from __future__ import annotations
+
+import math
+from itertools import chain
+
+import torch
+from torch.optim import Optimizer
+
+from .. import kernels, reference
+from ..quant import FORMATS, codec
+
+STATE_FORMAT_VERSION = 1
+MOMENTS = ("exp_avg", "exp_avg_sq")  # signed map for exp_avg, unsigned for exp_avg_sq
+_SIGNED = {"exp_avg": True, "exp_avg_sq": False}
+
+
+class BlockwiseOptimizer(Optimizer):
+    """Adam/AdamW on CPU params with fp32 or block-quantized moments (see module docstring).
+
+    Subclasses fix the constructor (bitsandbytes- or DeepSpeed-compatible) and pass
+    ``state_format`` ("fp32", "int8", "int4"), ``block_size`` and ``min_8bit_size``.
+    """
+
+    def __init__(self, params, *, lr, betas, eps, weight_decay, amsgrad, adamw_mode, bias_correction=True,
+                 maximize=False, stochastic_rounding=False, state_format="fp32", block_size=None,
+                 min_8bit_size=4096):
+        _check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if amsgrad:
+            raise ValueError(f"{type(self).__name__}: amsgrad=True is not supported (the fused kernels keep no "
+                             "max_exp_avg_sq)")
+        if state_format not in ("fp32", *FORMATS):
+            raise ValueError(f"state_format must be one of fp32, {', '.join(FORMATS)}; got {state_format!r}")
+        if block_size is None:
+            block_size = FORMATS[state_format].default_block if state_format in FORMATS else 256
+        codec.check_block(block_size)
+        if not (isinstance(min_8bit_size, int) and min_8bit_size >= 0):
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+                        amsgrad=False, adamw_mode=adamw_mode, maximize=maximize,
+                        stochastic_rounding=stochastic_rounding, state_format=state_format, block_size=block_size,
+                        min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults)
+        self._seed_base = int(torch.randint(0, 2**62, (1,)).item())
+
+    def add_param_group(self, param_group):
+        group_defaults = {k: param_group[k] for k in ("lr", "betas", "eps", "weight_decay") if k in param_group}
+        if group_defaults:
+            _check_hyperparameters(**group_defaults)
+        super().add_param_group(param_group)
+        # Checked here rather than in step(), where a bad param would fail after others moved.
+        for p in self.param_groups[-1]["params"]:
+            if p.dtype not in reference.PARAM_DTYPES:
+                raise TypeError(f"{type(self).__name__}: params must be float32, bfloat16 or float16; got {p.dtype} "
+                                f"for a param of shape {list(p.shape)}")
+
+    # ---- state --------------------------------------------------------------------------
+    @staticmethod
+    def _format_for(group, p) -> str:
+        fmt = group["state_format"]
+        return "fp32" if fmt == "fp32" or p.numel() < group["min_8bit_size"] else fmt
+
+    @staticmethod
+    def _new_state(p, fmt: str, block: int) -> dict:
+        state = {"step": torch.tensor(0.0), "format": fmt}
+        if fmt == "fp32":
+            for name in MOMENTS:
+                state[name] = torch.zeros(p.shape, dtype=torch.float32)
+            return state
+        f = FORMATS[fmt]
+        state["block_size"] = block
+        for name in MOMENTS:  # zeros quantize to code(0) with absmax 0: encode them properly
+            codes, absmax = codec.quantize_blockwise(torch.zeros(p.numel()), f, _SIGNED[name], block)
+            state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
+        return state
+
+    @torch.no_grad()
+    def logical_state(self, param) -> dict:
+        """The state of `param` as fp32 tensors under torch.optim's names (``step``,
+        ``exp_avg``, ``exp_avg_sq``), dequantized when stored in 8 or 4 bits. Empty before
+        the param's first step."""
+        state = self.state.get(param)
+        if not state:
+            return {}
+        out = {"step": state["step"].clone()}
+        for name in MOMENTS:
+            out[name] = _moment_fp32(state, name, param.numel()).view(param.shape).clone()
+        return out
+
+    # ---- step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        adam_step_ = kernels.adam_step_impl()
+        for group_index, group in enumerate(self.param_groups):
+            beta1, beta2 = group["betas"]
+            # Normalised once per group: the per-param loop below is the optimizer's hot path.
+            hyper = dict(lr=_as_float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                         weight_decay=float(group["weight_decay"]), adamw_mode=bool(group["adamw_mode"]),
+                         bias_correction=bool(group["bias_correction"]), maximize=bool(group["maximize"]),
+                         grad_scale=1.0, stochastic_rounding=bool(group["stochastic_rounding"]))
+            for index, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError(f"{type(self).__name__}: sparse gradients are not supported")
+                if p.device.type != "cpu":
+                    raise ValueError(f"{type(self).__name__} updates CPU tensors; a param of shape {list(p.shape)} "
+                                     f"is on {p.device}")
+                state = self.state[p]
+                if not state:
+                    state.update(self._new_state(p, self._format_for(group, p), group["block_size"]))
+                step = int(state["step"]) + 1
+                seed = kernels.as_int64(_stream_seed(self._seed_base, group_index, index, step))
+                # The kernels need contiguous tensors; a strided param is updated in a copy.
+                p_work = p if p.is_contiguous() else p.contiguous()
+                grad = p.grad.contiguous()
+                if state["format"] == "fp32":
+                    adam_step_(p_work, grad, state["exp_avg"], state["exp_avg_sq"], step=step, seed=seed, **hyper)
+                else:
+                    kernels.adam_step_blockwise_(
+                        p_work, grad, state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"],
+                        state["exp_avg_sq_absmax"], fmt=state["format"], block=state["block_size"], step=step,
+                        seed=seed, **hyper)
+                if p_work is not p:
+                    p.copy_(p_work)
+                state["step"].fill_(step)
+        return loss
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["seed_base"] = self._seed_base
+        sd["state_format_version"] = STATE_FORMAT_VERSION
+        used = {s.get("format") for s in sd["state"].values()} - {"fp32", None}
+        sd["quant_maps"] = {fmt: {"signed": FORMATS[fmt].code_map(True), "unsigned": FORMATS[fmt].code_map(False)}
+                            for fmt in sorted(used)}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """As torch.optim, plus: the moments keep their own dtypes (torch would cast them to
+        the param's), a state saved in another format or block size is re-quantized into
+        this optimizer's (decoded with the maps saved beside it), and a state of the wrong
+        shape or an unknown format version is refused before anything changes."""
+        version = state_dict.get("state_format_version", STATE_FORMAT_VERSION)
+        if version != STATE_FORMAT_VERSION:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: state_format_version {version!r} is not "
+                             f"supported (this version reads {STATE_FORMAT_VERSION})")
+        saved_maps = state_dict.get("quant_maps", {})
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        groups = chain.from_iterable([g] * len(g["params"]) for g in self.param_groups)
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        converted = {}
+        for i, p, group in zip(saved_ids, params, groups):
+            if i in state_dict["state"]:
+                converted[p] = self._convert_saved_state(state_dict["state"][i], p, group, saved_maps)
+        payload = {k: v for k, v in state_dict.items() if k not in ("seed_base", "state_format_version", "quant_maps")}
+        super().load_state_dict(payload)
+        for p, state in converted.items():
+            self.state[p] = state
+        self._seed_base = int(state_dict.get("seed_base", self._seed_base))
+
+    def _convert_saved_state(self, saved: dict, p, group, saved_maps) -> dict:
+        """The saved state of `p` in the format this optimizer uses for it (fresh tensors)."""
+        where = f"{type(self).__name__}.load_state_dict: param of shape {list(p.shape)}"
+        saved_fmt = saved.get("format", "fp32")
+        if saved_fmt not in ("fp32", *FORMATS):
+            raise ValueError(f"{where}: unknown state format {saved_fmt!r}")
+        n = p.numel()
+        moments = {}
+        for name in MOMENTS:
+            if saved_fmt == "fp32":
+                if name not in saved:
+                    continue
+                value = saved[name]
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(f"{where}: state {name!r} has shape {list(value.shape)}")
+                moments[name] = value.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+            else:
+                f, block = FORMATS[saved_fmt], int(saved.get("block_size", 0))
+                codec.check_block(block)
+                codes, absmax = saved[f"{name}_codes"], saved[f"{name}_absmax"]
+                if codes.numel() != f.code_bytes(n, block) or absmax.numel() != -(-n // block):
+                    raise ValueError(f"{where}: {name} holds {codes.numel()} code bytes and {absmax.numel()} absmax "
+                                     f"values; a {saved_fmt} state of {n} elements in blocks of {block} needs "
+                                     f"{f.code_bytes(n, block)} and {-(-n // block)}")
+                code_map = saved_maps.get(saved_fmt, {}).get("signed" if _SIGNED[name] else "unsigned")
+                moments[name] = _dequantize(codes, absmax.float(), f, _SIGNED[name], block, n, code_map)
+        target_fmt, target_block = self._format_for(group, p), group["block_size"]
+        state = {k: v for k, v in saved.items() if k not in _moment_keys()}
+        state["step"] = torch.as_tensor(saved.get("step", 0.0), dtype=torch.float32).clone()
+        state["format"] = target_fmt
+        if not moments:  # a state saved before its first step
+            fresh = self._new_state(p, target_fmt, target_block)
+            fresh["step"] = state["step"]
+            return fresh
+        same = saved_fmt == target_fmt and (target_fmt == "fp32" or int(saved["block_size"]) == target_block)
+        if target_fmt == "fp32":
+            for name in MOMENTS:
+                state[name] = moments[name].clone().view(p.shape).contiguous()
+            state.pop("block_size", None)
+            return state
+        state["block_size"] = target_block
+        for name in MOMENTS:
+            if same:  # round-trip the raw codes exactly
+                state[f"{name}_codes"] = saved[f"{name}_codes"].detach().to("cpu", torch.uint8).clone().contiguous()
+                state[f"{name}_absmax"] = saved[f"{name}_absmax"].detach().to("cpu", torch.float32).clone().contiguous()
+            else:
+                codes, absmax = codec.quantize_blockwise(moments[name], FORMATS[target_fmt], _SIGNED[name], target_block)
+                state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
+        return state
+
+
+def _moment_keys():
+    return {k for name in MOMENTS for k in (name, f"{name}_codes", f"{name}_absmax")} | {"block_size"}
+
+
+def _moment_fp32(state: dict, name: str, numel: int) -> torch.Tensor:
+    if state["format"] == "fp32":
+        return state[name].reshape(-1)
+    f = FORMATS[state["format"]]
+    return codec.dequantize_blockwise(state[f"{name}_codes"], state[f"{name}_absmax"], f, _SIGNED[name],
+                                      state["block_size"], numel)
+
+
+def _dequantize(codes, absmax, fmt, signed, block, numel, code_map=None):
+    if code_map is None:
+        return codec.dequantize_blockwise(codes, absmax, fmt, signed, block, numel)
+    values = torch.as_tensor(code_map, dtype=torch.float32)[codec.unpack(codes, fmt.bits).long()].view(-1, block)
+    return (values * absmax[:, None]).reshape(-1)[:numel]
+
+
+def _stream_seed(base: int, group_index: int, index: int, step: int) -> int:
+    """A distinct stochastic-rounding stream per (param, step), reproducible from the base."""
+    return (base ^ (step * 0x9E3779B97F4A7C15 + (group_index << 40) + index)) & ((1 << 64) - 1)
+
+
+def _as_float(value) -> float:
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _check_hyperparameters(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    lr_value = _as_float(lr)
+    if not (lr_value >= 0.0 and math.isfinite(lr_value)):
+        raise ValueError(f"Invalid learning rate: lr={lr!r} (must be finite and >= 0)")
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"Invalid epsilon value: eps={eps!r} (must be finite and >= 0)")
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (need two values)")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: betas[{i}]={beta!r} (must be in [0, 1))")
+    if not (weight_decay >= 0.0 and math.isfinite(weight_decay)):
+        raise ValueError(f"Invalid weight_decay value: weight_decay={weight_decay!r} (must be finite and >= 0)")
