@@ -65,6 +65,47 @@ def adam_step_blockwise_(param: torch.Tensor, grad: torch.Tensor, m_codes: torch
                                        fmt=codec.FORMATS[fmt], block=int(block), **kwargs)
 
 
+def lion_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, *, lr: float, beta1: float,
+               beta2: float, weight_decay: float, maximize: bool = False, grad_scale: float = 1.0,
+               stochastic_rounding: bool = False, seed: int = 0) -> None:
+    """One fused Lion step in place (fp32 momentum): the same contract as adam_step_ otherwise."""
+    kwargs = _lion_kwargs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding, seed)
+    if native_ops().available and param.device.type == "cpu":
+        torch.ops.offload_engine.lion_step_(param, grad, exp_avg, **kwargs)
+    else:
+        _check_reference_args(param, grad, exp_avg, exp_avg.new_empty(exp_avg.shape), eps=0.0, step=1, **kwargs)
+        reference.lion_step_(param, grad, exp_avg, **kwargs)
+
+
+def lion_step_blockwise_(param: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor, *,
+                         fmt: str, block: int, lr: float, beta1: float, beta2: float, weight_decay: float,
+                         maximize: bool = False, grad_scale: float = 1.0, stochastic_rounding: bool = False,
+                         seed: int = 0) -> None:
+    """lion_step_ with a block-quantized momentum (signed map of ``fmt``) in place."""
+    from .quant import codec
+
+    kwargs = _lion_kwargs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding, seed)
+    if fmt not in codec.FORMATS:
+        raise ValueError(f"lion_step_blockwise_: fmt must be one of {sorted(codec.FORMATS)}, got {fmt!r}")
+    if native_ops().available and param.device.type == "cpu":
+        t = codec.code_tables(fmt, True)
+        torch.ops.offload_engine.lion_step_blockwise_(param, grad, m_codes, m_absmax, t.map, t.lut,
+                                                      [t.min_exponent, t.mantissa_bits],
+                                                      bits=codec.FORMATS[fmt].bits, block=int(block), **kwargs)
+    else:
+        dummy = torch.empty_like(param, dtype=torch.float32)
+        _check_reference_args(param, grad, dummy, torch.empty_like(dummy), eps=0.0, step=1, **kwargs)
+        codec.check_block(block)
+        reference.lion_step_blockwise_(param, grad, m_codes, m_absmax, fmt=codec.FORMATS[fmt], block=int(block),
+                                       **kwargs)
+
+
+def _lion_kwargs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding, seed) -> dict:
+    return dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay),
+                maximize=bool(maximize), grad_scale=float(grad_scale), stochastic_rounding=bool(stochastic_rounding),
+                seed=as_int64(seed))
+
+
 def adam_step_impl():
     """The callable behind adam_step_ (native op or checked reference), for hot loops that pass
     already-normalised keyword arguments (float/int/bool, seed as int64) and skip the

@@ -157,10 +157,38 @@ def adam_step_(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weigh
     p = p + (m / denom) * k(c.neg_step_size)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
+    _write_param(param, p, compute_dtype, stochastic_rounding, seed)
+
+
+def _write_param(param, p, compute_dtype, stochastic_rounding, seed):
     if param.dtype == torch.float32 or param.dtype == compute_dtype:
         param.copy_(p)
     else:
         param.copy_(round_to_dtype(p, param.dtype, stochastic_rounding, seed).view(param.shape))
+
+
+@torch.no_grad()
+def lion_step_(param, grad, exp_avg, *, lr, beta1, beta2, weight_decay, maximize=False, grad_scale=1.0,
+               stochastic_rounding=False, seed=0, compute_dtype=torch.float32):
+    """In-place Lion step (decoupled weight decay; one state), the contract of the native
+    ``lion_step_``: p -= lr * sign(beta1 * m + (1 - beta1) * g); m = beta2 * m + (1 - beta2) * g.
+    (sign(0) = 0; the kernels give 0 where the direction is NaN, torch.sign gives NaN.)"""
+    def k(value: float) -> torch.Tensor:
+        return torch.tensor(value, dtype=compute_dtype)
+
+    g = grad.to(compute_dtype)
+    if grad_scale != 1.0:
+        g = g * k(grad_scale)
+    if maximize:
+        g = -g
+    p = param.to(compute_dtype)
+    if weight_decay != 0.0:
+        p = p * k(1.0 - lr * weight_decay)
+    m_old = exp_avg.to(compute_dtype)
+    direction = m_old * k(beta1) + g * k(1.0 - beta1)
+    p = p + torch.sign(direction) * k(-lr)
+    exp_avg.copy_(m_old * k(beta2) + g * k(1.0 - beta2))
+    _write_param(param, p, compute_dtype, stochastic_rounding, seed)
 
 
 @torch.no_grad()
@@ -178,3 +206,16 @@ def adam_step_blockwise_(param, grad, m_codes, m_absmax, v_codes, v_absmax, *, f
         new_codes, new_absmax = codec.quantize_blockwise(value, fmt, signed, block)
         codes.copy_(new_codes)
         absmax.copy_(new_absmax)
+
+
+@torch.no_grad()
+def lion_step_blockwise_(param, grad, m_codes, m_absmax, *, fmt, block, **lion):
+    """Lion with a block-quantized momentum (signed map), by definition: dequantize, the fp32
+    step above, requantize."""
+    from .quant import codec
+
+    m = codec.dequantize_blockwise(m_codes, m_absmax, fmt, True, block, param.numel()).view(param.shape)
+    lion_step_(param, grad, m, **lion)
+    new_codes, new_absmax = codec.quantize_blockwise(m, fmt, True, block)
+    m_codes.copy_(new_codes)
+    m_absmax.copy_(new_absmax)

@@ -1,4 +1,5 @@
 """Drop-in torch.optim optimizers backed by this project's kernels."""
 from .adam import Adam4bit, Adam8bit, AdamW4bit, AdamW8bit, CPUAdam
+from .lion import Lion, Lion8bit
 
-__all__ = ["CPUAdam", "Adam8bit", "AdamW8bit", "Adam4bit", "AdamW4bit"]
+__all__ = ["CPUAdam", "Adam8bit", "AdamW8bit", "Adam4bit", "AdamW4bit", "Lion", "Lion8bit"]

@@ -26,11 +26,15 @@ _SIGNED = {"exp_avg": True, "exp_avg_sq": False}
 
 
 class BlockwiseOptimizer(Optimizer):
-    """Adam/AdamW on CPU params with fp32 or block-quantized moments (see module docstring).
+    """Adam/AdamW or Lion on CPU params with fp32 or block-quantized moments (see module
+    docstring; Lion keeps only exp_avg).
 
     Subclasses fix the constructor (bitsandbytes- or DeepSpeed-compatible) and pass
     ``state_format`` ("fp32", "int8", "int4"), ``block_size`` and ``min_8bit_size``.
     """
+
+    _algorithm = "adam"  # or "lion"
+    _moments = MOMENTS
 
     def __init__(self, params, *, lr, betas, eps, weight_decay, amsgrad, adamw_mode, bias_correction=True,
                  maximize=False, stochastic_rounding=False, state_format="fp32", block_size=None,
@@ -70,16 +74,15 @@ class BlockwiseOptimizer(Optimizer):
         fmt = group["state_format"]
         return "fp32" if fmt == "fp32" or p.numel() < group["min_8bit_size"] else fmt
 
-    @staticmethod
-    def _new_state(p, fmt: str, block: int) -> dict:
+    def _new_state(self, p, fmt: str, block: int) -> dict:
         state = {"step": torch.tensor(0.0), "format": fmt}
         if fmt == "fp32":
-            for name in MOMENTS:
+            for name in self._moments:
                 state[name] = torch.zeros(p.shape, dtype=torch.float32)
             return state
         f = FORMATS[fmt]
         state["block_size"] = block
-        for name in MOMENTS:  # zeros quantize to code(0) with absmax 0: encode them properly
+        for name in self._moments:  # zeros quantize to code(0) with absmax 0: encode them properly
             codes, absmax = codec.quantize_blockwise(torch.zeros(p.numel()), f, _SIGNED[name], block)
             state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
         return state
@@ -87,13 +90,13 @@ class BlockwiseOptimizer(Optimizer):
     @torch.no_grad()
     def logical_state(self, param) -> dict:
         """The state of `param` as fp32 tensors under torch.optim's names (``step``,
-        ``exp_avg``, ``exp_avg_sq``), dequantized when stored in 8 or 4 bits. Empty before
-        the param's first step."""
+        ``exp_avg``, ``exp_avg_sq``; Lion: ``step``, ``exp_avg``), dequantized when stored in
+        8 or 4 bits. Empty before the param's first step."""
         state = self.state.get(param)
         if not state:
             return {}
         out = {"step": state["step"].clone()}
-        for name in MOMENTS:
+        for name in self._moments:
             out[name] = _moment_fp32(state, name, param.numel()).view(param.shape).clone()
         return out
 
@@ -128,7 +131,16 @@ class BlockwiseOptimizer(Optimizer):
                 # The kernels need contiguous tensors; a strided param is updated in a copy.
                 p_work = p if p.is_contiguous() else p.contiguous()
                 grad = p.grad.contiguous()
-                if state["format"] == "fp32":
+                if self._algorithm == "lion":
+                    lion = dict(lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"],
+                                weight_decay=hyper["weight_decay"], maximize=hyper["maximize"],
+                                stochastic_rounding=hyper["stochastic_rounding"], seed=seed)
+                    if state["format"] == "fp32":
+                        kernels.lion_step_(p_work, grad, state["exp_avg"], **lion)
+                    else:
+                        kernels.lion_step_blockwise_(p_work, grad, state["exp_avg_codes"], state["exp_avg_absmax"],
+                                                     fmt=state["format"], block=state["block_size"], **lion)
+                elif state["format"] == "fp32":
                     adam_step_(p_work, grad, state["exp_avg"], state["exp_avg_sq"], step=step, seed=seed, **hyper)
                 else:
                     kernels.adam_step_blockwise_(
@@ -181,10 +193,12 @@ class BlockwiseOptimizer(Optimizer):
             raise ValueError(f"{where}: unknown state format {saved_fmt!r}")
         n = p.numel()
         moments = {}
-        for name in MOMENTS:
+        present = [name for name in self._moments if name in saved or f"{name}_codes" in saved]
+        if present and len(present) != len(self._moments):
+            missing = sorted(set(self._moments) - set(present))
+            raise ValueError(f"{where}: the saved state has no {', '.join(missing)} (saved by another algorithm?)")
+        for name in present:
             if saved_fmt == "fp32":
-                if name not in saved:
-                    continue
                 value = saved[name]
                 if tuple(value.shape) != tuple(p.shape):
                     raise ValueError(f"{where}: state {name!r} has shape {list(value.shape)}")
@@ -209,12 +223,12 @@ class BlockwiseOptimizer(Optimizer):
             return fresh
         same = saved_fmt == target_fmt and (target_fmt == "fp32" or int(saved["block_size"]) == target_block)
         if target_fmt == "fp32":
-            for name in MOMENTS:
+            for name in self._moments:
                 state[name] = moments[name].clone().view(p.shape).contiguous()
             state.pop("block_size", None)
             return state
         state["block_size"] = target_block
-        for name in MOMENTS:
+        for name in self._moments:
             if same:  # round-trip the raw codes exactly
                 state[f"{name}_codes"] = saved[f"{name}_codes"].detach().to("cpu", torch.uint8).clone().contiguous()
                 state[f"{name}_absmax"] = saved[f"{name}_absmax"].detach().to("cpu", torch.float32).clone().contiguous()

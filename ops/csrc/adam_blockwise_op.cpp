@@ -13,7 +13,17 @@ namespace offload_engine {
 namespace {
 
 constexpr const char* kOp = "adam_step_blockwise_";
+constexpr const char* kLionOp = "lion_step_blockwise_";
 constexpr int64_t kElemsPerTask = 65536;  // at::parallel_for grain, in elements (whole blocks)
+
+void run_blocks(const AdamBlockwiseArgs& args) {
+  const AdamBlockwiseFn blocks_fn = adam_blocks_for(selected_simd_path());
+  const int64_t n_blocks = (args.numel + args.block - 1) / args.block;
+  // Blocks are disjoint (codes, absmax and params), so the threads of torch's pool write
+  // without synchronisation; parallel_for joins before returning.
+  at::parallel_for(0, n_blocks, std::max<int64_t>(1, kElemsPerTask / args.block),
+                   [&](int64_t b0, int64_t b1) { blocks_fn(args, b0, b1); });
+}
 
 void check_tables(const char* name, const at::Tensor& map, const at::Tensor& lut, int64_t min_exponent,
                   int64_t mantissa_bits, int64_t bits) {
@@ -51,6 +61,14 @@ void check_state(const char* name, const at::Tensor& codes, const at::Tensor& ab
   }
 }
 
+void check_format(int64_t bits, int64_t block, c10::IntArrayRef lut_params, size_t n_params) {
+  TORCH_CHECK_VALUE(bits == 8 || bits == 4, kOp, ": bits must be 8 or 4, got ", bits);
+  TORCH_CHECK_VALUE(block >= 64 && block <= kMaxBlock && (block & (block - 1)) == 0, kOp,
+                    ": block must be a power of two from 64 to ", kMaxBlock, ", got ", block);
+  TORCH_CHECK_VALUE(lut_params.size() == n_params, kOp, ": lut_params must hold ", n_params,
+                    " values (min_exponent, mantissa_bits per map)");
+}
+
 void check_all(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes, const at::Tensor& m_absmax,
                const at::Tensor& v_codes, const at::Tensor& v_absmax, const at::Tensor& m_map,
                const at::Tensor& m_lut, const at::Tensor& v_map, const at::Tensor& v_lut,
@@ -58,11 +76,7 @@ void check_all(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
                double eps, double weight_decay, int64_t step, double grad_scale) {
   check_hyperparameters(kOp, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
   check_param_grad(kOp, param, grad);
-  TORCH_CHECK_VALUE(bits == 8 || bits == 4, kOp, ": bits must be 8 or 4, got ", bits);
-  TORCH_CHECK_VALUE(block >= 64 && block <= kMaxBlock && (block & (block - 1)) == 0, kOp,
-                    ": block must be a power of two from 64 to ", kMaxBlock, ", got ", block);
-  TORCH_CHECK_VALUE(lut_params.size() == 4, kOp,
-                    ": lut_params must be [m_min_exponent, m_mantissa_bits, v_min_exponent, v_mantissa_bits]");
+  check_format(bits, block, lut_params, 4);
   check_state("m", m_codes, m_absmax, param, bits, block);
   check_state("v", v_codes, v_absmax, param, bits, block);
   check_tables("m", m_map, m_lut, lut_params[0], lut_params[1], bits);
@@ -90,21 +104,50 @@ void adam_step_blockwise_cpu(const at::Tensor& param, const at::Tensor& grad, co
   check_all(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, m_lut, v_map, v_lut, lut_params,
             bits, block, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
   TORCH_CHECK_VALUE(param.device().is_cpu(), kOp, ": the CPU kernel got param on ", param.device());
-  const AdamBlockwiseFn blocks_fn = adam_blocks_for(selected_simd_path());
-  const int64_t n = param.numel();
-  if (n == 0) return;
-  AdamBlockwiseArgs args{param.data_ptr(), grad.const_data_ptr(), elem_type(param, kOp, "param"),
-                         elem_type(grad, kOp, "grad"), m_codes.data_ptr<uint8_t>(), m_absmax.data_ptr<float>(),
-                         v_codes.data_ptr<uint8_t>(), v_absmax.data_ptr<float>(),
-                         tables(m_map, m_lut, lut_params[0], lut_params[1]),
-                         tables(v_map, v_lut, lut_params[2], lut_params[3]), int(bits), block, n,
-                         make_coeffs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction, maximize,
-                                     grad_scale, stochastic_rounding, seed)};
-  const int64_t n_blocks = (n + block - 1) / block;
-  // Blocks are disjoint (codes, absmax and params), so the threads of torch's pool write
-  // without synchronisation; parallel_for joins before returning.
-  at::parallel_for(0, n_blocks, std::max<int64_t>(1, kElemsPerTask / block),
-                   [&](int64_t b0, int64_t b1) { blocks_fn(args, b0, b1); });
+  if (param.numel() == 0) return;
+  run_blocks(AdamBlockwiseArgs{param.data_ptr(), grad.const_data_ptr(), elem_type(param, kOp, "param"),
+                               elem_type(grad, kOp, "grad"), m_codes.data_ptr<uint8_t>(), m_absmax.data_ptr<float>(),
+                               v_codes.data_ptr<uint8_t>(), v_absmax.data_ptr<float>(),
+                               tables(m_map, m_lut, lut_params[0], lut_params[1]),
+                               tables(v_map, v_lut, lut_params[2], lut_params[3]), int(bits), block, param.numel(),
+                               make_coeffs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction,
+                                           maximize, grad_scale, stochastic_rounding, seed)});
+}
+
+void check_lion(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes, const at::Tensor& m_absmax,
+                const at::Tensor& m_map, const at::Tensor& m_lut, c10::IntArrayRef lut_params, int64_t bits,
+                int64_t block, double lr, double beta1, double beta2, double weight_decay, double grad_scale) {
+  check_hyperparameters(kLionOp, lr, beta1, beta2, /*eps=*/0.0, weight_decay, /*step=*/1, grad_scale);
+  check_param_grad(kLionOp, param, grad);
+  check_format(bits, block, lut_params, 2);
+  check_state("m", m_codes, m_absmax, param, bits, block);
+  check_tables("m", m_map, m_lut, lut_params[0], lut_params[1], bits);
+}
+
+void lion_step_blockwise_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
+                             const at::Tensor& m_absmax, const at::Tensor& m_map, const at::Tensor& m_lut,
+                             c10::IntArrayRef lut_params, int64_t bits, int64_t block, double lr, double beta1,
+                             double beta2, double weight_decay, bool maximize, double grad_scale,
+                             bool stochastic_rounding, int64_t seed) {
+  check_lion(param, grad, m_codes, m_absmax, m_map, m_lut, lut_params, bits, block, lr, beta1, beta2, weight_decay,
+             grad_scale);
+  TORCH_CHECK_VALUE(param.device().is_cpu(), kLionOp, ": the CPU kernel got param on ", param.device());
+  if (param.numel() == 0) return;
+  const CodeTables m_tables = tables(m_map, m_lut, lut_params[0], lut_params[1]);
+  run_blocks(AdamBlockwiseArgs{param.data_ptr(), grad.const_data_ptr(), elem_type(param, kLionOp, "param"),
+                               elem_type(grad, kLionOp, "grad"), m_codes.data_ptr<uint8_t>(),
+                               m_absmax.data_ptr<float>(), nullptr, nullptr, m_tables, m_tables, int(bits), block,
+                               param.numel(),
+                               make_lion_coeffs(lr, beta1, beta2, weight_decay, maximize, grad_scale,
+                                                stochastic_rounding, seed)});
+}
+
+void lion_step_blockwise_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
+                              const at::Tensor& m_absmax, const at::Tensor& m_map, const at::Tensor& m_lut,
+                              c10::IntArrayRef lut_params, int64_t bits, int64_t block, double lr, double beta1,
+                              double beta2, double weight_decay, bool, double grad_scale, bool, int64_t) {
+  check_lion(param, grad, m_codes, m_absmax, m_map, m_lut, lut_params, bits, block, lr, beta1, beta2, weight_decay,
+             grad_scale);
 }
 
 void adam_step_blockwise_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
@@ -127,9 +170,19 @@ TORCH_LIBRARY_FRAGMENT(offload_engine, m) {
       "int[] lut_params, *, int bits, int block, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, int step, bool adamw_mode=True, bool bias_correction=True, "
       "bool maximize=False, float grad_scale=1.0, bool stochastic_rounding=False, int seed=0) -> ()");
+  m.def(
+      "lion_step_blockwise_(Tensor(a!) param, Tensor grad, Tensor(b!) m_codes, Tensor(c!) m_absmax, Tensor m_map, "
+      "Tensor m_lut, int[] lut_params, *, int bits, int block, float lr, float beta1, float beta2, "
+      "float weight_decay, bool maximize=False, float grad_scale=1.0, bool stochastic_rounding=False, int seed=0) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(offload_engine, CPU, m) { m.impl("adam_step_blockwise_", &adam_step_blockwise_cpu); }
-TORCH_LIBRARY_IMPL(offload_engine, Meta, m) { m.impl("adam_step_blockwise_", &adam_step_blockwise_meta); }
+TORCH_LIBRARY_IMPL(offload_engine, CPU, m) {
+  m.impl("adam_step_blockwise_", &adam_step_blockwise_cpu);
+  m.impl("lion_step_blockwise_", &lion_step_blockwise_cpu);
+}
+TORCH_LIBRARY_IMPL(offload_engine, Meta, m) {
+  m.impl("adam_step_blockwise_", &adam_step_blockwise_meta);
+  m.impl("lion_step_blockwise_", &lion_step_blockwise_meta);
+}
 
 }  // namespace offload_engine

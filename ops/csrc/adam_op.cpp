@@ -19,27 +19,47 @@ namespace {
 constexpr int64_t kTileElems = 16384;
 constexpr int64_t kTilesPerTask = 4;   // at::parallel_for grain: 64K elements before splitting across threads
 
+void check_fp32_state(const char* op, const char* name, const at::Tensor& t, const at::Tensor& param) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == param.device(), op, ": ", name, " is on ", t.device(), " but param is on ",
+                    param.device());
+  TORCH_CHECK_VALUE(t.sym_sizes() == param.sym_sizes(), op, ": ", name, " has shape ", t.sym_sizes(),
+                    " but param has shape ", param.sym_sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.sym_strides());
+}
+
 void check_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                 const at::Tensor& exp_avg_sq, double lr, double beta1, double beta2, double eps,
                 double weight_decay, int64_t step, double grad_scale) {
   check_hyperparameters("adam_step_", lr, beta1, beta2, eps, weight_decay, step, grad_scale);
   check_param_grad("adam_step_", param, grad);
-  TORCH_CHECK_TYPE(exp_avg.scalar_type() == at::kFloat, "adam_step_: exp_avg must be float32, got ", exp_avg.scalar_type());
-  TORCH_CHECK_TYPE(exp_avg_sq.scalar_type() == at::kFloat, "adam_step_: exp_avg_sq must be float32, got ",
-                   exp_avg_sq.scalar_type());
-  const std::pair<const char*, const at::Tensor*> state[] = {{"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}};
-  for (const auto& [name, t] : state) {
-    TORCH_CHECK_VALUE(t->device() == param.device(), "adam_step_: ", name, " is on ", t->device(),
-                      " but param is on ", param.device());
-    TORCH_CHECK_VALUE(t->sym_sizes() == param.sym_sizes(), "adam_step_: ", name, " has shape ", t->sym_sizes(),
-                      " but param has shape ", param.sym_sizes());
-    TORCH_CHECK_VALUE(t->is_contiguous(), "adam_step_: ", name, " must be contiguous, got strides ", t->sym_strides());
-  }
+  check_fp32_state("adam_step_", "exp_avg", exp_avg, param);
+  check_fp32_state("adam_step_", "exp_avg_sq", exp_avg_sq, param);
   if (param.device().type() != c10::DeviceType::Meta && param.numel() > 0) {
     TORCH_CHECK_VALUE(param.data_ptr() != exp_avg.data_ptr() && param.data_ptr() != exp_avg_sq.data_ptr() &&
                           exp_avg.data_ptr() != exp_avg_sq.data_ptr(),
                       "adam_step_: param, exp_avg and exp_avg_sq must be distinct tensors");
   }
+}
+
+void check_lion_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, double lr,
+                     double beta1, double beta2, double weight_decay, double grad_scale) {
+  check_hyperparameters("lion_step_", lr, beta1, beta2, /*eps=*/0.0, weight_decay, /*step=*/1, grad_scale);
+  check_param_grad("lion_step_", param, grad);
+  check_fp32_state("lion_step_", "exp_avg", exp_avg, param);
+  if (param.device().type() != c10::DeviceType::Meta && param.numel() > 0) {
+    TORCH_CHECK_VALUE(param.data_ptr() != exp_avg.data_ptr(), "lion_step_: param and exp_avg must be distinct tensors");
+  }
+}
+
+void run_tiles(const AdamTensorArgs& args, int64_t n) {
+  const AdamRangeFn range_fn = adam_range_for(selected_simd_path());
+  const int64_t tiles = (n + kTileElems - 1) / kTileElems;
+  // Tiles are disjoint, so the threads of ATen's pool (OpenMP, torch.get_num_threads()
+  // of them) write without synchronisation; parallel_for joins before returning.
+  at::parallel_for(0, tiles, kTilesPerTask, [&](int64_t t0, int64_t t1) {
+    range_fn(args, t0 * kTileElems, std::min(t1 * kTileElems, n));
+  });
 }
 
 void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
@@ -48,19 +68,35 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
                    double grad_scale, bool stochastic_rounding, int64_t seed) {
   check_args(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
   TORCH_CHECK_VALUE(param.device().is_cpu(), "adam_step_: the CPU kernel got param on ", param.device());
-  const AdamRangeFn range_fn = adam_range_for(selected_simd_path());
+  selected_simd_path();  // a bad OFFLOAD_ENGINE_SIMD is refused before anything is written
   const int64_t n = param.numel();
   if (n == 0) return;
-  AdamTensorArgs args{param.data_ptr(), grad.const_data_ptr(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
-                      elem_type(param, "adam_step_", "param"), elem_type(grad, "adam_step_", "grad"),
-                      make_coeffs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction, maximize,
-                                  grad_scale, stochastic_rounding, seed)};
-  const int64_t tiles = (n + kTileElems - 1) / kTileElems;
-  // Tiles are disjoint, so the threads of ATen's pool (OpenMP, torch.get_num_threads()
-  // of them) write without synchronisation; parallel_for joins before returning.
-  at::parallel_for(0, tiles, kTilesPerTask, [&](int64_t t0, int64_t t1) {
-    range_fn(args, t0 * kTileElems, std::min(t1 * kTileElems, n));
-  });
+  run_tiles(AdamTensorArgs{param.data_ptr(), grad.const_data_ptr(), exp_avg.data_ptr<float>(),
+                           exp_avg_sq.data_ptr<float>(), elem_type(param, "adam_step_", "param"),
+                           elem_type(grad, "adam_step_", "grad"),
+                           make_coeffs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction, maximize,
+                                       grad_scale, stochastic_rounding, seed)},
+            n);
+}
+
+void lion_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, double lr,
+                   double beta1, double beta2, double weight_decay, bool maximize, double grad_scale,
+                   bool stochastic_rounding, int64_t seed) {
+  check_lion_args(param, grad, exp_avg, lr, beta1, beta2, weight_decay, grad_scale);
+  TORCH_CHECK_VALUE(param.device().is_cpu(), "lion_step_: the CPU kernel got param on ", param.device());
+  selected_simd_path();
+  const int64_t n = param.numel();
+  if (n == 0) return;
+  run_tiles(AdamTensorArgs{param.data_ptr(), grad.const_data_ptr(), exp_avg.data_ptr<float>(), nullptr,
+                           elem_type(param, "lion_step_", "param"), elem_type(grad, "lion_step_", "grad"),
+                           make_lion_coeffs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding,
+                                            seed)},
+            n);
+}
+
+void lion_step_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, double lr,
+                    double beta1, double beta2, double weight_decay, bool, double grad_scale, bool, int64_t) {
+  check_lion_args(param, grad, exp_avg, lr, beta1, beta2, weight_decay, grad_scale);
 }
 
 void adam_step_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
@@ -77,9 +113,18 @@ TORCH_LIBRARY(offload_engine, m) {
       "float beta1, float beta2, float eps, float weight_decay, int step, bool adamw_mode=True, "
       "bool bias_correction=True, bool maximize=False, float grad_scale=1.0, bool stochastic_rounding=False, "
       "int seed=0) -> ()");
+  m.def(
+      "lion_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, *, float lr, float beta1, float beta2, "
+      "float weight_decay, bool maximize=False, float grad_scale=1.0, bool stochastic_rounding=False, int seed=0) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(offload_engine, CPU, m) { m.impl("adam_step_", &adam_step_cpu); }
-TORCH_LIBRARY_IMPL(offload_engine, Meta, m) { m.impl("adam_step_", &adam_step_meta); }
+TORCH_LIBRARY_IMPL(offload_engine, CPU, m) {
+  m.impl("adam_step_", &adam_step_cpu);
+  m.impl("lion_step_", &lion_step_cpu);
+}
+TORCH_LIBRARY_IMPL(offload_engine, Meta, m) {
+  m.impl("adam_step_", &adam_step_meta);
+  m.impl("lion_step_", &lion_step_meta);
+}
 
 }  // namespace offload_engine

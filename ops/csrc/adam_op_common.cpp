@@ -64,6 +64,16 @@ AdamCoeffs make_coeffs(double lr, double beta1, double beta2, double eps, double
   c.maximize = maximize;
   c.rounding = stochastic_rounding ? Rounding::kStochastic : Rounding::kNearestEven;
   c.seed = uint64_t(seed);
+  c.lion = false;
+  return c;
+}
+
+AdamCoeffs make_lion_coeffs(double lr, double beta1, double beta2, double weight_decay, bool maximize,
+                            double grad_scale, bool stochastic_rounding, int64_t seed) {
+  AdamCoeffs c = make_coeffs(lr, beta1, beta2, /*eps=*/0.0, weight_decay, /*step=*/1, /*adamw_mode=*/true,
+                             /*bias_correction=*/false, maximize, grad_scale, stochastic_rounding, seed);
+  c.neg_step_size = float(-lr);
+  c.lion = true;
   return c;
 }
 

@@ -16,5 +16,8 @@ void check_param_grad(const char* op, const at::Tensor& param, const at::Tensor&
 AdamCoeffs make_coeffs(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
                        bool adamw_mode, bool bias_correction, bool maximize, double grad_scale,
                        bool stochastic_rounding, int64_t seed);
+// Lion: no bias correction, decoupled weight decay, no eps, no exp_avg_sq.
+AdamCoeffs make_lion_coeffs(double lr, double beta1, double beta2, double weight_decay, bool maximize,
+                            double grad_scale, bool stochastic_rounding, int64_t seed);
 
 }  // namespace offload_engine

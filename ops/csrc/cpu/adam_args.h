@@ -17,7 +17,9 @@ enum class ElemType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 enum class Rounding : int { kNearestEven = 0, kStochastic = 1 };
 
-// Float32 coefficients of one step. They are computed once in double precision and rounded
+// Float32 coefficients of one step of Adam/AdamW, or of Lion when `lion` is set (then
+// beta1 interpolates the update direction, beta2 the momentum, neg_step_size is -lr,
+// decay the decoupled weight decay, and exp_avg_sq is absent). They are computed once in double precision and rounded
 // to float32 (see adam_coefficients() in adam_op.cpp and in reference.py), so the kernel
 // and the PyTorch reference multiply by the very same float32 values.
 struct AdamCoeffs {
@@ -29,7 +31,7 @@ struct AdamCoeffs {
   float decay;           // AdamW: 1 - lr * weight_decay
   float l2;              // Adam: weight_decay added to the gradient as l2 * param
   float grad_scale;      // multiplies the gradient first (loss-scale unscale, clipping)
-  bool adamw, use_l2, use_grad_scale, maximize;
+  bool adamw, use_l2, use_grad_scale, maximize, lion;
   Rounding rounding;
   uint64_t seed;         // stochastic rounding stream; element i draws hash(seed, i)
 };

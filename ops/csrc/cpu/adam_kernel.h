@@ -23,6 +23,7 @@ struct Fp32StateIO {
   typename V::F load_m(int64_t i) const { return V::load(m + i); }
   typename V::F load_v(int64_t i) const { return V::load(v + i); }
   void store(int64_t i, typename V::F mv, typename V::F vv) const { V::store(m + i, mv); V::store(v + i, vv); }
+  void store_m(int64_t i, typename V::F mv) const { V::store(m + i, mv); }
 };
 
 // The step's constants broadcast into vector registers once per range. Kept as locals (not
@@ -32,14 +33,14 @@ template <class V>
 struct AdamConsts {
   using F = typename V::F;
   F beta1, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size, inv_bc2_sqrt, decay, l2, grad_scale;
-  bool adamw, use_l2, use_grad_scale, maximize, stochastic;
+  bool adamw, use_l2, use_grad_scale, maximize, stochastic, lion;
   uint64_t seed;
   explicit AdamConsts(const AdamCoeffs& c)
       : beta1(V::set1(c.beta1)), one_minus_beta1(V::set1(c.one_minus_beta1)), beta2(V::set1(c.beta2)),
         one_minus_beta2(V::set1(c.one_minus_beta2)), eps(V::set1(c.eps)), neg_step_size(V::set1(c.neg_step_size)),
         inv_bc2_sqrt(V::set1(c.inv_bc2_sqrt)), decay(V::set1(c.decay)), l2(V::set1(c.l2)),
         grad_scale(V::set1(c.grad_scale)), adamw(c.adamw), use_l2(c.use_l2), use_grad_scale(c.use_grad_scale),
-        maximize(c.maximize), stochastic(c.rounding == Rounding::kStochastic), seed(c.seed) {}
+        maximize(c.maximize), stochastic(c.rounding == Rounding::kStochastic), lion(c.lion), seed(c.seed) {}
 };
 
 // Updates W elements at p, g and state offset `si`; `index` is the element's index in the
@@ -54,11 +55,18 @@ inline __attribute__((always_inline)) void adam_vector(P* p, const G* g, const S
   F param = V::load(p);
   if (c.use_l2) grad = V::add(grad, V::mul(param, c.l2));
   if (c.adamw) param = V::mul(param, c.decay);
-  const F m = V::add(V::mul(state.load_m(si), c.beta1), V::mul(grad, c.one_minus_beta1));
-  const F v = V::add(V::mul(state.load_v(si), c.beta2), V::mul(V::mul(grad, c.one_minus_beta2), grad));
-  const F denom = V::add(V::mul(V::sqrt(v), c.inv_bc2_sqrt), c.eps);
-  param = V::add(param, V::mul(V::div(m, denom), c.neg_step_size));
-  state.store(si, m, v);
+  if (c.lion) {  // Lion: step along the sign of an interpolation, then update the momentum
+    const F m_old = state.load_m(si);
+    const F direction = V::add(V::mul(m_old, c.beta1), V::mul(grad, c.one_minus_beta1));
+    param = V::add(param, V::mul(V::sign(direction), c.neg_step_size));
+    state.store_m(si, V::add(V::mul(m_old, c.beta2), V::mul(grad, c.one_minus_beta2)));
+  } else {
+    const F m = V::add(V::mul(state.load_m(si), c.beta1), V::mul(grad, c.one_minus_beta1));
+    const F v = V::add(V::mul(state.load_v(si), c.beta2), V::mul(V::mul(grad, c.one_minus_beta2), grad));
+    const F denom = V::add(V::mul(V::sqrt(v), c.inv_bc2_sqrt), c.eps);
+    param = V::add(param, V::mul(V::div(m, denom), c.neg_step_size));
+    state.store(si, m, v);
+  }
   if (c.stochastic) {
     V::store_sr(p, param, V::random_bits(c.seed, index));
   } else {
@@ -84,11 +92,11 @@ void adam_range_fp32_state(const AdamTensorArgs& a, int64_t begin, int64_t end) 
     std::memcpy(p_buf, p + i, rest * sizeof(P));
     std::memcpy(g_buf, g + i, rest * sizeof(G));
     std::memcpy(m_buf, a.exp_avg + i, rest * sizeof(float));
-    std::memcpy(v_buf, a.exp_avg_sq + i, rest * sizeof(float));
+    if (!c.lion) std::memcpy(v_buf, a.exp_avg_sq + i, rest * sizeof(float));  // Lion has no exp_avg_sq
     adam_vector<V>(p_buf, g_buf, Fp32StateIO<V>{m_buf, v_buf}, 0, i, c);
     std::memcpy(p + i, p_buf, rest * sizeof(P));
     std::memcpy(a.exp_avg + i, m_buf, rest * sizeof(float));
-    std::memcpy(a.exp_avg_sq + i, v_buf, rest * sizeof(float));
+    if (!c.lion) std::memcpy(a.exp_avg_sq + i, v_buf, rest * sizeof(float));
   }
 }
 
@@ -107,6 +115,7 @@ struct QuantBlockIO {
   typename V::F load_m(int64_t i) const { return V::mul(V::gather(m_map, V::load_u8(m_codes + i)), m_absmax); }
   typename V::F load_v(int64_t i) const { return V::mul(V::gather(v_map, V::load_u8(v_codes + i)), v_absmax); }
   void store(int64_t i, typename V::F mv, typename V::F vv) const { V::store(m_out + i, mv); V::store(v_out + i, vv); }
+  void store_m(int64_t i, typename V::F mv) const { V::store(m_out + i, mv); }
 };
 
 // Requantizes `len` fp32 values of one block into codes[0, round_up(len, W)); codes past len
@@ -136,19 +145,21 @@ void adam_blocks_typed(const AdamBlockwiseArgs& a, int64_t block_begin, int64_t 
   for (int64_t blk = block_begin; blk < block_end; ++blk) {
     const int64_t start = blk * B, len = std::min(B, a.numel - start);
     uint8_t* m_codes = a.bits == 8 ? a.m_codes + start : m_cb;  // 8-bit: codes used in place
-    uint8_t* v_codes = a.bits == 8 ? a.v_codes + start : v_cb;
+    // Lion keeps only exp_avg: every exp_avg_sq access below is skipped (its pointers are null).
+    const bool has_v = !c.lion;
+    uint8_t* v_codes = a.bits == 8 && has_v ? a.v_codes + start : v_cb;
     if (a.bits == 4) {
       simd_scalar::unpack_nibbles(a.m_codes + start / 2, m_cb, B);
-      simd_scalar::unpack_nibbles(a.v_codes + start / 2, v_cb, B);
+      if (has_v) simd_scalar::unpack_nibbles(a.v_codes + start / 2, v_cb, B);
     }
-    const QuantBlockIO<V> io{m_codes, v_codes, V::set1(a.m_absmax[blk]), V::set1(a.v_absmax[blk]),
-                             a.m_tables.map, a.v_tables.map, m_buf, v_buf};
+    const QuantBlockIO<V> io{m_codes, v_codes, V::set1(a.m_absmax[blk]), V::set1(has_v ? a.v_absmax[blk] : 0.0f),
+                             a.m_tables.map, has_v ? a.v_tables.map : a.m_tables.map, m_buf, v_buf};
     F m_max = V::set1(0.0f), v_max = V::set1(0.0f);
     int64_t i = 0;
     for (; i + W <= len; i += W) {
       adam_vector<V>(p + start + i, g + start + i, io, i, start + i, c);
       m_max = V::max(m_max, V::abs(V::load(m_buf + i)));
-      v_max = V::max(v_max, V::load(v_buf + i));
+      if (has_v) v_max = V::max(v_max, V::load(v_buf + i));
     }
     if (i < len) {  // tail of the last block: zero-padded param/grad copies, padded lanes zeroed
       const int64_t rest = len - i;
@@ -160,22 +171,24 @@ void adam_blocks_typed(const AdamBlockwiseArgs& a, int64_t block_begin, int64_t 
       std::memset(m_buf + i + rest, 0, (W - rest) * sizeof(float));
       std::memset(v_buf + i + rest, 0, (W - rest) * sizeof(float));
       m_max = V::max(m_max, V::abs(V::load(m_buf + i)));
-      v_max = V::max(v_max, V::load(v_buf + i));
+      if (has_v) v_max = V::max(v_max, V::load(v_buf + i));
     }
     const float m_absmax = V::reduce_max(m_max), v_absmax = V::reduce_max(v_max);
     quantize_block<V>(m_buf, len, m_absmax, a.m_tables, m_codes);
-    quantize_block<V>(v_buf, len, v_absmax, a.v_tables, v_codes);
+    if (has_v) quantize_block<V>(v_buf, len, v_absmax, a.v_tables, v_codes);
     if (a.bits == 4) {
       std::memset(m_cb + len, 0, size_t(B - len));  // padding codes are 0 in storage
-      std::memset(v_cb + len, 0, size_t(B - len));
       simd_scalar::pack_nibbles(m_cb, a.m_codes + start / 2, B);
-      simd_scalar::pack_nibbles(v_cb, a.v_codes + start / 2, B);
+      if (has_v) {
+        std::memset(v_cb + len, 0, size_t(B - len));
+        simd_scalar::pack_nibbles(v_cb, a.v_codes + start / 2, B);
+      }
     } else if (len < B) {
       std::memset(m_codes + len, 0, size_t(B - len));
-      std::memset(v_codes + len, 0, size_t(B - len));
+      if (has_v) std::memset(v_codes + len, 0, size_t(B - len));
     }
     a.m_absmax[blk] = m_absmax;
-    a.v_absmax[blk] = v_absmax;
+    if (has_v) a.v_absmax[blk] = v_absmax;
   }
 }
 

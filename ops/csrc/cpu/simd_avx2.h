@@ -21,6 +21,12 @@ struct Vec {
   static F sqrt(F a) { return _mm256_sqrt_ps(a); }
   static F neg(F a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
 
+  static F sign(F x) {
+    const __m256 zero = _mm256_setzero_ps();
+    return _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), _mm256_set1_ps(1.0f)),
+                        _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_LT_OQ), _mm256_set1_ps(-1.0f)));
+  }
+
   static F load(const float* p) { return _mm256_loadu_ps(p); }
   static F load(const bf16_t* p) {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));

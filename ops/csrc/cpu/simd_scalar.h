@@ -70,6 +70,8 @@ struct Vec {
   static F sqrt(F a) { return std::sqrt(a); }
   static F neg(F a) { return u2f(f2u(a) ^ 0x80000000U); }
 
+  static F sign(F x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }  // torch.sign, NaN aside
+
   static F load(const float* p) { return *p; }
   static F load(const bf16_t* p) { return u2f(uint32_t(p->bits) << 16); }
   static F load(const f16_t* p) { return half_to_float(p->bits); }

@@ -1,0 +1,127 @@
+"""Lion and Lion8bit: kernels bit-identical to the reference on every SIMD path; the optimizer
+against Lion written in plain torch ops (torch.optim has none) at every step; 8-bit accuracy;
+opcheck; state_dict."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from offload_engine import kernels, reference
+from offload_engine.optim import AdamW8bit, Lion, Lion8bit
+from offload_engine.quant import FORMATS, codec
+from conftest import bits
+
+
+@pytest.mark.parametrize("n", [1, 7, 17, 4097, 70_001])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lion_kernel_bit_identical(simd_path, n, param_dtype):
+    gen = torch.Generator().manual_seed(n)
+    p = torch.randn(n, generator=gen).to(param_dtype)
+    m = torch.randn(n, generator=gen) * 1e-2
+    p_ref, m_ref = p.clone(), m.clone()
+    for step in range(1, 11):
+        g = (torch.randn(n, generator=gen) * 1e-2).to(param_dtype)
+        g[0] = 0.0  # sign(0) = 0 on the direction's zero lanes
+        hyper = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=step % 3 == 0,
+                     grad_scale=0.5 if step % 2 else 1.0, stochastic_rounding=True, seed=step)
+        kernels.lion_step_(p, g, m, **hyper)
+        reference.lion_step_(p_ref, g, m_ref, **hyper)
+        assert torch.equal(bits(p), bits(p_ref)) and torch.equal(bits(m), bits(m_ref)), f"{simd_path} step {step}"
+
+
+@pytest.mark.parametrize("fmt,block", [("int8", 256), ("int8", 64), ("int4", 128)])
+@pytest.mark.parametrize("n", [1, 255, 257, 4097])
+def test_lion_blockwise_kernel_bit_identical(simd_path, fmt, block, n):
+    gen = torch.Generator().manual_seed(n + block)
+    p = torch.randn(n, generator=gen).to(torch.bfloat16)
+    codes, absmax = codec.quantize_blockwise(torch.randn(n, generator=gen) * 1e-2, FORMATS[fmt], True, block)
+    ref = [p.clone(), codes.clone(), absmax.clone()]
+    for step in range(1, 6):
+        g = (torch.randn(n, generator=gen) * 1e-2).to(torch.bfloat16)
+        hyper = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, stochastic_rounding=True, seed=step)
+        kernels.lion_step_blockwise_(p, g, codes, absmax, fmt=fmt, block=block, **hyper)
+        reference.lion_step_blockwise_(ref[0], g, ref[1], ref[2], fmt=FORMATS[fmt], block=block, **hyper)
+        assert torch.equal(bits(p), bits(ref[0])) and torch.equal(codes, ref[1]) and torch.equal(absmax, ref[2])
+
+
+def _plain_lion_step(p, m, g, lr, beta1, beta2, wd):
+    p.mul_(1 - lr * wd)
+    p.add_(torch.sign(m * beta1 + g * (1 - beta1)), alpha=-lr)
+    m.mul_(beta2).add_(g, alpha=1 - beta2)
+
+
+def test_lion_matches_plain_torch_every_step():
+    p = nn.Parameter(torch.randn(64, 33))
+    q, m = p.detach().clone(), torch.zeros(64, 33)
+    opt = Lion([p], lr=3e-4, betas=(0.9, 0.99), weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    for step in range(20):
+        g = torch.randn(64, 33, generator=torch.Generator().manual_seed(step))
+        p.grad = g.clone()
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        _plain_lion_step(q, m, g, lr, 0.9, 0.99, 0.05)
+        torch.testing.assert_close(p.detach(), q, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(opt.logical_state(p)["exp_avg"], m, atol=1e-7, rtol=1e-6)
+    assert set(opt.logical_state(p)) == {"step", "exp_avg"}
+
+
+def test_lion8bit_accuracy_with_resync():
+    """Lion8bit against fp32 Lion, re-synced each step (bitsandbytes' method): the sign
+    update makes params agree exactly unless a direction's sign flips through quantization."""
+    gen = torch.Generator().manual_seed(4)
+    p0 = torch.randn(1024, 1024, generator=gen) * 0.1
+    ours, theirs = nn.Parameter(p0.clone()), nn.Parameter(p0.clone())
+    opt, ref = Lion8bit([ours], lr=1e-4), Lion([theirs], lr=1e-4)
+    for step in range(1, 31):
+        g = torch.randn(1024, 1024, generator=gen) * 0.01
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        assert (ours.detach() - theirs.detach()).abs().mean() < 6e-5
+        logical, exact = opt.logical_state(ours)["exp_avg"], ref.logical_state(theirs)["exp_avg"]
+        assert ((logical - exact).abs() > 3e-3 + 1e-3 * exact.abs()).sum() < 20
+        theirs.data.copy_(ours.detach())
+        ref.state[theirs]["exp_avg"].copy_(logical)
+
+
+def test_lion8bit_state_dict_round_trip_and_foreign_state():
+    p = nn.Parameter(torch.randn(5000))
+    opt = Lion8bit([p], min_8bit_size=0)
+    p.grad = torch.randn(5000)
+    opt.step()
+    opt2 = Lion8bit([p], min_8bit_size=0)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert torch.equal(opt2.state[p]["exp_avg_codes"], opt.state[p]["exp_avg_codes"])
+    adam = AdamW8bit([p], min_8bit_size=0)
+    adam_sd = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="no exp_avg_sq"):
+        adam.load_state_dict(adam_sd)
+
+
+@pytest.mark.parametrize("fmt,block", [(None, None), ("int8", 256)])
+def test_lion_opcheck(native, fmt, block):
+    n = 300
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False, grad_scale=1.0,
+              stochastic_rounding=False, seed=0)
+    if fmt is None:
+        torch.library.opcheck(torch.ops.offload_engine.lion_step_.default, (torch.randn(n), torch.randn(n),
+                                                                             torch.zeros(n)), kw)
+    else:
+        codes, absmax = codec.quantize_blockwise(torch.randn(n) * 1e-2, FORMATS[fmt], True, block)
+        t = codec.code_tables(fmt, True)
+        torch.library.opcheck(torch.ops.offload_engine.lion_step_blockwise_.default,
+                              (torch.randn(n), torch.randn(n), codes, absmax, t.map, t.lut,
+                               [t.min_exponent, t.mantissa_bits]), dict(bits=8, block=block, **kw))
+
+
+def test_lion_bad_input(native):
+    p, g, m = torch.randn(10), torch.randn(10), torch.zeros(10)
+    with pytest.raises(ValueError, match="beta2"):
+        kernels.lion_step_(p, g, m, lr=1e-3, beta1=0.9, beta2=1.0, weight_decay=0.0)
+    with pytest.raises(TypeError, match="exp_avg must be float32"):
+        kernels.lion_step_(p, g, m.double(), lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0)
+    with pytest.raises(ValueError, match="Invalid beta"):
+        Lion([nn.Parameter(torch.randn(3))], betas=(0.9, 1.5))
