@@ -1,8 +1,9 @@
 """CPU Adam step-throughput benchmark.
 
-Compares offload_engine's CPUAdam ("ours") against two anchors,
-torch.optim.AdamW(fused=True) and DeepSpeed's DeepSpeedCPUAdam, on one flat
-parameter per size, for fp32 and bf16 params (grads share the param dtype).
+Compares offload_engine's CPUAdam ("ours", fp32 state) and its AdamW8bit / AdamW4bit
+("ours8", "ours4") against the anchors torch.optim.AdamW(fused=True), DeepSpeed's
+DeepSpeedCPUAdam, bitsandbytes' AdamW8bit ("bnb8") and torchao's AdamW8bit ("torchao8"),
+on one flat parameter per size, for fp32 and bf16 params (grads share the param dtype).
 Contenders run on their own copies of the same random data and are
 interleaved round-robin; the median step time is reported.
 
@@ -10,6 +11,8 @@ Run:
     python benchmarks/cpu_adam.py                        # 1M, 10M, 100M; fp32 + bf16
     python benchmarks/cpu_adam.py --sizes 1e6,1e7 --repeats 3 --json out.json
     python benchmarks/cpu_adam.py --contenders ours,torch --dtypes bf16
+    python benchmarks/cpu_adam.py --sizes 1e8 --dtypes fp32 \
+        --contenders ours,ours8,ours4,torch,deepspeed,bnb8,torchao8      # the 8-bit comparison
 
 Missing contenders (offload_engine not built, deepspeed not installed) are
 skipped with a message. DeepSpeed JIT-builds its cpu_adam op on first use.
@@ -27,7 +30,9 @@ import torch
 
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ANCHORS = ("torch", "deepspeed")
+ANCHORS = ("torch", "deepspeed", "bnb8", "torchao8")
+OURS = ("ours", "ours8", "ours4")
+ALL = OURS + ANCHORS
 
 
 def load_contenders(wanted):
@@ -40,6 +45,28 @@ def load_contenders(wanted):
                                                adamw_mode=True, **HYPER)
         except Exception as e:  # not built yet, ImportError, missing symbol...
             print(f"> skipping ours: cannot import offload_engine.optim.CPUAdam ({type(e).__name__}: {e})")
+    if "ours8" in wanted or "ours4" in wanted:
+        try:
+            from offload_engine.optim import AdamW4bit, AdamW8bit
+            kw = dict(lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"], weight_decay=HYPER["weight_decay"])
+            if "ours8" in wanted:
+                found["ours8"] = lambda ps: AdamW8bit(ps, min_8bit_size=0, **kw)
+            if "ours4" in wanted:
+                found["ours4"] = lambda ps: AdamW4bit(ps, min_8bit_size=0, **kw)
+        except Exception as e:
+            print(f"> skipping ours8/ours4: {type(e).__name__}: {e}")
+    if "bnb8" in wanted:
+        try:
+            import bitsandbytes as bnb
+            found["bnb8"] = lambda ps: bnb.optim.AdamW8bit(ps, min_8bit_size=0, **HYPER)
+        except Exception as e:
+            print(f"> skipping bnb8: {type(e).__name__}: {e}")
+    if "torchao8" in wanted:
+        try:
+            from torchao.optim import AdamW8bit as TorchaoAdamW8bit
+            found["torchao8"] = lambda ps: TorchaoAdamW8bit(ps, **HYPER)
+        except Exception as e:
+            print(f"> skipping torchao8: {type(e).__name__}: {e}")
     if "torch" in wanted:
         found["torch"] = lambda ps: torch.optim.AdamW(ps, fused=True, **HYPER)
     if "deepspeed" in wanted:
@@ -61,10 +88,25 @@ def state_dtype(opt, p):
     return None
 
 
-def bytes_per_param(p_dtype, g_dtype, s_dtype):
-    # read p, g, m, v; write p, m, v
-    ps, gs, ss = (torch.empty((), dtype=d).element_size() for d in (p_dtype, g_dtype, s_dtype))
-    return 2 * ps + gs + 4 * ss
+def _tensor_bytes(t):
+    """Bytes a state tensor really holds (tensor subclasses such as torchao's quantized
+    state report their logical dtype, so their inner tensors are summed instead)."""
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def state_bytes_per_param(opt, p):
+    """Optimizer-state bytes per param (moments, codes, absmax, maps; not the step count)."""
+    total = sum(_tensor_bytes(v) for v in opt.state.get(p, {}).values() if torch.is_tensor(v) and v.numel() > 1)
+    return total / p.numel()
+
+
+def bytes_per_param(p_dtype, g_dtype, state_bytes):
+    # read p, g and the state; write p and the state
+    ps, gs = (torch.empty((), dtype=d).element_size() for d in (p_dtype, g_dtype))
+    return 2 * ps + gs + 2 * state_bytes
 
 
 def machine_header():
@@ -132,10 +174,12 @@ def bench_case(factories, n, dtype, repeats, warmup, min_time, seed):
     rows = []
     for name, (p, opt) in runs.items():
         sd = state_dtype(opt, p) or torch.float32
+        sbytes = state_bytes_per_param(opt, p)
         med = statistics.median(times[name])
-        bpp = bytes_per_param(p.dtype, p.grad.dtype, sd)
+        bpp = bytes_per_param(p.dtype, p.grad.dtype, sbytes)
         rows.append(dict(contender=name, dtype=str(dtype).replace("torch.", ""),
-                         state_dtype=str(sd).replace("torch.", ""), size=n, rounds=rounds,
+                         state_dtype=(str(sd).replace("torch.", "") if sbytes >= 4 else f"{sbytes:.2f} B"),
+                         state_bytes=sbytes, size=n, rounds=rounds,
                          median_ms=med * 1e3, min_ms=min(times[name]) * 1e3,
                          gparams_per_s=n / med / 1e9, bytes_per_param=bpp,
                          gb_per_s=n * bpp / med / 1e9, times_s=times[name]))
@@ -157,7 +201,7 @@ def print_table(rows):
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio, paired = "", ""
-        if r["contender"] == "ours":
+        if r["contender"] in OURS:
             anchors = [a for a in rows if a["contender"] in ANCHORS
                        and a["size"] == r["size"] and a["dtype"] == r["dtype"]]
             if anchors:
@@ -166,7 +210,7 @@ def print_table(rows):
                 paired = fmt_paired(best["times_s"], r["times_s"])
         print(f"| {r['contender']} | {r['dtype']} ({r['state_dtype']}) | {fmt_size(r['size'])} "
               f"| {r['median_ms']:.3f} | {r['gparams_per_s']:.3f} | {r['gb_per_s']:.1f} "
-              f"| {r['bytes_per_param']} | {ratio} | {paired} |")
+              f"| {r['bytes_per_param']:g} | {ratio} | {paired} |")
 
 
 def fmt_paired(anchor_times, our_times):
@@ -183,7 +227,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1e6,1e7,1e8", help="comma-separated param counts (e.g. 1e6,1e7)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
-    ap.add_argument("--contenders", default="ours,torch,deepspeed")
+    ap.add_argument("--contenders", default="ours,torch,deepspeed",
+                    help=f"comma-separated subset of {','.join(ALL)}")
     ap.add_argument("--repeats", type=int, default=7, help="minimum interleaved timed rounds")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--min-time", type=float, default=0.2,
@@ -198,7 +243,7 @@ def main():
     sizes = [int(float(s)) for s in args.sizes.split(",") if s.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     factories = load_contenders({c.strip() for c in args.contenders.split(",")})
-    order = [c for c in ("ours", "torch", "deepspeed") if c in factories]
+    order = [c for c in ALL if c in factories]
     factories = {c: factories[c] for c in order}
     if not factories:
         raise SystemExit("no contenders available")
