@@ -172,7 +172,7 @@ def lion_step_(param, grad, exp_avg, *, lr, beta1, beta2, weight_decay, maximize
                stochastic_rounding=False, seed=0, compute_dtype=torch.float32):
     """In-place Lion step (decoupled weight decay; one state), the contract of the native
     ``lion_step_``: p -= lr * sign(beta1 * m + (1 - beta1) * g); m = beta2 * m + (1 - beta2) * g.
-    (sign(0) = 0; the kernels give 0 where the direction is NaN, torch.sign gives NaN.)"""
+    (sign(0) = 0; torch.sign on CPU also gives 0 for NaN, and so do the kernels.)"""
     def k(value: float) -> torch.Tensor:
         return torch.tensor(value, dtype=compute_dtype)
 

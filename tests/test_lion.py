@@ -96,9 +96,31 @@ def test_lion8bit_state_dict_round_trip_and_foreign_state():
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert torch.equal(opt2.state[p]["exp_avg_codes"], opt.state[p]["exp_avg_codes"])
     adam = AdamW8bit([p], min_8bit_size=0)
-    adam_sd = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="saved by a lion optimizer; this one runs adam"):
+        adam.load_state_dict(copy.deepcopy(opt.state_dict()))
+    unlabelled = copy.deepcopy(opt.state_dict())
+    del unlabelled["algorithm"]  # e.g. written by another library: the moments still tell
     with pytest.raises(ValueError, match="no exp_avg_sq"):
-        adam.load_state_dict(adam_sd)
+        adam.load_state_dict(unlabelled)
+    with pytest.raises(ValueError, match="saved by a adam optimizer; this one runs lion"):
+        Lion8bit([p], min_8bit_size=0).load_state_dict(copy.deepcopy(adam.state_dict()))
+
+
+def test_lion_sign_of_nan_follows_torch(native):
+    """The kernels' sign agrees with torch.sign also on NaN (0 on CPU today)."""
+    p, m = torch.zeros(33), torch.zeros(33)
+    g = torch.zeros(33)
+    g[5] = float("nan")
+    p_ref, m_ref = p.clone(), m.clone()
+    for simd in native.supported_simd_paths():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("OFFLOAD_ENGINE_SIMD", simd)
+            q, mq = p.clone(), m.clone()
+            kernels.lion_step_(q, g, mq, lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0)
+        reference.lion_step_(p_ref, g, m_ref, lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0)
+        assert torch.equal(torch.isnan(q), torch.isnan(p_ref)), simd
+        assert torch.equal(q[~torch.isnan(q)], p_ref[~torch.isnan(p_ref)]), simd
+        p_ref, m_ref = p.clone(), m.clone()
 
 
 @pytest.mark.parametrize("fmt,block", [(None, None), ("int8", 256)])

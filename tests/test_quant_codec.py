@@ -41,6 +41,13 @@ def test_lookup_equals_search(fmt, signed):
                    torch.nextafter(thresholds, torch.tensor(2.0)), torch.nextafter(thresholds, torch.tensor(-2.0)),
                    code_map, -code_map, torch.tensor([0.0, -0.0, 1e-30, -1e-30])]).clamp(-1, 1)
     expected = torch.searchsorted(mid, x, right=False)
+    # Beyond [-1, 1]: |x| >= 2, inf and NaN saturate to the extreme code of their sign.
+    wild = torch.tensor([1.5, -1.5, 2.0, -2.0, 3e38, -3e38, float("inf"), -float("inf"), float("nan"),
+                         -float("nan")])
+    top = 2 ** FORMATS[fmt].bits - 1
+    wild_expected = torch.tensor([torch.searchsorted(mid, torch.tensor(1.5)).item(),
+                                  torch.searchsorted(mid, torch.tensor(-1.5)).item(), top, 0, top, 0, top, 0, top, 0])
+    assert torch.equal(maps.lookup_codes(wild, lookup), wild_expected)
     candidate = lookup.candidate[maps.lookup_key(x, lookup)].long()
     assert torch.equal(candidate + (x > mid[candidate]).long(), expected)
     assert torch.equal(maps.lookup_codes(x, lookup), expected)  # the single-read form the kernels use

@@ -196,3 +196,59 @@ def test_bad_state_dicts_are_refused_and_nothing_changes():
 def test_quantized_constructor_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AdamW8bit([nn.Parameter(torch.randn(3))], **kwargs)
+
+
+def test_load_keeps_this_optimizers_format_settings():
+    """Loading takes hyperparameters from the checkpoint but keeps how this optimizer stores
+    state: a param without state yet gets this optimizer's format and block size."""
+    a, b = nn.Parameter(torch.randn(5000)), nn.Parameter(torch.randn(5000))
+    saver = AdamW8bit([a, b], min_8bit_size=0, block_size=256, lr=3e-3)
+    a.grad = torch.randn(5000)
+    saver.step()  # b has no state yet
+    loader = AdamW4bit([a, b], min_8bit_size=0, block_size=128)
+    loader.load_state_dict(copy.deepcopy(saver.state_dict()))
+    group = loader.param_groups[0]
+    assert (group["state_format"], group["block_size"], group["min_8bit_size"], group["lr"]) == ("int4", 128, 0, 3e-3)
+    assert loader.state[a]["format"] == "int4" and loader.state[a]["block_size"] == 128
+    b.grad = torch.randn(5000)
+    loader.step()
+    assert loader.state[b]["format"] == "int4" and loader.state[b]["block_size"] == 128
+
+
+@pytest.mark.parametrize("cls", [CPUAdam, AdamW8bit])
+def test_torch_optim_checkpoint_loads_and_steps(cls):
+    p = nn.Parameter(torch.randn(5000))
+    ref = torch.optim.AdamW([p], lr=1e-3)
+    p.grad = torch.randn(5000)
+    ref.step()
+    opt = cls([p]) if cls is CPUAdam else cls([p], min_8bit_size=0)
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    exact = ref.state[p]["exp_avg"]
+    # fp32: copied exactly; int8: within the codec's worst case, 0.0071 of the block absmax
+    atol = 0.0 if cls is CPUAdam else 0.0071 * float(exact.abs().max())
+    torch.testing.assert_close(opt.logical_state(p)["exp_avg"], exact, atol=atol, rtol=0)
+    opt.step()  # the settings torch's groups lack come from this optimizer's defaults
+    assert opt.state[p]["step"].item() == 2
+
+
+def test_bad_group_is_refused_whole():
+    a, b = nn.Parameter(torch.randn(5000)), nn.Parameter(torch.randn(5000))
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        AdamW8bit([{"params": [a]}, {"params": [b], "block_size": 100}])
+    opt = AdamW8bit([a])
+    with pytest.raises(TypeError, match="float64"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(3, dtype=torch.float64))]})
+    with pytest.raises(ValueError, match="state_format"):
+        opt.add_param_group({"params": [b], "state_format": "int3"})
+    assert len(opt.param_groups) == 1
+
+
+def test_a_bad_param_stops_the_step_before_anything_moves():
+    a = nn.Parameter(torch.randn(5000))
+    elsewhere = nn.Parameter(torch.randn(10, device="meta"))
+    opt = AdamW8bit([a, elsewhere], min_8bit_size=0)
+    a.grad, elsewhere.grad = torch.randn(5000), torch.randn(10, device="meta")
+    before = a.detach().clone()
+    with pytest.raises(ValueError, match="is on meta"):
+        opt.step()
+    assert torch.equal(a.detach(), before) and not opt.state[a]

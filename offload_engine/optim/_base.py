@@ -22,6 +22,7 @@ from ..quant import FORMATS, codec
 
 STATE_FORMAT_VERSION = 1
 MOMENTS = ("exp_avg", "exp_avg_sq")  # signed map for exp_avg, unsigned for exp_avg_sq
+_STRUCTURAL = ("state_format", "block_size", "min_8bit_size")  # kept by load_state_dict
 _SIGNED = {"exp_avg": True, "exp_avg_sq": False}
 
 
@@ -39,34 +40,38 @@ class BlockwiseOptimizer(Optimizer):
     def __init__(self, params, *, lr, betas, eps, weight_decay, amsgrad, adamw_mode, bias_correction=True,
                  maximize=False, stochastic_rounding=False, state_format="fp32", block_size=None,
                  min_8bit_size=4096):
-        _check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if amsgrad:
             raise ValueError(f"{type(self).__name__}: amsgrad=True is not supported (the fused kernels keep no "
                              "max_exp_avg_sq)")
-        if state_format not in ("fp32", *FORMATS):
-            raise ValueError(f"state_format must be one of fp32, {', '.join(FORMATS)}; got {state_format!r}")
         if block_size is None:
             block_size = FORMATS[state_format].default_block if state_format in FORMATS else 256
-        codec.check_block(block_size)
-        if not (isinstance(min_8bit_size, int) and min_8bit_size >= 0):
-            raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+        # Every setting is validated per group, in add_param_group (the first group included).
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         amsgrad=False, adamw_mode=adamw_mode, maximize=maximize,
                         stochastic_rounding=stochastic_rounding, state_format=state_format, block_size=block_size,
                         min_8bit_size=min_8bit_size)
         super().__init__(params, defaults)
-        self._seed_base = int(torch.randint(0, 2**62, (1,)).item())
+        # The stochastic-rounding streams' base; drawn from torch's generator only when some
+        # group rounds stochastically, so other optimizers' users see no shift in their RNG.
+        needs_seed = any(g["stochastic_rounding"] for g in self.param_groups)
+        self._seed_base = int(torch.randint(0, 2**62, (1,)).item()) if needs_seed else 0
 
     def add_param_group(self, param_group):
-        group_defaults = {k: param_group[k] for k in ("lr", "betas", "eps", "weight_decay") if k in param_group}
-        if group_defaults:
-            _check_hyperparameters(**group_defaults)
-        super().add_param_group(param_group)
-        # Checked here rather than in step(), where a bad param would fail after others moved.
-        for p in self.param_groups[-1]["params"]:
-            if p.dtype not in reference.PARAM_DTYPES:
+        """Validates the group completely before adding it: a rejected group is not kept."""
+        settings = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _check_hyperparameters(settings["lr"], settings["betas"], settings["eps"], settings["weight_decay"])
+        if settings["state_format"] not in ("fp32", *FORMATS):
+            raise ValueError(f"state_format must be one of fp32, {', '.join(FORMATS)}; got {settings['state_format']!r}")
+        codec.check_block(settings["block_size"])
+        if not (isinstance(settings["min_8bit_size"], int) and settings["min_8bit_size"] >= 0):
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {settings['min_8bit_size']!r}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            if isinstance(p, torch.Tensor) and p.dtype not in reference.PARAM_DTYPES:
                 raise TypeError(f"{type(self).__name__}: params must be float32, bfloat16 or float16; got {p.dtype} "
                                 f"for a param of shape {list(p.shape)}")
+        super().add_param_group({**param_group, "params": params})
 
     # ---- state --------------------------------------------------------------------------
     @staticmethod
@@ -107,6 +112,16 @@ class BlockwiseOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Checked for every param before any moves, so a bad one leaves the step undone.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError(f"{type(self).__name__}: sparse gradients are not supported")
+                if p.device.type != "cpu":
+                    raise ValueError(f"{type(self).__name__} updates CPU tensors; a param of shape {list(p.shape)} "
+                                     f"is on {p.device}")
         adam_step_ = kernels.adam_step_impl()
         for group_index, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
@@ -118,11 +133,6 @@ class BlockwiseOptimizer(Optimizer):
             for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise TypeError(f"{type(self).__name__}: sparse gradients are not supported")
-                if p.device.type != "cpu":
-                    raise ValueError(f"{type(self).__name__} updates CPU tensors; a param of shape {list(p.shape)} "
-                                     f"is on {p.device}")
                 state = self.state[p]
                 if not state:
                     state.update(self._new_state(p, self._format_for(group, p), group["block_size"]))
@@ -157,6 +167,7 @@ class BlockwiseOptimizer(Optimizer):
         sd = super().state_dict()
         sd["seed_base"] = self._seed_base
         sd["state_format_version"] = STATE_FORMAT_VERSION
+        sd["algorithm"] = self._algorithm
         used = {s.get("format") for s in sd["state"].values()} - {"fp32", None}
         sd["quant_maps"] = {fmt: {"signed": FORMATS[fmt].code_map(True), "unsigned": FORMATS[fmt].code_map(False)}
                             for fmt in sorted(used)}
@@ -171,6 +182,10 @@ class BlockwiseOptimizer(Optimizer):
         if version != STATE_FORMAT_VERSION:
             raise ValueError(f"{type(self).__name__}.load_state_dict: state_format_version {version!r} is not "
                              f"supported (this version reads {STATE_FORMAT_VERSION})")
+        algorithm = state_dict.get("algorithm", self._algorithm)
+        if algorithm != self._algorithm:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the state was saved by a {algorithm} optimizer; "
+                             f"this one runs {self._algorithm}")
         saved_maps = state_dict.get("quant_maps", {})
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         groups = chain.from_iterable([g] * len(g["params"]) for g in self.param_groups)
@@ -179,8 +194,16 @@ class BlockwiseOptimizer(Optimizer):
         for i, p, group in zip(saved_ids, params, groups):
             if i in state_dict["state"]:
                 converted[p] = self._convert_saved_state(state_dict["state"][i], p, group, saved_maps)
-        payload = {k: v for k, v in state_dict.items() if k not in ("seed_base", "state_format_version", "quant_maps")}
+        payload = {k: v for k, v in state_dict.items()
+                   if k not in ("seed_base", "state_format_version", "quant_maps", "algorithm")}
+        # How state is stored is this optimizer's choice, not the checkpoint's: keep it, and
+        # fill settings a plain torch.optim checkpoint does not carry from the defaults.
+        structural = [{k: g[k] for k in _STRUCTURAL} for g in self.param_groups]
         super().load_state_dict(payload)
+        for group, keep in zip(self.param_groups, structural):
+            group.update(keep)
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         for p, state in converted.items():
             self.state[p] = state
         self._seed_base = int(state_dict.get("seed_base", self._seed_base))
@@ -212,7 +235,7 @@ class BlockwiseOptimizer(Optimizer):
                                      f"values; a {saved_fmt} state of {n} elements in blocks of {block} needs "
                                      f"{f.code_bytes(n, block)} and {-(-n // block)}")
                 code_map = saved_maps.get(saved_fmt, {}).get("signed" if _SIGNED[name] else "unsigned")
-                moments[name] = _dequantize(codes, absmax.float(), f, _SIGNED[name], block, n, code_map)
+                moments[name] = codec.dequantize_blockwise(codes, absmax.float(), f, _SIGNED[name], block, n, code_map)
         target_fmt, target_block = self._format_for(group, p), group["block_size"]
         state = {k: v for k, v in saved.items() if k not in _moment_keys()}
         state["step"] = torch.as_tensor(saved.get("step", 0.0), dtype=torch.float32).clone()
@@ -225,7 +248,6 @@ class BlockwiseOptimizer(Optimizer):
         if target_fmt == "fp32":
             for name in self._moments:
                 state[name] = moments[name].clone().view(p.shape).contiguous()
-            state.pop("block_size", None)
             return state
         state["block_size"] = target_block
         for name in self._moments:
@@ -248,13 +270,6 @@ def _moment_fp32(state: dict, name: str, numel: int) -> torch.Tensor:
     f = FORMATS[state["format"]]
     return codec.dequantize_blockwise(state[f"{name}_codes"], state[f"{name}_absmax"], f, _SIGNED[name],
                                       state["block_size"], numel)
-
-
-def _dequantize(codes, absmax, fmt, signed, block, numel, code_map=None):
-    if code_map is None:
-        return codec.dequantize_blockwise(codes, absmax, fmt, signed, block, numel)
-    values = torch.as_tensor(code_map, dtype=torch.float32)[codec.unpack(codes, fmt.bits).long()].view(-1, block)
-    return (values * absmax[:, None]).reshape(-1)[:numel]
 
 
 def _stream_seed(base: int, group_index: int, index: int, step: int) -> int:

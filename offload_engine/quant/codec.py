@@ -1,9 +1,12 @@
 """Block formats and the reference blockwise codec: the definition every kernel matches.
 
 A tensor of n elements is split into blocks of ``block`` elements (the last one partial).
-Each block stores one float32 absmax and one code per element: code = the number of the
-map's thresholds (midpoints between neighbouring map values) strictly below x * (1 / absmax)
-(so the nearest map value, ties going to the lower code); value = map[code] * absmax.
+Each block stores one float32 absmax (max |x|, NaN ignored) and one code per element: code =
+the number of the map's thresholds (midpoints between neighbouring map values) strictly
+below x * (1 / absmax) (so the nearest map value, ties going to the lower code); value =
+map[code] * absmax. A block whose absmax is zero or subnormal is flushed (the factor is 0,
+since 1 / absmax would overflow); a non-finite scaled value takes the extreme code of its
+sign (+inf, +NaN: the highest; -inf, -NaN: the lowest).
 4-bit codes are packed two per byte, element 2k in the low nibble.
 """
 from __future__ import annotations
@@ -55,21 +58,16 @@ def _midpoints(fmt_name: str, signed: bool) -> torch.Tensor:
     return maps.midpoints(FORMATS[fmt_name].code_map(signed))
 
 
-def block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
-    n = x.numel()
-    pad = -n % block
-    xb = torch.nn.functional.pad(x.reshape(-1).float(), (0, pad)).view(-1, block)
-    return xb.abs().amax(dim=1)
-
-
 def quantize_blockwise(x: torch.Tensor, fmt: BlockFormat, signed: bool, block: int):
     """Reference quantization of float32 x: (codes uint8 [padded, packed], absmax float32)."""
     n = x.numel()
     pad = -n % block
     xb = torch.nn.functional.pad(x.reshape(-1).to(torch.float32), (0, pad)).view(-1, block)
-    absmax = xb.abs().amax(dim=1)
-    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    absmax = torch.where(torch.isnan(xb), torch.zeros_like(xb), xb.abs()).amax(dim=1)
+    inv = torch.where(absmax >= 2.0 ** -126, 1.0 / absmax, torch.zeros_like(absmax))
     normalised = xb * inv[:, None]
+    normalised = torch.where(torch.isnan(normalised), torch.full_like(normalised, float("inf")).copysign(normalised),
+                             normalised)
     codes = torch.searchsorted(_midpoints(fmt.name, signed), normalised.reshape(-1), right=False)
     codes = codes.to(torch.uint8)
     if pad:
@@ -78,8 +76,10 @@ def quantize_blockwise(x: torch.Tensor, fmt: BlockFormat, signed: bool, block: i
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, fmt: BlockFormat, signed: bool, block: int,
-                         numel: int) -> torch.Tensor:
-    values = fmt.code_map(signed)[unpack(codes, fmt.bits).long()].view(-1, block)
+                         numel: int, code_map: torch.Tensor | None = None) -> torch.Tensor:
+    """map[code] * absmax; ``code_map`` overrides the format's map (e.g. one saved in a checkpoint)."""
+    code_map = fmt.code_map(signed) if code_map is None else torch.as_tensor(code_map, dtype=torch.float32)
+    values = code_map[unpack(codes, fmt.bits).long()].view(-1, block)
     return (values * absmax[:, None]).reshape(-1)[:numel]
 
 

@@ -130,9 +130,17 @@ def _try_lookup(mid: torch.Tensor, min_exponent: int, mantissa_bits: int):
     return candidate.to(torch.uint8), packed, exact
 
 
+def _saturated_bits(x: torch.Tensor) -> torch.Tensor:
+    """float32 bits as int64, with exponents above 127 (|x| >= 2, inf, NaN) saturated to the
+    largest value below 2 of the same sign, as the kernels do: keys stay inside the table."""
+    bits = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    big = ((bits >> 23) & 0xFF) > 127
+    return torch.where(big, (bits & 0x80000000) | (127 << 23) | 0x7FFFFF, bits)
+
+
 def lookup_key(x: torch.Tensor, lookup: CodeLookup) -> torch.Tensor:
     """The key of each float32 in x (as the kernels compute it), int64."""
-    bits = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    bits = _saturated_bits(x)
     sign = bits >> 31
     exponent = (bits >> 23) & 0xFF
     top = (bits >> (23 - lookup.mantissa_bits)) & ((1 << lookup.mantissa_bits) - 1)
@@ -145,7 +153,7 @@ def lookup_codes(x: torch.Tensor, lookup: CodeLookup) -> torch.Tensor:
     """Codes of float32 x computed exactly as the kernels do, from ``lookup.packed`` alone."""
     entry = lookup.packed[lookup_key(x, lookup)].to(torch.int64) & 0xFFFFFFFF
     candidate, offset = entry >> 24, entry & 0xFFFFFF
-    bits = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    bits = _saturated_bits(x)
     exponent = (bits >> 23) & 0xFF
     low = bits & ((1 << (23 - lookup.mantissa_bits)) - 1)
     low = torch.where(exponent < lookup.min_exponent, torch.zeros_like(low), low)

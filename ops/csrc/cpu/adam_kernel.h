@@ -118,15 +118,14 @@ struct QuantBlockIO {
   void store_m(int64_t i, typename V::F mv) const { V::store(m_out + i, mv); }
 };
 
-// Requantizes `len` fp32 values of one block into codes[0, round_up(len, W)); codes past len
-// are set to 0, as the reference leaves block padding. Returns nothing; absmax is given.
+// Requantizes `len` fp32 values of one block into codes[0, round_up(len, W)) (the caller
+// zeroes the codes past len). A block whose absmax is zero or subnormal is flushed to the
+// zero code (1 / absmax would overflow); reference.py's codec does the same.
 template <class V>
 inline void quantize_block(const float* values, int64_t len, float absmax, const CodeTables& t, uint8_t* codes) {
   constexpr int W = V::W;
-  const typename V::F inv = V::set1(absmax > 0.0f ? 1.0f / absmax : 0.0f);
-  int64_t i = 0;
-  for (; i < len; i += W) V::store_u8(codes + i, V::quantize(V::mul(V::load(values + i), inv), t));
-  std::memset(codes + len, 0, size_t(i - len));
+  const typename V::F inv = V::set1(absmax >= 0x1p-126f ? 1.0f / absmax : 0.0f);
+  for (int64_t i = 0; i < len; i += W) V::store_u8(codes + i, V::quantize(V::mul(V::load(values + i), inv), t));
 }
 
 // [Note: blockwise step] Per block: dequantize m and v, run the same Adam math as the fp32
@@ -158,8 +157,8 @@ void adam_blocks_typed(const AdamBlockwiseArgs& a, int64_t block_begin, int64_t 
     int64_t i = 0;
     for (; i + W <= len; i += W) {
       adam_vector<V>(p + start + i, g + start + i, io, i, start + i, c);
-      m_max = V::max(m_max, V::abs(V::load(m_buf + i)));
-      if (has_v) v_max = V::max(v_max, V::load(v_buf + i));
+      m_max = V::max(V::abs(V::load(m_buf + i)), m_max);  // new value first: a NaN is ignored
+      if (has_v) v_max = V::max(V::load(v_buf + i), v_max);
     }
     if (i < len) {  // tail of the last block: zero-padded param/grad copies, padded lanes zeroed
       const int64_t rest = len - i;
@@ -170,22 +169,19 @@ void adam_blocks_typed(const AdamBlockwiseArgs& a, int64_t block_begin, int64_t 
       std::memcpy(p + start + i, p_buf, rest * sizeof(P));
       std::memset(m_buf + i + rest, 0, (W - rest) * sizeof(float));
       std::memset(v_buf + i + rest, 0, (W - rest) * sizeof(float));
-      m_max = V::max(m_max, V::abs(V::load(m_buf + i)));
-      if (has_v) v_max = V::max(v_max, V::load(v_buf + i));
+      m_max = V::max(V::abs(V::load(m_buf + i)), m_max);  // new value first: a NaN is ignored
+      if (has_v) v_max = V::max(V::load(v_buf + i), v_max);
     }
     const float m_absmax = V::reduce_max(m_max), v_absmax = V::reduce_max(v_max);
     quantize_block<V>(m_buf, len, m_absmax, a.m_tables, m_codes);
     if (has_v) quantize_block<V>(v_buf, len, v_absmax, a.v_tables, v_codes);
-    if (a.bits == 4) {
-      std::memset(m_cb + len, 0, size_t(B - len));  // padding codes are 0 in storage
-      simd_scalar::pack_nibbles(m_cb, a.m_codes + start / 2, B);
-      if (has_v) {
-        std::memset(v_cb + len, 0, size_t(B - len));
-        simd_scalar::pack_nibbles(v_cb, a.v_codes + start / 2, B);
-      }
-    } else if (len < B) {
+    if (len < B) {  // padding codes past the tensor's end are 0 in storage
       std::memset(m_codes + len, 0, size_t(B - len));
       if (has_v) std::memset(v_codes + len, 0, size_t(B - len));
+    }
+    if (a.bits == 4) {
+      simd_scalar::pack_nibbles(m_cb, a.m_codes + start / 2, B);
+      if (has_v) simd_scalar::pack_nibbles(v_cb, a.v_codes + start / 2, B);
     }
     a.m_absmax[blk] = m_absmax;
     if (has_v) a.v_absmax[blk] = v_absmax;

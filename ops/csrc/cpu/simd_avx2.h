@@ -21,7 +21,7 @@ struct Vec {
   static F sqrt(F a) { return _mm256_sqrt_ps(a); }
   static F neg(F a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
 
-  static F sign(F x) {
+  static F sign(F x) {  // as torch.sign on CPU: NaN -> 0
     const __m256 zero = _mm256_setzero_ps();
     return _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), _mm256_set1_ps(1.0f)),
                         _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_LT_OQ), _mm256_set1_ps(-1.0f)));
@@ -81,7 +81,7 @@ struct Vec {
   }
   static F gather(const float* table, U idx) { return _mm256_i32gather_ps(table, idx, 4); }
   static F abs(F x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
-  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }  // NaN in a yields b, as the scalar path
   static float reduce_max(F a) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -90,8 +90,13 @@ struct Vec {
   }
   // Nearest code via the lookup table (see CodeLookup in quant/maps.py); matches Vec (scalar).
   static U quantize(F x, const CodeTables& t) {
-    const __m256i b = _mm256_castps_si256(x);
-    const __m256i e = _mm256_and_si256(_mm256_srli_epi32(b, 23), _mm256_set1_epi32(0xFF));
+    // Exponents above 127 (|x| >= 2, inf, NaN) saturate to the top bucket of their sign: the
+    // key stays in the table (simd_scalar.h says the same).
+    const __m256i b_raw = _mm256_castps_si256(x);
+    const __m256i e_raw = _mm256_and_si256(_mm256_srli_epi32(b_raw, 23), _mm256_set1_epi32(0xFF));
+    const __m256i big = _mm256_cmpgt_epi32(e_raw, _mm256_set1_epi32(127));
+    const __m256i b = _mm256_or_si256(b_raw, _mm256_and_si256(big, _mm256_set1_epi32(0x007FFFFF)));  // mantissa all ones
+    const __m256i e = _mm256_min_epi32(e_raw, _mm256_set1_epi32(127));
     const __m256i tiny = _mm256_cmpgt_epi32(_mm256_set1_epi32(t.min_exponent), e);
     const __m256i top = _mm256_and_si256(_mm256_srl_epi32(b, _mm_cvtsi32_si128(23 - t.mantissa_bits)),
                                          _mm256_set1_epi32((1 << t.mantissa_bits) - 1));

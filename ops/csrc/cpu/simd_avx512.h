@@ -23,7 +23,7 @@ struct Vec {
     return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(int(0x80000000U))));
   }
 
-  static F sign(F x) {
+  static F sign(F x) {  // as torch.sign on CPU: NaN -> 0
     const __m512 zero = _mm512_setzero_ps();
     const __m512 pos = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ), _mm512_set1_ps(1.0f));
     return _mm512_mask_mov_ps(pos, _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), _mm512_set1_ps(-1.0f));
@@ -76,14 +76,19 @@ struct Vec {
   static F abs(F x) {
     return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF)));
   }
-  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }  // NaN in a yields b, as the scalar path
   static float reduce_max(F a) { return _mm512_reduce_max_ps(a); }
   // Nearest code via the lookup table (see CodeLookup in quant/maps.py); matches Vec (scalar).
   static U quantize(F x, const CodeTables& t) {
-    const __m512i b = _mm512_castps_si512(x);
-    const __m512i e = _mm512_and_si512(_mm512_srli_epi32(b, 23), _mm512_set1_epi32(0xFF));
+    // Exponents above 127 (|x| >= 2, inf, NaN) saturate to the top bucket of their sign: the
+    // key stays in the table (simd_scalar.h says the same).
+    const __m512i b_raw = _mm512_castps_si512(x);
+    const __m512i e_raw = _mm512_and_si512(_mm512_srli_epi32(b_raw, 23), _mm512_set1_epi32(0xFF));
+    const __mmask16 big = _mm512_cmpgt_epi32_mask(e_raw, _mm512_set1_epi32(127));
+    const __m512i b = _mm512_mask_or_epi32(b_raw, big, b_raw, _mm512_set1_epi32(0x007FFFFF));  // mantissa all ones
+    const __m512i e = _mm512_min_epi32(e_raw, _mm512_set1_epi32(127));
     const __mmask16 normal = _mm512_cmpge_epi32_mask(e, _mm512_set1_epi32(t.min_exponent));
-    const __mmask16 negative = _mm512_cmplt_epi32_mask(b, _mm512_setzero_si512());  // sign bit (AVX-512F only)
+    const __mmask16 negative = _mm512_cmplt_epi32_mask(b_raw, _mm512_setzero_si512());  // sign bit (AVX-512F only)
     const __m512i top = _mm512_and_si512(_mm512_srl_epi32(b, _mm_cvtsi32_si128(23 - t.mantissa_bits)),
                                          _mm512_set1_epi32((1 << t.mantissa_bits) - 1));
     const __m512i rel = _mm512_sub_epi32(e, _mm512_set1_epi32(t.min_exponent));

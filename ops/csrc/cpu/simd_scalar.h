@@ -70,7 +70,7 @@ struct Vec {
   static F sqrt(F a) { return std::sqrt(a); }
   static F neg(F a) { return u2f(f2u(a) ^ 0x80000000U); }
 
-  static F sign(F x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }  // torch.sign, NaN aside
+  static F sign(F x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }  // as torch.sign on CPU: NaN -> 0
 
   static F load(const float* p) { return *p; }
   static F load(const bf16_t* p) { return u2f(uint32_t(p->bits) << 16); }
@@ -99,16 +99,20 @@ struct Vec {
   static void store_u8(uint8_t* p, U c) { *p = uint8_t(c); }
   static F gather(const float* table, U idx) { return table[idx]; }
   static F abs(F x) { return u2f(f2u(x) & 0x7FFFFFFFU); }
-  static F max(F a, F b) { return a > b ? a : b; }
+  static F max(F a, F b) { return a > b ? a : b; }  // NaN in a yields b: callers pass the new value as a
   static float reduce_max(F a) { return a; }
+  // Values at or beyond 2 (inf) and NaN saturate to the top bucket of their sign, so every
+  // key stays inside the table: +inf/+NaN take the highest code, -inf/-NaN the lowest.
   static U quantize(F x, const CodeTables& t) {
-    const uint32_t b = f2u(x), e = (b >> 23) & 0xFF;
-    const bool tiny = int32_t(e) < t.min_exponent;
-    const uint32_t top = (b >> (23 - t.mantissa_bits)) & ((1U << t.mantissa_bits) - 1);
+    const uint32_t b = f2u(x), e_raw = (b >> 23) & 0xFF;
+    const bool tiny = int32_t(e_raw) < t.min_exponent, big = e_raw > 127;
+    const uint32_t e = big ? 127 : e_raw;
+    const uint32_t top = big ? (1U << t.mantissa_bits) - 1 : (b >> (23 - t.mantissa_bits)) & ((1U << t.mantissa_bits) - 1);
     const uint32_t mag = tiny ? 0 : 1 + ((e - t.min_exponent) << t.mantissa_bits) + top;
     const uint32_t entry = uint32_t(t.lut[(b >> 31) * uint32_t(t.keys_per_sign) + mag]);
     const uint32_t offset = entry & 0xFFFFFF;
-    const uint32_t low = tiny ? 0 : b & ((1U << (23 - t.mantissa_bits)) - 1);
+    const uint32_t low_mask = (1U << (23 - t.mantissa_bits)) - 1;
+    const uint32_t low = tiny ? 0 : (big ? low_mask : b & low_mask);
     return (entry >> 24) + ((b >> 31) ? (low < offset) : (low > offset));
   }
 
