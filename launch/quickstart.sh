@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's two commands. Sets up what they need on a fresh machine (Python 3, pip and a
-# C++ compiler): a virtual environment, torch (the 2.13.0 CPU build when none is installed),
+# C++ compiler): a virtual environment, torch==2.13.0 when none is installed (OFFLOAD_ENGINE_TORCH
+# names another requirement, e.g. a CPU-only build from your package index),
 # and this package with its native ops built; then runs the main job or the tests.
 #
 #   bash launch/quickstart.sh train [args for python -m offload_engine.train]
