@@ -188,39 +188,37 @@ void adam_blocks_typed(const AdamBlockwiseArgs& a, int64_t block_begin, int64_t 
   }
 }
 
-template <class V>
-void adam_blocks(const AdamBlockwiseArgs& a, int64_t block_begin, int64_t block_end) {
+// Calls fn(P*, G*) with null pointers of the element types of the tensor's param and grad,
+// so one switch picks the template instantiation for every kernel below.
+template <class Fn>
+inline void with_elem_types(ElemType param_type, ElemType grad_type, Fn&& fn) {
   auto with_grad = [&](auto* param_tag) {
-    using P = std::remove_pointer_t<decltype(param_tag)>;
-    switch (a.grad_type) {
-      case ElemType::kFloat32: return adam_blocks_typed<V, P, float>(a, block_begin, block_end);
-      case ElemType::kBFloat16: return adam_blocks_typed<V, P, bf16_t>(a, block_begin, block_end);
-      case ElemType::kFloat16: return adam_blocks_typed<V, P, f16_t>(a, block_begin, block_end);
+    switch (grad_type) {
+      case ElemType::kFloat32: return fn(param_tag, static_cast<float*>(nullptr));
+      case ElemType::kBFloat16: return fn(param_tag, static_cast<bf16_t*>(nullptr));
+      case ElemType::kFloat16: return fn(param_tag, static_cast<f16_t*>(nullptr));
     }
   };
-  switch (a.param_type) {
+  switch (param_type) {
     case ElemType::kFloat32: return with_grad(static_cast<float*>(nullptr));
     case ElemType::kBFloat16: return with_grad(static_cast<bf16_t*>(nullptr));
     case ElemType::kFloat16: return with_grad(static_cast<f16_t*>(nullptr));
   }
 }
 
-// Picks the instantiation for the tensor's (param, grad) types.
+template <class V>
+void adam_blocks(const AdamBlockwiseArgs& a, int64_t block_begin, int64_t block_end) {
+  with_elem_types(a.param_type, a.grad_type, [&](auto* p, auto* g) {
+    adam_blocks_typed<V, std::remove_pointer_t<decltype(p)>, std::remove_pointer_t<decltype(g)>>(a, block_begin,
+                                                                                                block_end);
+  });
+}
+
 template <class V>
 void adam_range(const AdamTensorArgs& a, int64_t begin, int64_t end) {
-  auto with_grad = [&](auto* param_tag) {
-    using P = std::remove_pointer_t<decltype(param_tag)>;
-    switch (a.grad_type) {
-      case ElemType::kFloat32: return adam_range_fp32_state<V, P, float>(a, begin, end);
-      case ElemType::kBFloat16: return adam_range_fp32_state<V, P, bf16_t>(a, begin, end);
-      case ElemType::kFloat16: return adam_range_fp32_state<V, P, f16_t>(a, begin, end);
-    }
-  };
-  switch (a.param_type) {
-    case ElemType::kFloat32: return with_grad(static_cast<float*>(nullptr));
-    case ElemType::kBFloat16: return with_grad(static_cast<bf16_t*>(nullptr));
-    case ElemType::kFloat16: return with_grad(static_cast<f16_t*>(nullptr));
-  }
+  with_elem_types(a.param_type, a.grad_type, [&](auto* p, auto* g) {
+    adam_range_fp32_state<V, std::remove_pointer_t<decltype(p)>, std::remove_pointer_t<decltype(g)>>(a, begin, end);
+  });
 }
 
 }  // namespace offload_engine
