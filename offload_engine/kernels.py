@@ -58,9 +58,10 @@ def adam_step_blockwise_(param: torch.Tensor, grad: torch.Tensor, m_codes: torch
             [m_t.min_exponent, m_t.mantissa_bits, v_t.min_exponent, v_t.mantissa_bits],
             bits=codec.FORMATS[fmt].bits, block=int(block), **kwargs)
     else:
-        _check_reference_args(param, grad, torch.empty_like(param, dtype=torch.float32),
-                              torch.empty_like(param, dtype=torch.float32), **kwargs)
+        _check_reference_args(param, grad, **kwargs)
         codec.check_block(block)
+        for name, codes, absmax in (("m", m_codes, m_absmax), ("v", v_codes, v_absmax)):
+            _check_block_state(name, codes, absmax, param, codec.FORMATS[fmt], int(block))
         reference.adam_step_blockwise_(param, grad, m_codes, m_absmax, v_codes, v_absmax,
                                        fmt=codec.FORMATS[fmt], block=int(block), **kwargs)
 
@@ -73,7 +74,7 @@ def lion_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, *
     if native_ops().available and param.device.type == "cpu":
         torch.ops.offload_engine.lion_step_(param, grad, exp_avg, **kwargs)
     else:
-        _check_reference_args(param, grad, exp_avg, exp_avg.new_empty(exp_avg.shape), eps=0.0, step=1, **kwargs)
+        _check_reference_args(param, grad, exp_avg=exp_avg, eps=0.0, step=1, **kwargs)
         reference.lion_step_(param, grad, exp_avg, **kwargs)
 
 
@@ -93,9 +94,9 @@ def lion_step_blockwise_(param: torch.Tensor, grad: torch.Tensor, m_codes: torch
                                                       [t.min_exponent, t.mantissa_bits],
                                                       bits=codec.FORMATS[fmt].bits, block=int(block), **kwargs)
     else:
-        dummy = torch.empty_like(param, dtype=torch.float32)
-        _check_reference_args(param, grad, dummy, torch.empty_like(dummy), eps=0.0, step=1, **kwargs)
+        _check_reference_args(param, grad, eps=0.0, step=1, **kwargs)
         codec.check_block(block)
+        _check_block_state("m", m_codes, m_absmax, param, codec.FORMATS[fmt], int(block))
         reference.lion_step_blockwise_(param, grad, m_codes, m_absmax, fmt=codec.FORMATS[fmt], block=int(block),
                                        **kwargs)
 
@@ -116,7 +117,7 @@ def adam_step_impl():
 
 
 def _checked_reference(param, grad, exp_avg, exp_avg_sq, **kwargs):
-    _check_reference_args(param, grad, exp_avg, exp_avg_sq, **kwargs)
+    _check_reference_args(param, grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, **kwargs)
     reference.adam_step_(param, grad, exp_avg, exp_avg_sq, **kwargs)
 
 
@@ -132,9 +133,9 @@ def as_int64(seed: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
-def _check_reference_args(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
-                          grad_scale, **_):
-    """The native op's argument checks (ops/csrc/adam_op.cpp: check_args), for the fallback."""
+def _check_reference_args(param, grad, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale, **state):
+    """The native ops' argument checks (ops/csrc/adam_op_common.cpp and the ops), for the
+    fallback: hyperparameters, param and grad, and any fp32 state passed by name."""
     for name, value, ok in (("lr", lr, lr >= 0 and math.isfinite(lr)), ("eps", eps, eps >= 0 and math.isfinite(eps)),
                             ("beta1", beta1, 0 <= beta1 < 1), ("beta2", beta2, 0 <= beta2 < 1),
                             ("weight_decay", weight_decay, weight_decay >= 0 and math.isfinite(weight_decay)),
@@ -144,14 +145,30 @@ def _check_reference_args(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2,
     for name, t in (("param", param), ("grad", grad)):
         if t.dtype not in reference.PARAM_DTYPES:
             raise TypeError(f"adam_step_: {name} must be float32, bfloat16 or float16, got {t.dtype}")
-    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+    fp32_state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for name, t in fp32_state.items():
         if t.dtype != torch.float32:
             raise TypeError(f"adam_step_: {name} must be float32, got {t.dtype}")
-    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+    for name, t in (("grad", grad), *fp32_state.items()):
         if t.device != param.device:
             raise ValueError(f"adam_step_: {name} is on {t.device} but param is on {param.device}")
         if t.shape != param.shape:
             raise ValueError(f"adam_step_: {name} has shape {list(t.shape)} but param has shape {list(param.shape)}")
-    for name, t in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+    for name, t in (("param", param), ("grad", grad), *fp32_state.items()):
         if not t.is_contiguous():
             raise ValueError(f"adam_step_: {name} must be contiguous, got strides {t.stride()}")
+
+
+def _check_block_state(name, codes, absmax, param, fmt, block):
+    """The native blockwise ops' state checks (adam_blockwise_op.cpp: check_state)."""
+    blocks = -(-param.numel() // block)
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"adam_step_blockwise_: {name}_codes must be uint8, got {codes.dtype}")
+    if codes.dim() != 1 or codes.numel() != fmt.code_bytes(param.numel(), block) or not codes.is_contiguous():
+        raise ValueError(f"adam_step_blockwise_: {name}_codes must be a contiguous 1-D tensor of "
+                         f"{fmt.code_bytes(param.numel(), block)} bytes, got shape {list(codes.shape)}")
+    if absmax.dtype != torch.float32:
+        raise TypeError(f"adam_step_blockwise_: {name}_absmax must be float32, got {absmax.dtype}")
+    if absmax.dim() != 1 or absmax.numel() != blocks or not absmax.is_contiguous():
+        raise ValueError(f"adam_step_blockwise_: {name}_absmax must be a contiguous 1-D tensor of {blocks} values, "
+                         f"got shape {list(absmax.shape)}")

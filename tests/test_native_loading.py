@@ -71,3 +71,32 @@ def test_jit_build_when_prebuilt_is_missing(tmp_path):
     """Compiles ops/csrc with torch.utils.cpp_extension.load (about a minute on 2 cores)."""
     out = _run(_HIDE_PREBUILT + _CHECK_KERNEL, OFFLOAD_ENGINE_JIT_DIR=str(tmp_path))
     assert "KIND jit" in out and "WARNINGS 0" in out, out
+
+
+_CHECK_BLOCKWISE_FALLBACK = textwrap.dedent("""
+    import torch
+    from offload_engine import kernels
+    from offload_engine.quant import codec, FORMATS
+    n, block = 300, 256
+    f = FORMATS["int8"]
+    mc, ma = codec.quantize_blockwise(torch.randn(n) * 1e-2, f, True, block)
+    vc, va = codec.quantize_blockwise(torch.rand(n) * 1e-4, f, False, block)
+    p, g = torch.randn(n), torch.randn(n)
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+    kernels.adam_step_blockwise_(p, g, mc, ma, vc, va, fmt="int8", block=block, **hyper)
+    kernels.lion_step_blockwise_(p, g, mc, ma, fmt="int8", block=block, lr=1e-3, beta1=0.9, beta2=0.99,
+                                 weight_decay=0.0)
+    p0, refused = p.clone(), 0
+    for bad in ((mc, ma.double(), vc, va), (mc, ma, vc, torch.zeros(1).expand(2)), (mc[:-1], ma, vc, va)):
+        try:
+            kernels.adam_step_blockwise_(p, g, *bad, fmt="int8", block=block, **hyper)
+        except (TypeError, ValueError) as exc:
+            refused += "adam_step_blockwise_" in str(exc)
+    assert torch.equal(p, p0)
+    print("REFUSED", refused)
+""")
+
+
+def test_reference_fallback_checks_quantized_state():
+    """Without native ops, bad codes/absmax are refused by name before anything is written."""
+    assert "REFUSED 3" in _run(_CHECK_BLOCKWISE_FALLBACK, OFFLOAD_ENGINE_OPS="reference")
