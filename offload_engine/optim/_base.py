@@ -215,6 +215,8 @@ class BlockwiseOptimizer(Optimizer):
         if saved_fmt not in ("fp32", *FORMATS):
             raise ValueError(f"{where}: unknown state format {saved_fmt!r}")
         n = p.numel()
+        target_fmt, target_block = self._format_for(group, p), group["block_size"]
+        same = saved_fmt == target_fmt and (target_fmt == "fp32" or int(saved.get("block_size", 0)) == target_block)
         moments = {}
         present = [name for name in self._moments if name in saved or f"{name}_codes" in saved]
         if present and len(present) != len(self._moments):
@@ -234,17 +236,17 @@ class BlockwiseOptimizer(Optimizer):
                     raise ValueError(f"{where}: {name} holds {codes.numel()} code bytes and {absmax.numel()} absmax "
                                      f"values; a {saved_fmt} state of {n} elements in blocks of {block} needs "
                                      f"{f.code_bytes(n, block)} and {-(-n // block)}")
-                code_map = saved_maps.get(saved_fmt, {}).get("signed" if _SIGNED[name] else "unsigned")
-                moments[name] = codec.dequantize_blockwise(codes, absmax.float(), f, _SIGNED[name], block, n, code_map)
-        target_fmt, target_block = self._format_for(group, p), group["block_size"]
+                if not same:  # decoded only when it must be re-quantized (large checkpoints)
+                    code_map = saved_maps.get(saved_fmt, {}).get("signed" if _SIGNED[name] else "unsigned")
+                    moments[name] = codec.dequantize_blockwise(codes, absmax.float(), f, _SIGNED[name], block, n,
+                                                               code_map)
         state = {k: v for k, v in saved.items() if k not in _moment_keys()}
         state["step"] = torch.as_tensor(saved.get("step", 0.0), dtype=torch.float32).clone()
         state["format"] = target_fmt
-        if not moments:  # a state saved before its first step
+        if not present:  # a state saved before its first step
             fresh = self._new_state(p, target_fmt, target_block)
             fresh["step"] = state["step"]
             return fresh
-        same = saved_fmt == target_fmt and (target_fmt == "fp32" or int(saved["block_size"]) == target_block)
         if target_fmt == "fp32":
             for name in self._moments:
                 state[name] = moments[name].clone().view(p.shape).contiguous()
