@@ -25,10 +25,8 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     nearest-even, or stochastically with the stream of ``seed`` when stochastic_rounding.
     Bad arguments raise ValueError/TypeError naming the argument, before anything is written.
     """
-    kwargs = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-                  weight_decay=float(weight_decay), step=int(step), adamw_mode=bool(adamw_mode),
-                  bias_correction=bool(bias_correction), maximize=bool(maximize), grad_scale=float(grad_scale),
-                  stochastic_rounding=bool(stochastic_rounding), seed=as_int64(seed))
+    kwargs = _adam_kwargs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction, maximize, grad_scale,
+                          stochastic_rounding, seed)
     if native_ops().available and param.device.type == "cpu":
         torch.ops.offload_engine.adam_step_(param, grad, exp_avg, exp_avg_sq, **kwargs)
     else:
@@ -45,10 +43,8 @@ def adam_step_blockwise_(param: torch.Tensor, grad: torch.Tensor, m_codes: torch
     codes padded to whole blocks (4-bit: two per byte), m_absmax/v_absmax one float32 per block."""
     from .quant import codec
 
-    kwargs = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-                  weight_decay=float(weight_decay), step=int(step), adamw_mode=bool(adamw_mode),
-                  bias_correction=bool(bias_correction), maximize=bool(maximize), grad_scale=float(grad_scale),
-                  stochastic_rounding=bool(stochastic_rounding), seed=as_int64(seed))
+    kwargs = _adam_kwargs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction, maximize, grad_scale,
+                          stochastic_rounding, seed)
     if fmt not in codec.FORMATS:
         raise ValueError(f"adam_step_blockwise_: fmt must be one of {sorted(codec.FORMATS)}, got {fmt!r}")
     if native_ops().available and param.device.type == "cpu":
@@ -99,6 +95,15 @@ def lion_step_blockwise_(param: torch.Tensor, grad: torch.Tensor, m_codes: torch
         _check_block_state("m", m_codes, m_absmax, param, codec.FORMATS[fmt], int(block))
         reference.lion_step_blockwise_(param, grad, m_codes, m_absmax, fmt=codec.FORMATS[fmt], block=int(block),
                                        **kwargs)
+
+
+def _adam_kwargs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction, maximize, grad_scale,
+                 stochastic_rounding, seed) -> dict:
+    """The ops' keyword arguments in their schema types (float, int, bool; seed as int64)."""
+    return dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
+                step=int(step), adamw_mode=bool(adamw_mode), bias_correction=bool(bias_correction),
+                maximize=bool(maximize), grad_scale=float(grad_scale), stochastic_rounding=bool(stochastic_rounding),
+                seed=as_int64(seed))
 
 
 def _lion_kwargs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding, seed) -> dict:
