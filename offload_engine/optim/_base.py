@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 
 from .. import kernels, reference
 from ..quant import FORMATS, codec
+from ._update import group_hyper, step_state_
 
 STATE_FORMAT_VERSION = 1
 MOMENTS = ("exp_avg", "exp_avg_sq")  # signed map for exp_avg, unsigned for exp_avg_sq
@@ -112,24 +113,10 @@ class BlockwiseOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Checked for every param before any moves, so a bad one leaves the step undone.
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise TypeError(f"{type(self).__name__}: sparse gradients are not supported")
-                if p.device.type != "cpu":
-                    raise ValueError(f"{type(self).__name__} updates CPU tensors; a param of shape {list(p.shape)} "
-                                     f"is on {p.device}")
+        self._check_step_inputs()
         adam_step_ = kernels.adam_step_impl()
         for group_index, group in enumerate(self.param_groups):
-            beta1, beta2 = group["betas"]
-            # Normalised once per group: the per-param loop below is the optimizer's hot path.
-            hyper = dict(lr=_as_float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                         weight_decay=float(group["weight_decay"]), adamw_mode=bool(group["adamw_mode"]),
-                         bias_correction=bool(group["bias_correction"]), maximize=bool(group["maximize"]),
-                         grad_scale=1.0, stochastic_rounding=bool(group["stochastic_rounding"]))
+            hyper = group_hyper(group)
             for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -140,27 +127,24 @@ class BlockwiseOptimizer(Optimizer):
                 seed = kernels.as_int64(_stream_seed(self._seed_base, group_index, index, step))
                 # The kernels need contiguous tensors; a strided param is updated in a copy.
                 p_work = p if p.is_contiguous() else p.contiguous()
-                grad = p.grad.contiguous()
-                if self._algorithm == "lion":
-                    lion = dict(lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"],
-                                weight_decay=hyper["weight_decay"], maximize=hyper["maximize"],
-                                stochastic_rounding=hyper["stochastic_rounding"], seed=seed)
-                    if state["format"] == "fp32":
-                        kernels.lion_step_(p_work, grad, state["exp_avg"], **lion)
-                    else:
-                        kernels.lion_step_blockwise_(p_work, grad, state["exp_avg_codes"], state["exp_avg_absmax"],
-                                                     fmt=state["format"], block=state["block_size"], **lion)
-                elif state["format"] == "fp32":
-                    adam_step_(p_work, grad, state["exp_avg"], state["exp_avg_sq"], step=step, seed=seed, **hyper)
-                else:
-                    kernels.adam_step_blockwise_(
-                        p_work, grad, state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"],
-                        state["exp_avg_sq_absmax"], fmt=state["format"], block=state["block_size"], step=step,
-                        seed=seed, **hyper)
+                step_state_(self._algorithm, p_work, p.grad.contiguous(), state, state["format"],
+                            state.get("block_size", 0), step, seed, hyper, adam_step_)
                 if p_work is not p:
                     p.copy_(p_work)
                 state["step"].fill_(step)
         return loss
+
+    def _check_step_inputs(self) -> None:
+        """Checked for every param before any moves, so a bad one leaves the step undone."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError(f"{type(self).__name__}: sparse gradients are not supported")
+                if p.device.type != "cpu":
+                    raise ValueError(f"{type(self).__name__} updates CPU tensors; a param of shape {list(p.shape)} "
+                                     f"is on {p.device}")
 
     # ---- checkpoints --------------------------------------------------------------------
     def state_dict(self):

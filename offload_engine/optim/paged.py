@@ -1,0 +1,398 @@
+"""Paged optimizers: the moments live in a page store (host RAM or an NVMe file) and are moved
+a page at a time through a bounded slot pool to the CPU kernels and back.
+
+    PagedAdam, PagedAdamW                 fp32 moments
+    PagedAdam8bit, PagedAdamW8bit         8-bit block-quantized moments
+    PagedLion, PagedLion8bit              Lion, fp32 or 8-bit momentum
+
+Constructors as bitsandbytes' (``params, lr, betas, eps, weight_decay, amsgrad=False,
+min_8bit_size=4096``), plus keyword options ``store="cpu"|"nvme"``, ``nvme_path``,
+``page_size_mb``, ``prefetch_depth`` (and ``block_size``, ``io_threads``). Results are bit for
+bit those of the unpaged optimizers (Adam8bit, AdamW8bit, Lion, ...), whatever the page size.
+
+[Note: failed steps] A step that fails (an IO error, a kernel error, Ctrl-C) raises an error
+naming the page and the file. The stored state is then the pre-step one: NvmeStore commits a
+step's pages only after all were written ([Note: shadow pages]); the host store is updated in
+place, so there the pages before the failing one hold post-step state. Params of the pages
+updated before the failure hold their new values either way, so the optimizer refuses further
+steps until load_state_dict() restores a checkpoint (a failure before any page was updated
+changes nothing and is not recorded).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .. import kernels
+from ..paging import HostStore, NvmeStore, PageScheduler, PageTable, SlotPool, StateFormat, page_bytes_from_mb
+from ..paging.scheduler import StepStats
+from ..quant import FORMATS, codec
+from ._base import _SIGNED, BlockwiseOptimizer, _moment_fp32, _stream_seed
+from ._update import group_hyper, step_state_
+
+STORES = ("cpu", "nvme")
+DEFAULT_PAGE_SIZE_MB = 16
+DEFAULT_PREFETCH_DEPTH = 2
+
+
+class PagedOptimizer(BlockwiseOptimizer):
+    """A BlockwiseOptimizer whose moments live in pages of a store (module docstring)."""
+
+    def __init__(self, params, *, store="cpu", nvme_path=None, page_size_mb=DEFAULT_PAGE_SIZE_MB,
+                 prefetch_depth=DEFAULT_PREFETCH_DEPTH, io_threads=4, **settings):
+        name = type(self).__name__
+        if store not in STORES:
+            raise ValueError(f"{name}: store must be one of {', '.join(map(repr, STORES))}; got store={store!r}")
+        page_bytes = page_bytes_from_mb(page_size_mb)
+        for option, value in (("prefetch_depth", prefetch_depth), ("io_threads", io_threads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: {option} must be an int >= 1, got {option}={value!r}")
+        if store == "cpu" and nvme_path is not None:
+            raise ValueError(f"{name}: nvme_path is only used with store='nvme' (got store='cpu', "
+                             f"nvme_path={nvme_path!r})")
+        if settings.get("stochastic_rounding"):
+            # The kernels key the rounding stream by the element's index in the tensor they get;
+            # a page segment starts at 0, so paging would change the numbers.
+            raise ValueError(f"{name}: stochastic_rounding is not supported by the paged optimizers yet")
+        super().__init__(params, **settings)
+        self._store = NvmeStore(page_bytes, nvme_path, io_threads=io_threads) if store == "nvme" \
+            else HostStore(page_bytes)
+        self._table = PageTable(page_bytes)
+        self._prefetch_depth = prefetch_depth
+        self._pool: SlotPool | None = None
+        self._scheduler: PageScheduler | None = None
+        self._laid_out_groups = 0
+        self._keys: dict = {}          # param -> key (its index in the flat param order)
+        self._failed: str | None = None
+        self._last_stats = StepStats()
+        self._totals = StepStats()
+        self._steps = 0
+
+    # ---- layout ---------------------------------------------------------------------------
+    def _state_format(self, group, p) -> StateFormat:
+        fmt = self._format_for(group, p)
+        return StateFormat(fmt, tuple(self._moments), 0 if fmt == "fp32" else group["block_size"])
+
+    def _ensure_layout(self) -> None:
+        """Lays out every param group not laid out yet, reserves its pages in the store and
+        writes their initial (zero) state. Changes nothing when the store cannot grow."""
+        if self._laid_out_groups == len(self.param_groups):
+            return
+        table = copy.deepcopy(self._table)
+        keys = dict(self._keys)
+        next_key = sum(len(g["params"]) for g in self.param_groups[: self._laid_out_groups])
+        new_pages = []
+        for gi in range(self._laid_out_groups, len(self.param_groups)):
+            group = self.param_groups[gi]
+            entries = []
+            for p in group["params"]:
+                keys[p] = next_key
+                entries.append((next_key, p.numel(), self._state_format(group, p)))
+                next_key += 1
+            new_pages += table.add_group(gi, entries)
+        self._store.allocate(table.num_pages)  # raises PageIOError (disk full) before anything changes
+        if self._pool is None:
+            # prefetch_depth fetching + one updating + one writing back: a step allocates nothing more.
+            slots = 1 if self._store.in_place else self._prefetch_depth + 2
+            self._pool = SlotPool(slots, self._table.page_bytes)
+            self._scheduler = PageScheduler(self._store, self._pool, self._prefetch_depth)
+        self._table, self._keys = table, keys
+        self._laid_out_groups = len(self.param_groups)
+        self._write_pages(new_pages, lambda page, buf: _fill_initial(table.pages[page], buf), read_first=False)
+
+    def _key_of(self, param) -> int:
+        try:
+            return self._keys[param]
+        except KeyError:
+            raise KeyError(f"{type(self).__name__}: that tensor is not a param of this optimizer (or has no state "
+                           "yet)") from None
+
+    # ---- page access outside a step ---------------------------------------------------------
+    def _read_pages(self, pages):
+        """Yields (page, buffer) with each page's current bytes (a view for the host store, a
+        pool slot for NVMe: valid until the next item)."""
+        for page in pages:
+            if self._store.in_place:
+                yield page, self._store.page_view(page)
+            else:
+                buf = self._pool.slots[0]
+                self._store.read(page, buf).result()
+                yield page, buf
+
+    def _write_pages(self, pages, fill, *, read_first=True) -> None:
+        """Rewrites `pages`: fill(page, buf) edits a buffer holding the page's current bytes
+        (or undefined bytes, without `read_first`). For NVMe the new pages become current
+        together, after every write landed."""
+        if self._store.in_place:
+            for page in pages:
+                fill(page, self._store.page_view(page))
+            return
+        buf = self._pool.slots[0]
+        for page in pages:
+            if read_first:
+                self._store.read(page, buf).result()
+            fill(page, buf)
+            self._store.write(page, buf).result()
+        self._store.commit(pages)
+
+    def _gather(self, keys) -> dict:
+        """{key: {array name: full tensor}} for params `keys`, read page by page."""
+        out = {}
+        for key in keys:
+            fmt, n = self._table.fmt_of[key], self._table.numel_of[key]
+            out[key] = {name: torch.empty(nbytes // dtype.itemsize, dtype=dtype) for name, nbytes, dtype in fmt.arrays(n)}
+        wanted = set(keys)
+        pages = sorted({seg.page for key in keys for seg in self._table.segments_of[key]})
+        for page, buf in self._read_pages(pages):
+            for seg in self._table.pages[page].segments:
+                if seg.key in wanted:
+                    for name, piece in seg.views(buf).items():
+                        at = _element_offset(seg, name, piece)
+                        out[seg.key][name][at:at + piece.numel()].copy_(piece)
+        return out
+
+    def _scatter(self, states: dict) -> None:
+        """Writes {key: {array name: full tensor}} into the pages (the inverse of _gather)."""
+        pages = sorted({seg.page for key in states for seg in self._table.segments_of[key]})
+
+        def fill(page, buf):
+            for seg in self._table.pages[page].segments:
+                if seg.key in states:
+                    for name, piece in seg.views(buf).items():
+                        at = _element_offset(seg, name, piece)
+                        piece.copy_(states[seg.key][name][at:at + piece.numel()])
+
+        self._write_pages(pages, fill)
+
+    # ---- step -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._failed:
+            raise RuntimeError(f"{type(self).__name__}: {self._failed}; params and state no longer match, so the "
+                               "optimizer refuses to step: restore a checkpoint with load_state_dict()")
+        self._check_step_inputs()
+        self._ensure_layout()
+        self._store.check()  # a deleted or truncated state file is reported before anything changes
+        adam_step_ = kernels.adam_step_impl()
+        work, strided = {}, []
+        for gi, group in enumerate(self.param_groups):
+            hyper = group_hyper(group)
+            for index, p in enumerate(group["params"]):
+                if p.grad is None or p.numel() == 0:
+                    continue
+                state = self.state[p]
+                if not state:
+                    fmt = self._format_for(group, p)
+                    state.update({"step": torch.tensor(0.0), "format": fmt})
+                    if fmt != "fp32":
+                        state["block_size"] = group["block_size"]
+                step = int(state["step"]) + 1
+                seed = kernels.as_int64(_stream_seed(self._seed_base, gi, index, step))
+                p_work = p if p.is_contiguous() else p.contiguous()  # kernels need contiguous memory
+                if p_work is not p:
+                    strided.append((p, p_work))
+                work[self._keys[p]] = (p_work.view(-1), p.grad.contiguous().view(-1), step, seed, hyper)
+        table, algorithm = self._table, self._algorithm
+
+        def update(page, buf):
+            for seg in table.pages[page].segments:
+                job = work.get(seg.key)
+                if job is None:
+                    continue
+                p_flat, g_flat, step, seed, hyper = job
+                end = seg.start + seg.length
+                step_state_(algorithm, p_flat[seg.start:end], g_flat[seg.start:end], seg.views(buf), seg.fmt.name,
+                            seg.fmt.block, step, seed, hyper, adam_step_)
+
+        pages = sorted({seg.page for key in work for seg in table.segments_of[key]})
+        try:
+            stats = self._scheduler.run(pages, update)
+        except BaseException as err:
+            if self._scheduler.pages_updated:
+                self._failed = (f"a step failed after updating {self._scheduler.pages_updated} of {len(pages)} "
+                                f"pages ({type(err).__name__}: {err})")
+            raise
+        finally:
+            for p, p_work in strided:
+                p.copy_(p_work)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self._keys.get(p) in work:
+                    self.state[p]["step"].fill_(work[self._keys[p]][2])
+        self._record(stats)
+        return loss
+
+    def _record(self, stats: StepStats) -> None:
+        self._last_stats = stats
+        self._steps += 1
+        for field in ("pages", "bytes_read", "bytes_written", "fetch_s", "update_s", "writeback_s", "wait_s",
+                      "step_s"):
+            setattr(self._totals, field, getattr(self._totals, field) + getattr(stats, field))
+        self._totals.peak_slots_in_use = max(self._totals.peak_slots_in_use, stats.peak_slots_in_use)
+
+    def paging_stats(self) -> dict:
+        """The last step's paging figures (bytes read/written, seconds in fetch, update,
+        write-back and waiting, slot occupancy), totals over all steps, and where the state
+        lives (store, file, page and pool sizes, bytes at rest)."""
+        totals = self._totals.as_dict()
+        del totals["slots"], totals["mean_slots_in_use"]
+        return {
+            "store": self._store.kind,
+            "path": getattr(self._store, "path", None),
+            "direct_io": getattr(self._store, "direct", None),
+            "page_bytes": self._table.page_bytes,
+            "num_pages": self._table.num_pages,
+            "prefetch_depth": self._prefetch_depth,
+            "pool_slots": self._pool.num_slots if self._pool else 0,
+            "pool_bytes": self._pool.nbytes if self._pool else 0,
+            "state_bytes": self._table.state_bytes(),
+            "store_bytes": self._store.nbytes,
+            "steps": self._steps,
+            "last_step": self._last_stats.as_dict(),
+            "totals": totals,
+        }
+
+    def close(self) -> None:
+        """Releases the store (for NVMe: deletes the state file). The optimizer is unusable after."""
+        self._store.close()
+
+    # ---- state access -----------------------------------------------------------------------
+    @torch.no_grad()
+    def logical_state(self, param) -> dict:
+        state = self.state.get(param)
+        if not state:
+            return {}
+        key = self._key_of(param)
+        full = {**state, **self._gather([key])[key]}
+        out = {"step": state["step"].clone()}
+        for name in self._moments:
+            out[name] = _moment_fp32(full, name, param.numel()).view(param.shape).clone()
+        return out
+
+    def state_dict(self):
+        """As the unpaged optimizers' (same keys, formats and tensors), read from the pages."""
+        sd = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        with_state = [key for key, p in enumerate(params) if self.state.get(p) and p in self._keys]
+        for key, arrays in self._gather(with_state).items():
+            fp32 = sd["state"][key]["format"] == "fp32"
+            for name, tensor in arrays.items():
+                sd["state"][key][name] = tensor.view(params[key].shape) if fp32 else tensor
+        return sd
+
+    def load_state_dict(self, state_dict):
+        self._ensure_layout()
+        before = {p: dict(s) for p, s in self.state.items()}
+        super().load_state_dict(state_dict)  # validates and converts; moments land in self.state
+        params = [p for g in self.param_groups for p in g["params"]]
+        states, fresh = {}, []
+        for key, p in enumerate(params):
+            state = self.state.get(p)
+            if not state:
+                fresh.append(key)
+                continue
+            fmt = self._table.fmt_of[key]
+            states[key] = {name: state[name].reshape(-1) for name, _, _ in fmt.arrays(p.numel())}
+        try:
+            self._scatter(states)
+            if fresh:  # params the checkpoint has no state for start from zero state
+                fresh_set = set(fresh)
+                pages = sorted({seg.page for key in fresh for seg in self._table.segments_of[key]})
+                self._write_pages(pages, lambda page, buf: _fill_initial(self._table.pages[page], buf, fresh_set))
+        except BaseException:
+            self.state.clear()
+            self.state.update(before)
+            raise
+        for key, p in enumerate(params):  # the moments now live in the pages: keep only metadata
+            state = self.state.get(p)
+            if state:
+                for name, _, _ in self._table.fmt_of[key].arrays(p.numel()):
+                    state.pop(name, None)
+        self._failed = None
+
+
+def _element_offset(seg, name: str, piece: torch.Tensor) -> int:
+    """Where a segment's array starts inside the param's full array (in that array's items)."""
+    if seg.fmt.name == "fp32":
+        return seg.start
+    if name.endswith("_absmax"):
+        return seg.start // seg.fmt.block
+    return seg.start * FORMATS[seg.fmt.name].bits // 8  # codes: segments start on a block boundary
+
+
+def _zero_code_byte(fmt_name: str, signed: bool) -> int:
+    f = FORMATS[fmt_name]
+    codes, _ = codec.quantize_blockwise(torch.zeros(128), f, signed, 128)
+    return int(codes[0])
+
+
+def _fill_initial(page, buf: torch.Tensor, only=None) -> None:
+    """The state of a param before its first step (zero moments), for the segments of `page`
+    (those of params in `only`, when given)."""
+    if only is None:
+        buf.zero_()
+    for seg in page.segments:
+        if only is not None and seg.key not in only:
+            continue
+        for name, piece in seg.views(buf).items():
+            if name.endswith("_codes"):
+                moment = name[: -len("_codes")]
+                piece.fill_(_zero_code_byte(seg.fmt.name, _SIGNED[moment]))
+            else:
+                piece.zero_()
+
+
+def _quantized(cls_name: str, fmt: str, adamw: bool):
+    """Paged Adam/AdamW with fp32 or block-quantized moments."""
+
+    class _Paged(PagedOptimizer):
+        def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2 if adamw else 0.0,
+                     amsgrad=False, min_8bit_size=4096, *, block_size=None, maximize=False, store="cpu",
+                     nvme_path=None, page_size_mb=DEFAULT_PAGE_SIZE_MB, prefetch_depth=DEFAULT_PREFETCH_DEPTH,
+                     io_threads=4, stochastic_rounding=False):
+            super().__init__(params, store=store, nvme_path=nvme_path, page_size_mb=page_size_mb,
+                             prefetch_depth=prefetch_depth, io_threads=io_threads, lr=lr, betas=betas, eps=eps,
+                             weight_decay=weight_decay, amsgrad=amsgrad, adamw_mode=adamw,
+                             maximize=maximize, stochastic_rounding=stochastic_rounding, state_format=fmt,
+                             block_size=block_size, min_8bit_size=min_8bit_size)
+
+    _Paged.__name__ = _Paged.__qualname__ = cls_name
+    return _Paged
+
+
+PagedAdam = _quantized("PagedAdam", "fp32", adamw=False)
+PagedAdamW = _quantized("PagedAdamW", "fp32", adamw=True)
+PagedAdam8bit = _quantized("PagedAdam8bit", "int8", adamw=False)
+PagedAdamW8bit = _quantized("PagedAdamW8bit", "int8", adamw=True)
+PagedAdam.__doc__ = "Adam (L2 weight decay) with fp32 moments in a page store."
+PagedAdamW.__doc__ = "AdamW with fp32 moments in a page store (weight_decay defaults to 1e-2)."
+PagedAdam8bit.__doc__ = "Adam with 8-bit block-quantized moments in a page store (as Adam8bit, paged)."
+PagedAdamW8bit.__doc__ = "AdamW with 8-bit block-quantized moments in a page store (as AdamW8bit, paged)."
+
+
+class PagedLion(PagedOptimizer):
+    """Lion with an fp32 momentum in a page store."""
+
+    _algorithm = "lion"
+    _moments = ("exp_avg",)
+    _format = "fp32"
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, min_8bit_size=4096, *,
+                 block_size=None, maximize=False, store="cpu", nvme_path=None, page_size_mb=DEFAULT_PAGE_SIZE_MB,
+                 prefetch_depth=DEFAULT_PREFETCH_DEPTH, io_threads=4, stochastic_rounding=False):
+        super().__init__(params, store=store, nvme_path=nvme_path, page_size_mb=page_size_mb,
+                         prefetch_depth=prefetch_depth, io_threads=io_threads, lr=lr, betas=betas, eps=0.0,
+                         weight_decay=weight_decay, amsgrad=False, adamw_mode=True, bias_correction=False,
+                         maximize=maximize, stochastic_rounding=stochastic_rounding, state_format=self._format,
+                         block_size=block_size, min_8bit_size=min_8bit_size)
+
+
+class PagedLion8bit(PagedLion):
+    """Lion with an 8-bit block-quantized momentum in a page store."""
+
+    _format = "int8"

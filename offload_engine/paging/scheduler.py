@@ -1,0 +1,153 @@
+"""PageScheduler: one step's pipeline over the pages, in a deterministic order.
+
+For a store that is not updated in place (NvmeStore), page i+k is fetched into a slot while
+page i is updated and page i-1 is written back; at most `prefetch_depth` reads are in flight
+and the pool has prefetch_depth + 2 slots (k fetching, one updating, one or more writing
+back), so a step allocates nothing. For an in-place store (HostStore with the CPU executor)
+the update runs on the stored bytes directly: no slot, no copy.
+
+Errors: any failure raises PagingError naming the page (and the store's file). Nothing is
+committed unless every page's write-back completed ([Note: shadow pages] in nvme_store.py).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+from .pool import SlotPool
+from .stores import PagingError
+
+
+@dataclasses.dataclass
+class StepStats:
+    """What one paged step moved and where its time went (seconds). fetch_s and writeback_s
+    are summed over IO threads, so they can exceed the step; wait_s is the time the step
+    itself stood still waiting for a fetch, a free slot or the final write-backs."""
+
+    pages: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    fetch_s: float = 0.0
+    update_s: float = 0.0
+    writeback_s: float = 0.0
+    wait_s: float = 0.0
+    step_s: float = 0.0
+    slots: int = 0
+    peak_slots_in_use: int = 0
+    mean_slots_in_use: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class PageScheduler:
+    """Runs `update(page, buf)` over pages through a store; one per optimizer (per rank)."""
+
+    def __init__(self, store, pool: SlotPool | None, prefetch_depth: int):
+        self.store = store
+        self.pool = pool
+        self.prefetch_depth = prefetch_depth
+        self.pages_updated = 0  # of the step in progress (or the last one): how far it got
+
+    def run(self, pages, update) -> StepStats:
+        t0 = time.perf_counter()
+        self.pages_updated = 0
+        stats = StepStats(pages=len(pages), slots=self.pool.num_slots if self.pool else 0)
+        if self.store.in_place:
+            self._run_in_place(pages, update, stats)
+        else:
+            self._run_pipelined(pages, update, stats)
+        stats.step_s = time.perf_counter() - t0
+        return stats
+
+    def _run_in_place(self, pages, update, stats: StepStats) -> None:
+        for page in pages:
+            t = time.perf_counter()
+            try:
+                update(page, self.store.page_view(page))
+            except Exception as err:
+                raise _update_error(page, self.store, err) from err
+            stats.update_s += time.perf_counter() - t
+            self.pages_updated += 1
+
+    def _run_pipelined(self, pages, update, stats: StepStats) -> None:
+        store, pool = self.store, self.pool
+        slots = pool.slots
+        fetching = collections.deque()   # (page, slot, future), oldest first
+        writing = collections.deque()
+        occupancy_sum, events = 0, 0
+        next_fetch = 0
+
+        def retire_write(block: bool) -> bool:
+            """Completes the oldest write-back (waiting when `block`); frees its slot."""
+            page, slot, future = writing[0]
+            if not block and not future.done():
+                return False
+            t = time.perf_counter()
+            future.result()  # raises PageIOError naming page and file
+            if block:
+                stats.wait_s += time.perf_counter() - t
+            writing.popleft()
+            pool.release(slot)
+            stats.bytes_written += store.page_bytes
+            return True
+
+        try:
+            for page in pages:
+                # Keep up to prefetch_depth fetches in flight; a slot comes free when a
+                # write-back completes, so wait for the oldest one if none is free.
+                while next_fetch < len(pages) and len(fetching) < self.prefetch_depth:
+                    if not pool.has_free():
+                        retire_write(block=True)
+                    slot = pool.acquire()
+                    fetching.append((pages[next_fetch], slot, store.read(pages[next_fetch], slots[slot])))
+                    next_fetch += 1
+                occupancy_sum, events = occupancy_sum + pool.in_use, events + 1
+                stats.peak_slots_in_use = max(stats.peak_slots_in_use, pool.in_use)
+                fetched_page, slot, future = fetching.popleft()
+                assert fetched_page == page
+                t = time.perf_counter()
+                future.result()  # the IO thread's read is complete: the slot holds the page
+                stats.wait_s += time.perf_counter() - t
+                stats.bytes_read += store.page_bytes
+                t = time.perf_counter()
+                try:
+                    update(page, slots[slot])
+                except Exception as err:
+                    pool.release(slot)
+                    raise _update_error(page, store, err) from err
+                stats.update_s += time.perf_counter() - t
+                self.pages_updated += 1
+                # Hand the updated slot to an IO thread; it stays taken until the write lands.
+                writing.append((page, slot, store.write(page, slots[slot])))
+                while writing and retire_write(block=False):
+                    pass
+            while writing:
+                retire_write(block=True)
+        except BaseException:
+            # Let every IO still in flight finish before the slots are reused, then report the
+            # first failure; nothing is committed, so the stored state is the pre-step one.
+            for _, _, future in list(fetching) + list(writing):
+                try:
+                    future.result()
+                except Exception:
+                    pass
+            pool.release_all()
+            raise
+        if events:
+            stats.mean_slots_in_use = occupancy_sum / events
+        stats.fetch_s, stats.writeback_s = _io_seconds(store, stats)
+        store.commit(pages)
+
+
+def _io_seconds(store, stats: StepStats) -> tuple[float, float]:
+    """Thread-side read and write time, when the store measures it."""
+    take = getattr(store, "take_io_seconds", None)
+    return take() if take else (0.0, 0.0)
+
+
+def _update_error(page: int, store, err: Exception) -> PagingError:
+    where = store.describe()
+    return PagingError(f"page {page} ({where}): the update failed: {type(err).__name__}: {err}", page=page,
+                       path=where if where.startswith("/") else None)
