@@ -106,7 +106,7 @@ def test_many_tiny_params_share_a_page_and_a_large_one_spans_pages(tmp_path, sto
     tiny_pages = {seg.page for key in range(20) for seg in table.segments_of[key]}
     assert tiny_pages == {0}  # 20 tiny params, one page
     big = table.segments_of[20]
-    assert len(big) == -(-50_000 * 8 // (64 * 1024)) or len(big) > 1
+    assert len(big) >= -(-50_000 * 8 // (64 * 1024))  # 400 KB of state in 64 KB pages
     assert sum(s.length for s in big) == 50_000 and all(s.start % 64 == 0 for s in big)
     stats = opt.paging_stats()
     assert stats["num_pages"] == table.num_pages and stats["last_step"]["pages"] == table.num_pages

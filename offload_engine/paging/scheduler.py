@@ -6,14 +6,23 @@ and the pool has prefetch_depth + 2 slots (k fetching, one updating, one or more
 back), so a step allocates nothing. For an in-place store (HostStore with the CPU executor)
 the update runs on the stored bytes directly: no slot, no copy.
 
+[Note: update threads] While pages are in flight, the IO threads need a core now and then to
+issue and complete their requests. If the update kernel's OpenMP team occupies every core, a
+worker descheduled for an IO completion stalls the whole parallel region (seen on the 2-core
+machine: page updates 5-10x slower and erratic). So a pipelined step runs the kernels on one
+core fewer than torch's thread count (at least one) and restores the count afterwards.
+
 Errors: any failure raises PagingError naming the page (and the store's file). Nothing is
 committed unless every page's write-back completed ([Note: shadow pages] in nvme_store.py).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
+
+import torch
 
 from .pool import SlotPool
 from .stores import PagingError
@@ -57,7 +66,8 @@ class PageScheduler:
         if self.store.in_place:
             self._run_in_place(pages, update, stats)
         else:
-            self._run_pipelined(pages, update, stats)
+            with _torch_threads(max(1, torch.get_num_threads() - 1)):  # [Note: update threads]
+                self._run_pipelined(pages, update, stats)
         stats.step_s = time.perf_counter() - t0
         return stats
 
@@ -139,6 +149,18 @@ class PageScheduler:
             stats.mean_slots_in_use = occupancy_sum / events
         stats.fetch_s, stats.writeback_s = _io_seconds(store, stats)
         store.commit(pages)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
 
 
 def _io_seconds(store, stats: StepStats) -> tuple[float, float]:
