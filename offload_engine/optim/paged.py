@@ -176,6 +176,11 @@ class PagedOptimizer(BlockwiseOptimizer):
             raise RuntimeError(f"{type(self).__name__}: {self._failed}; params and state no longer match, so the "
                                "optimizer refuses to step: restore a checkpoint with load_state_dict()")
         self._check_step_inputs()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.device.type != "cpu":  # the CUDA executor is not built yet
+                    raise ValueError(f"{type(self).__name__} pages state to the CPU executor, which updates CPU "
+                                     f"params; a param of shape {list(p.shape)} is on {p.device}")
         self._ensure_layout()
         self._store.check()  # a deleted or truncated state file is reported before anything changes
         adam_step_ = kernels.adam_step_impl()
