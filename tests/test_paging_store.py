@@ -250,3 +250,28 @@ def test_host_store_memory_grows_by_the_state(tmp_path):
     """The same probe on the host store: RSS grows by the state, so the bound above can fail."""
     out = _rss_growth(8_000_000, "cpu", tmp_path)
     assert out["growth"] > out["state_bytes"] * 0.9 and out["growth"] > out["pool_bytes"] + RSS_CONSTANT, out
+
+
+def test_failed_initial_write_keeps_the_old_layout(tmp_path, monkeypatch):
+    """Writing the first state of new pages fails: the layout is not adopted, and the next
+    step lays out and initialises the pages again (nothing half-initialised is ever read)."""
+    from offload_engine.optim import AdamW8bit
+    params, twins = _params((5000,), seed=1), _params((5000,), seed=1)
+    opt = PagedAdamW8bit(params, store="nvme", nvme_path=str(tmp_path), page_size_mb=4 * KB, min_8bit_size=64)
+    ref = AdamW8bit(twins, min_8bit_size=64)
+
+    def write(page, buf):
+        raise PageIOError(f"page {page}: injected", page=page, path=opt._store.path)
+    monkeypatch.setattr(opt._store, "_write", write)
+    _grads(params, 0)
+    with pytest.raises(PageIOError, match="page 0"):
+        opt.step()
+    assert opt._table.num_pages == 0 and not opt.logical_state(params[0])
+    monkeypatch.undo()
+    for step in range(2):
+        _grads(params, step)
+        _grads(twins, step)
+        opt.step()
+        ref.step()
+    assert torch.equal(params[0], twins[0])
+    assert torch.equal(opt.logical_state(params[0])["exp_avg"], ref.logical_state(twins[0])["exp_avg"])

@@ -21,6 +21,7 @@ changes nothing and is not recorded).
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 
@@ -92,14 +93,17 @@ class PagedOptimizer(BlockwiseOptimizer):
                 next_key += 1
             new_pages += table.add_group(gi, entries)
         self._store.allocate(table.num_pages)  # raises PageIOError (disk full) before anything changes
-        if self._pool is None:
-            # prefetch_depth fetching + one updating + one writing back: a step allocates nothing more.
-            slots = 1 if self._store.in_place else self._prefetch_depth + 2
-            self._pool = SlotPool(slots, self._table.page_bytes)
+        if self._scheduler is None:
+            # prefetch_depth fetching + one updating + one writing back: a step allocates nothing
+            # more. The host store is updated in place and needs no slot.
+            if not self._store.in_place:
+                self._pool = SlotPool(self._prefetch_depth + 2, table.page_bytes)
             self._scheduler = PageScheduler(self._store, self._pool, self._prefetch_depth)
+        # The new pages get their initial state before the layout is adopted: if a write fails,
+        # the optimizer keeps the old layout (the extra room reserved in the store is unused).
+        self._write_pages(new_pages, lambda page, buf: _fill_initial(table.pages[page], buf), read_first=False)
         self._table, self._keys = table, keys
         self._laid_out_groups = len(self.param_groups)
-        self._write_pages(new_pages, lambda page, buf: _fill_initial(table.pages[page], buf), read_first=False)
 
     def _key_of(self, param) -> int:
         try:
@@ -152,11 +156,14 @@ class PagedOptimizer(BlockwiseOptimizer):
                         out[seg.key][name][at:at + piece.numel()].copy_(piece)
         return out
 
-    def _scatter(self, states: dict) -> None:
-        """Writes {key: {array name: full tensor}} into the pages (the inverse of _gather)."""
-        pages = sorted({seg.page for key in states for seg in self._table.segments_of[key]})
+    def _scatter(self, states: dict, fresh=()) -> None:
+        """Writes {key: {array name: full tensor}} into the pages (the inverse of _gather) and
+        the initial state for the params in `fresh`, as one commit."""
+        fresh = set(fresh)
+        pages = sorted({seg.page for key in (*states, *fresh) for seg in self._table.segments_of[key]})
 
         def fill(page, buf):
+            _fill_initial(self._table.pages[page], buf, fresh)
             for seg in self._table.pages[page].segments:
                 if seg.key in states:
                     for name, piece in seg.views(buf).items():
@@ -304,11 +311,7 @@ class PagedOptimizer(BlockwiseOptimizer):
             fmt = self._table.fmt_of[key]
             states[key] = {name: state[name].reshape(-1) for name, _, _ in fmt.arrays(p.numel())}
         try:
-            self._scatter(states)
-            if fresh:  # params the checkpoint has no state for start from zero state
-                fresh_set = set(fresh)
-                pages = sorted({seg.page for key in fresh for seg in self._table.segments_of[key]})
-                self._write_pages(pages, lambda page, buf: _fill_initial(self._table.pages[page], buf, fresh_set))
+            self._scatter(states, fresh)  # params the checkpoint has no state for start from zero state
         except BaseException:
             self.state.clear()
             self.state.update(before)
@@ -330,6 +333,7 @@ def _element_offset(seg, name: str, piece: torch.Tensor) -> int:
     return seg.start * FORMATS[seg.fmt.name].bits // 8  # codes: segments start on a block boundary
 
 
+@functools.lru_cache(maxsize=None)
 def _zero_code_byte(fmt_name: str, signed: bool) -> int:
     f = FORMATS[fmt_name]
     codes, _ = codec.quantize_blockwise(torch.zeros(128), f, signed, 128)
