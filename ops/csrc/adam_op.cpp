@@ -1,6 +1,6 @@
-// The Adam/AdamW step as a torch.library op: declared once here, implemented for CPU (the
-// SIMD kernels) and Meta (checks only, for FakeTensor tracing). The CUDA implementation
-// registers under the same schema from ops/csrc/cuda.
+// The Adam/AdamW and Lion steps as torch.library ops: declared once here, implemented for CPU
+// (the SIMD kernels) and Meta (checks only, for FakeTensor tracing). The CUDA implementation
+// registers under the same schemas from ops/csrc/cuda/adam_cuda_op.cpp (CUDA builds only).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -19,39 +19,6 @@ namespace {
 constexpr int64_t kTileElems = 16384;
 constexpr int64_t kTilesPerTask = 4;   // at::parallel_for grain: 64K elements before splitting across threads
 
-void check_fp32_state(const char* op, const char* name, const at::Tensor& t, const at::Tensor& param) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == param.device(), op, ": ", name, " is on ", t.device(), " but param is on ",
-                    param.device());
-  TORCH_CHECK_VALUE(t.sym_sizes() == param.sym_sizes(), op, ": ", name, " has shape ", t.sym_sizes(),
-                    " but param has shape ", param.sym_sizes());
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.sym_strides());
-}
-
-void check_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-                const at::Tensor& exp_avg_sq, double lr, double beta1, double beta2, double eps,
-                double weight_decay, int64_t step, double grad_scale) {
-  check_hyperparameters("adam_step_", lr, beta1, beta2, eps, weight_decay, step, grad_scale);
-  check_param_grad("adam_step_", param, grad);
-  check_fp32_state("adam_step_", "exp_avg", exp_avg, param);
-  check_fp32_state("adam_step_", "exp_avg_sq", exp_avg_sq, param);
-  if (param.device().type() != c10::DeviceType::Meta && param.numel() > 0) {
-    TORCH_CHECK_VALUE(param.data_ptr() != exp_avg.data_ptr() && param.data_ptr() != exp_avg_sq.data_ptr() &&
-                          exp_avg.data_ptr() != exp_avg_sq.data_ptr(),
-                      "adam_step_: param, exp_avg and exp_avg_sq must be distinct tensors");
-  }
-}
-
-void check_lion_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, double lr,
-                     double beta1, double beta2, double weight_decay, double grad_scale) {
-  check_hyperparameters("lion_step_", lr, beta1, beta2, /*eps=*/0.0, weight_decay, /*step=*/1, grad_scale);
-  check_param_grad("lion_step_", param, grad);
-  check_fp32_state("lion_step_", "exp_avg", exp_avg, param);
-  if (param.device().type() != c10::DeviceType::Meta && param.numel() > 0) {
-    TORCH_CHECK_VALUE(param.data_ptr() != exp_avg.data_ptr(), "lion_step_: param and exp_avg must be distinct tensors");
-  }
-}
-
 void run_tiles(const AdamTensorArgs& args, int64_t n) {
   const AdamRangeFn range_fn = adam_range_for(selected_simd_path());
   const int64_t tiles = (n + kTileElems - 1) / kTileElems;
@@ -66,16 +33,14 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
                    const at::Tensor& exp_avg_sq, double lr, double beta1, double beta2, double eps,
                    double weight_decay, int64_t step, bool adamw_mode, bool bias_correction, bool maximize,
                    double grad_scale, bool stochastic_rounding, int64_t seed) {
-  check_args(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
-  TORCH_CHECK_VALUE(param.device().is_cpu(), "adam_step_: the CPU kernel got param on ", param.device());
+  check_adam_args(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+  check_kernel_device("adam_step_", "CPU", param, c10::DeviceType::CPU);
   selected_simd_path();  // a bad OFFLOAD_ENGINE_SIMD is refused before anything is written
   const int64_t n = param.numel();
   if (n == 0) return;
-  run_tiles(AdamTensorArgs{param.data_ptr(), grad.const_data_ptr(), exp_avg.data_ptr<float>(),
-                           exp_avg_sq.data_ptr<float>(), elem_type(param, "adam_step_", "param"),
-                           elem_type(grad, "adam_step_", "grad"),
-                           make_coeffs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction, maximize,
-                                       grad_scale, stochastic_rounding, seed)},
+  run_tiles(fp32_state_args("adam_step_", param, grad, exp_avg, &exp_avg_sq,
+                            make_coeffs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction,
+                                        maximize, grad_scale, stochastic_rounding, seed)),
             n);
 }
 
@@ -83,14 +48,13 @@ void lion_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
                    double beta1, double beta2, double weight_decay, bool maximize, double grad_scale,
                    bool stochastic_rounding, int64_t seed) {
   check_lion_args(param, grad, exp_avg, lr, beta1, beta2, weight_decay, grad_scale);
-  TORCH_CHECK_VALUE(param.device().is_cpu(), "lion_step_: the CPU kernel got param on ", param.device());
+  check_kernel_device("lion_step_", "CPU", param, c10::DeviceType::CPU);
   selected_simd_path();
   const int64_t n = param.numel();
   if (n == 0) return;
-  run_tiles(AdamTensorArgs{param.data_ptr(), grad.const_data_ptr(), exp_avg.data_ptr<float>(), nullptr,
-                           elem_type(param, "lion_step_", "param"), elem_type(grad, "lion_step_", "grad"),
-                           make_lion_coeffs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding,
-                                            seed)},
+  run_tiles(fp32_state_args("lion_step_", param, grad, exp_avg, nullptr,
+                            make_lion_coeffs(lr, beta1, beta2, weight_decay, maximize, grad_scale,
+                                             stochastic_rounding, seed)),
             n);
 }
 
@@ -102,7 +66,7 @@ void lion_step_meta(const at::Tensor& param, const at::Tensor& grad, const at::T
 void adam_step_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                     const at::Tensor& exp_avg_sq, double lr, double beta1, double beta2, double eps,
                     double weight_decay, int64_t step, bool, bool, bool, double grad_scale, bool, int64_t) {
-  check_args(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+  check_adam_args(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
 }
 
 }  // namespace

@@ -77,4 +77,50 @@ AdamCoeffs make_lion_coeffs(double lr, double beta1, double beta2, double weight
   return c;
 }
 
+void check_kernel_device(const char* op, const char* kernel, const at::Tensor& param, c10::DeviceType type) {
+  TORCH_CHECK_VALUE(param.device().type() == type, op, ": the ", kernel, " kernel got param on ", param.device());
+}
+
+namespace {
+void check_fp32_state(const char* op, const char* name, const at::Tensor& t, const at::Tensor& param) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == param.device(), op, ": ", name, " is on ", t.device(), " but param is on ",
+                    param.device());
+  TORCH_CHECK_VALUE(t.sym_sizes() == param.sym_sizes(), op, ": ", name, " has shape ", t.sym_sizes(),
+                    " but param has shape ", param.sym_sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.sym_strides());
+}
+}  // namespace
+
+void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                     const at::Tensor& exp_avg_sq, double lr, double beta1, double beta2, double eps,
+                     double weight_decay, int64_t step, double grad_scale) {
+  check_hyperparameters("adam_step_", lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+  check_param_grad("adam_step_", param, grad);
+  check_fp32_state("adam_step_", "exp_avg", exp_avg, param);
+  check_fp32_state("adam_step_", "exp_avg_sq", exp_avg_sq, param);
+  if (param.device().type() != c10::DeviceType::Meta && param.numel() > 0) {
+    TORCH_CHECK_VALUE(param.data_ptr() != exp_avg.data_ptr() && param.data_ptr() != exp_avg_sq.data_ptr() &&
+                          exp_avg.data_ptr() != exp_avg_sq.data_ptr(),
+                      "adam_step_: param, exp_avg and exp_avg_sq must be distinct tensors");
+  }
+}
+
+void check_lion_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, double lr,
+                     double beta1, double beta2, double weight_decay, double grad_scale) {
+  check_hyperparameters("lion_step_", lr, beta1, beta2, /*eps=*/0.0, weight_decay, /*step=*/1, grad_scale);
+  check_param_grad("lion_step_", param, grad);
+  check_fp32_state("lion_step_", "exp_avg", exp_avg, param);
+  if (param.device().type() != c10::DeviceType::Meta && param.numel() > 0) {
+    TORCH_CHECK_VALUE(param.data_ptr() != exp_avg.data_ptr(), "lion_step_: param and exp_avg must be distinct tensors");
+  }
+}
+
+AdamTensorArgs fp32_state_args(const char* op, const at::Tensor& param, const at::Tensor& grad,
+                               const at::Tensor& exp_avg, const at::Tensor* exp_avg_sq, const AdamCoeffs& coeffs) {
+  return AdamTensorArgs{param.data_ptr(), grad.const_data_ptr(), exp_avg.data_ptr<float>(),
+                        exp_avg_sq ? exp_avg_sq->data_ptr<float>() : nullptr, elem_type(param, op, "param"),
+                        elem_type(grad, op, "grad"), coeffs};
+}
+
 }  // namespace offload_engine

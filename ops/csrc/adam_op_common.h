@@ -1,6 +1,7 @@
-// Argument checks and step coefficients shared by the Adam ops (adam_op.cpp,
-// adam_blockwise_op.cpp). Every check runs before any element is written, so a rejected call
-// changes nothing.
+// Argument checks, step coefficients and kernel argument structs shared by the Adam/Lion ops
+// of every device (adam_op.cpp and adam_blockwise_op.cpp for CPU and Meta, cuda/adam_cuda_op.cpp
+// for CUDA), so a bad call reads the same whichever kernel it reaches. Every check runs before
+// any element is written, so a rejected call changes nothing.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -19,5 +20,17 @@ AdamCoeffs make_coeffs(double lr, double beta1, double beta2, double eps, double
 // Lion: no bias correction, decoupled weight decay, no eps, no exp_avg_sq.
 AdamCoeffs make_lion_coeffs(double lr, double beta1, double beta2, double weight_decay, bool maximize,
                             double grad_scale, bool stochastic_rounding, int64_t seed);
+
+// ---- fp32-state ops (adam_step_, lion_step_) ----
+void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                     const at::Tensor& exp_avg_sq, double lr, double beta1, double beta2, double eps,
+                     double weight_decay, int64_t step, double grad_scale);
+void check_lion_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, double lr,
+                     double beta1, double beta2, double weight_decay, double grad_scale);
+// The kernel arguments of a checked call (exp_avg_sq may be undefined: Lion).
+AdamTensorArgs fp32_state_args(const char* op, const at::Tensor& param, const at::Tensor& grad,
+                               const at::Tensor& exp_avg, const at::Tensor* exp_avg_sq, const AdamCoeffs& coeffs);
+// A device check after the shared ones: `kernel` names the registration ("CPU", "CUDA").
+void check_kernel_device(const char* op, const char* kernel, const at::Tensor& param, c10::DeviceType type);
 
 }  // namespace offload_engine
