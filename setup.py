@@ -50,11 +50,10 @@ def native_extensions():
     extra = {"cxx": build_cfg.cxx_flags()}
     use_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if use_cuda:
-        arch_flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in build_cfg.CUDA_ARCHS]
-        extra["nvcc"] = build_cfg.NVCC_FLAGS + arch_flags
+        extra["nvcc"] = build_cfg.nvcc_flags()
+        extra["cxx"] = extra["cxx"] + [f"-D{build_cfg.CUDA_DEFINE}=1"]
         ext = cpp_extension.CUDAExtension(build_cfg.EXTENSION_NAME, sources + cu, extra_compile_args=extra,
-                                          extra_link_args=build_cfg.ld_flags(),
-                                          define_macros=[("OFFLOAD_ENGINE_WITH_CUDA", "1")])
+                                          extra_link_args=build_cfg.ld_flags())
     else:
         ext = cpp_extension.CppExtension(build_cfg.EXTENSION_NAME, sources, extra_compile_args=extra,
                                          extra_link_args=build_cfg.ld_flags())

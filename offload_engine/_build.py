@@ -18,9 +18,15 @@ EXTENSION_NAME = "offload_engine._C"
 # loaded, so the threads are torch's pool and follow torch.set_num_threads().
 CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 LD_FLAGS = ["-fopenmp"]
+# --fmad=false: the same [Note: one update math] on the GPU (the kernels also spell every op
+# with an explicitly rounded intrinsic, so the flag is a second guard). Never --use_fast_math:
+# the kernels need correctly rounded sqrt and division and IEEE subnormals.
 NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
 # CUDA archs the .cu sources must build for (checked by nvcc even on CPU-only machines).
+# OFFLOAD_ENGINE_CUDA_ARCHS (e.g. "90" or "80,90") overrides it for a build.
 CUDA_ARCHS = ("80", "90")
+# Defined in CUDA builds: module.cpp reports it in build_info(); ops/csrc/cuda is compiled.
+CUDA_DEFINE = "OFFLOAD_ENGINE_WITH_CUDA"
 
 
 def csrc_dir(package_dir: Path | None = None) -> Path:
@@ -33,11 +39,33 @@ def csrc_dir(package_dir: Path | None = None) -> Path:
 
 
 def cpp_sources(root: Path) -> list[str]:
-    return sorted(str(p) for p in root.rglob("*.cpp"))
+    """The C++ every build compiles: everything but ops/csrc/cuda (which needs CUDA headers)."""
+    cuda_dir = root / "cuda"
+    return sorted(str(p) for p in root.rglob("*.cpp") if cuda_dir not in p.parents)
 
 
 def cuda_sources(root: Path) -> list[str]:
-    return sorted(str(p) for p in (root / "cuda").rglob("*.cu")) if (root / "cuda").is_dir() else []
+    """What a CUDA build adds: the kernels (*.cu) and their torch registration (*.cpp)."""
+    cuda_dir = root / "cuda"
+    if not cuda_dir.is_dir():
+        return []
+    return sorted(str(p) for p in cuda_dir.rglob("*") if p.suffix in (".cu", ".cpp"))
+
+
+def cuda_archs() -> tuple[str, ...]:
+    """The archs to build (OFFLOAD_ENGINE_CUDA_ARCHS="90" builds sm_90 only)."""
+    raw = os.environ.get("OFFLOAD_ENGINE_CUDA_ARCHS", "").replace(";", ",").replace(" ", ",")
+    archs = tuple(a.strip() for a in raw.split(",") if a.strip())
+    for a in archs:
+        if not a.isdigit():
+            raise ValueError(f"OFFLOAD_ENGINE_CUDA_ARCHS={raw!r}: expected numbers such as 80,90 (sm_80, sm_90)")
+    return archs or CUDA_ARCHS
+
+
+def nvcc_flags(archs=None) -> list[str]:
+    """nvcc's flags for `archs` (default: cuda_archs())."""
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in (archs or cuda_archs())]
+    return [*NVCC_FLAGS, *gencode, f"-D{CUDA_DEFINE}=1"]
 
 
 def cxx_flags() -> list[str]:

@@ -48,20 +48,45 @@ def _load_aot() -> ModuleType:
 
 
 def _load_jit() -> ModuleType:
+    """JIT-builds the ops: with their CUDA kernels when torch has CUDA and nvcc is found (built
+    for the visible GPUs unless OFFLOAD_ENGINE_CUDA_ARCHS says otherwise), else (or if that
+    build fails) the CPU ops alone."""
     from torch.utils import cpp_extension
 
     root = _build.csrc_dir()
     build_dir = Path(os.environ.get("OFFLOAD_ENGINE_JIT_DIR", Path.home() / ".cache" / "offload_engine" / "jit"))
+    if _jit_cuda_possible(cpp_extension):
+        try:
+            return _jit_build(cpp_extension, root, build_dir / "cuda", cuda=True)
+        except Exception as exc:  # a failed compile surfaces as several exception types
+            log.warning("offload_engine: JIT build with CUDA kernels failed (%s: %s); building the CPU ops only",
+                        type(exc).__name__, str(exc).strip().splitlines()[-1:])
+    return _jit_build(cpp_extension, root, build_dir, cuda=False)
+
+
+def _jit_cuda_possible(cpp_extension) -> bool:
+    import torch
+
+    return bool(_build.cuda_sources(_build.csrc_dir())) and torch.version.cuda is not None \
+        and cpp_extension.CUDA_HOME is not None
+
+
+def _jit_build(cpp_extension, root: Path, build_dir: Path, cuda: bool) -> ModuleType:
     build_dir.mkdir(parents=True, exist_ok=True)
-    # A CPU-only JIT build: the CUDA sources are built ahead of time by setup.py where nvcc exists.
-    return cpp_extension.load(
-        name="offload_engine_jit_C",
-        sources=_build.cpp_sources(root),
-        extra_cflags=_build.cxx_flags(),
-        extra_ldflags=_build.ld_flags(),
-        build_directory=str(build_dir),
-        verbose=False,
-    )
+    if not cuda:
+        return cpp_extension.load(name="offload_engine_jit_C", sources=_build.cpp_sources(root),
+                                  extra_cflags=_build.cxx_flags(), extra_ldflags=_build.ld_flags(),
+                                  build_directory=str(build_dir), verbose=False)
+    import torch
+
+    archs = None
+    if not os.environ.get("OFFLOAD_ENGINE_CUDA_ARCHS") and torch.cuda.is_available():
+        archs = sorted({"%d%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return cpp_extension.load(name="offload_engine_jit_cuda_C",
+                              sources=_build.cpp_sources(root) + _build.cuda_sources(root),
+                              extra_cflags=_build.cxx_flags() + [f"-D{_build.CUDA_DEFINE}=1"],
+                              extra_cuda_cflags=_build.nvcc_flags(archs), extra_ldflags=_build.ld_flags(),
+                              build_directory=str(build_dir), with_cuda=True, verbose=False)
 
 
 @functools.lru_cache(maxsize=None)

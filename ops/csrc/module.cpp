@@ -14,7 +14,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #if defined(__VERSION__)
     d["compiler"] = __VERSION__;
 #endif
+#if defined(OFFLOAD_ENGINE_WITH_CUDA)
+    d["cuda"] = true;  // ops/csrc/cuda compiled in: the ops have CUDA registrations
+#else
     d["cuda"] = false;
+#endif
     return d;
   });
 }
