@@ -5,6 +5,8 @@ fallback to the PyTorch reference is decided in one place.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import torch
@@ -20,14 +22,15 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     """One fused Adam (``adamw_mode=False``: L2 decay) or AdamW step, in place.
 
     param: fp32/bf16/fp16; grad: fp32/bf16/fp16 of param's shape; exp_avg, exp_avg_sq: fp32.
-    All contiguous, on the CPU. ``step`` counts this step (1 on the first). ``grad_scale``
+    All contiguous, on one device: the CPU, or a GPU when the ops were built with CUDA
+    (:func:`cuda_ops_built`). ``step`` counts this step (1 on the first). ``grad_scale``
     multiplies the gradient first (unscaling, clipping). bf16/fp16 params are rounded to
     nearest-even, or stochastically with the stream of ``seed`` when stochastic_rounding.
     Bad arguments raise ValueError/TypeError naming the argument, before anything is written.
     """
     kwargs = _adam_kwargs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction, maximize, grad_scale,
                           stochastic_rounding, seed)
-    if native_ops().available and param.device.type == "cpu":
+    if _native_for(param):
         torch.ops.offload_engine.adam_step_(param, grad, exp_avg, exp_avg_sq, **kwargs)
     else:
         _checked_reference(param, grad, exp_avg, exp_avg_sq, **kwargs)
@@ -47,8 +50,8 @@ def adam_step_blockwise_(param: torch.Tensor, grad: torch.Tensor, m_codes: torch
                           stochastic_rounding, seed)
     if fmt not in codec.FORMATS:
         raise ValueError(f"adam_step_blockwise_: fmt must be one of {sorted(codec.FORMATS)}, got {fmt!r}")
-    if native_ops().available and param.device.type == "cpu":
-        m_t, v_t = codec.code_tables(fmt, True), codec.code_tables(fmt, False)
+    if _native_for(param):
+        m_t, v_t = _tables_on(fmt, True, param.device), _tables_on(fmt, False, param.device)
         torch.ops.offload_engine.adam_step_blockwise_(
             param, grad, m_codes, m_absmax, v_codes, v_absmax, m_t.map, m_t.lut, v_t.map, v_t.lut,
             [m_t.min_exponent, m_t.mantissa_bits, v_t.min_exponent, v_t.mantissa_bits],
@@ -67,7 +70,7 @@ def lion_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, *
                stochastic_rounding: bool = False, seed: int = 0) -> None:
     """One fused Lion step in place (fp32 momentum): the same contract as adam_step_ otherwise."""
     kwargs = _lion_kwargs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding, seed)
-    if native_ops().available and param.device.type == "cpu":
+    if _native_for(param):
         torch.ops.offload_engine.lion_step_(param, grad, exp_avg, **kwargs)
     else:
         _check_reference_args(param, grad, exp_avg=exp_avg, eps=0.0, step=1, **kwargs)
@@ -84,8 +87,8 @@ def lion_step_blockwise_(param: torch.Tensor, grad: torch.Tensor, m_codes: torch
     kwargs = _lion_kwargs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding, seed)
     if fmt not in codec.FORMATS:
         raise ValueError(f"lion_step_blockwise_: fmt must be one of {sorted(codec.FORMATS)}, got {fmt!r}")
-    if native_ops().available and param.device.type == "cpu":
-        t = codec.code_tables(fmt, True)
+    if _native_for(param):
+        t = _tables_on(fmt, True, param.device)
         torch.ops.offload_engine.lion_step_blockwise_(param, grad, m_codes, m_absmax, t.map, t.lut,
                                                       [t.min_exponent, t.mantissa_bits],
                                                       bits=codec.FORMATS[fmt].bits, block=int(block), **kwargs)
@@ -95,6 +98,38 @@ def lion_step_blockwise_(param: torch.Tensor, grad: torch.Tensor, m_codes: torch
         _check_block_state("m", m_codes, m_absmax, param, codec.FORMATS[fmt], int(block))
         reference.lion_step_blockwise_(param, grad, m_codes, m_absmax, fmt=codec.FORMATS[fmt], block=int(block),
                                        **kwargs)
+
+
+def cuda_ops_built() -> bool:
+    """Whether the loaded native ops have CUDA kernels (a CUDA build of ops/csrc/cuda)."""
+    return _cuda_ops_built()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_ops_built() -> bool:
+    ops = native_ops()
+    return ops.available and bool(ops.module.build_info().get("cuda"))
+
+
+def _native_for(param: torch.Tensor) -> bool:
+    """The native op serves this param's device: the CPU always, a GPU in CUDA builds. Other
+    tensors of the call on another device are refused by the op's checks, naming them."""
+    if not native_ops().available:
+        return False
+    return param.device.type == "cpu" or (param.device.type == "cuda" and _cuda_ops_built())
+
+
+@functools.lru_cache(maxsize=None)
+def _tables_on(fmt: str, signed: bool, device: torch.device):
+    """The code tables of ``fmt`` on ``device``, copied once per device (the kernel reads them
+    where it runs). The copy from pageable host memory is synchronous (non_blocking=False), so
+    the tables are complete before any stream can use them."""
+    from .quant import codec
+
+    tables = codec.code_tables(fmt, signed)
+    if device.type == "cpu":
+        return tables
+    return dataclasses.replace(tables, map=tables.map.to(device), lut=tables.lut.to(device))
 
 
 def _adam_kwargs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction, maximize, grad_scale,

@@ -28,8 +28,9 @@ _SIGNED = {"exp_avg": True, "exp_avg_sq": False}
 
 
 class BlockwiseOptimizer(Optimizer):
-    """Adam/AdamW or Lion on CPU params with fp32 or block-quantized moments (see module
-    docstring; Lion keeps only exp_avg).
+    """Adam/AdamW or Lion on CPU params (or CUDA params, in builds with CUDA kernels; the state
+    then lives on the GPU) with fp32 or block-quantized moments (see module docstring; Lion
+    keeps only exp_avg).
 
     Subclasses fix the constructor (bitsandbytes- or DeepSpeed-compatible) and pass
     ``state_format`` ("fp32", "int8", "int4"), ``block_size`` and ``min_8bit_size``.
@@ -81,15 +82,16 @@ class BlockwiseOptimizer(Optimizer):
         return "fp32" if fmt == "fp32" or p.numel() < group["min_8bit_size"] else fmt
 
     def _new_state(self, p, fmt: str, block: int) -> dict:
+        # The moments live on the param's device (the kernel runs there); step stays a CPU scalar.
         state = {"step": torch.tensor(0.0), "format": fmt}
         if fmt == "fp32":
             for name in self._moments:
-                state[name] = torch.zeros(p.shape, dtype=torch.float32)
+                state[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             return state
         f = FORMATS[fmt]
         state["block_size"] = block
         for name in self._moments:  # zeros quantize to code(0) with absmax 0: encode them properly
-            codes, absmax = codec.quantize_blockwise(torch.zeros(p.numel()), f, _SIGNED[name], block)
+            codes, absmax = codec.quantize_blockwise(torch.zeros(p.numel(), device=p.device), f, _SIGNED[name], block)
             state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
         return state
 
@@ -142,9 +144,9 @@ class BlockwiseOptimizer(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise TypeError(f"{type(self).__name__}: sparse gradients are not supported")
-                if p.device.type != "cpu":
-                    raise ValueError(f"{type(self).__name__} updates CPU tensors; a param of shape {list(p.shape)} "
-                                     f"is on {p.device}")
+                if p.device.type != "cpu" and not (p.device.type == "cuda" and kernels.cuda_ops_built()):
+                    raise ValueError(f"{type(self).__name__} updates CPU tensors (and CUDA tensors when the ops are "
+                                     f"built with CUDA); a param of shape {list(p.shape)} is on {p.device}")
 
     # ---- checkpoints --------------------------------------------------------------------
     def state_dict(self):
@@ -211,11 +213,11 @@ class BlockwiseOptimizer(Optimizer):
                 value = saved[name]
                 if tuple(value.shape) != tuple(p.shape):
                     raise ValueError(f"{where}: state {name!r} has shape {list(value.shape)}")
-                moments[name] = value.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+                moments[name] = value.detach().to(device=p.device, dtype=torch.float32).reshape(-1)
             else:
                 f, block = FORMATS[saved_fmt], int(saved.get("block_size", 0))
                 codec.check_block(block)
-                codes, absmax = saved[f"{name}_codes"], saved[f"{name}_absmax"]
+                codes, absmax = saved[f"{name}_codes"].to(p.device), saved[f"{name}_absmax"].to(p.device)
                 if codes.numel() != f.code_bytes(n, block) or absmax.numel() != -(-n // block):
                     raise ValueError(f"{where}: {name} holds {codes.numel()} code bytes and {absmax.numel()} absmax "
                                      f"values; a {saved_fmt} state of {n} elements in blocks of {block} needs "
@@ -238,8 +240,9 @@ class BlockwiseOptimizer(Optimizer):
         state["block_size"] = target_block
         for name in self._moments:
             if same:  # round-trip the raw codes exactly
-                state[f"{name}_codes"] = saved[f"{name}_codes"].detach().to("cpu", torch.uint8).clone().contiguous()
-                state[f"{name}_absmax"] = saved[f"{name}_absmax"].detach().to("cpu", torch.float32).clone().contiguous()
+                codes, absmax = saved[f"{name}_codes"].detach(), saved[f"{name}_absmax"].detach()
+                state[f"{name}_codes"] = codes.to(p.device, torch.uint8).clone().contiguous()
+                state[f"{name}_absmax"] = absmax.to(p.device, torch.float32).clone().contiguous()
             else:
                 codes, absmax = codec.quantize_blockwise(moments[name], FORMATS[target_fmt], _SIGNED[name], target_block)
                 state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax

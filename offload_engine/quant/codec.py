@@ -68,7 +68,8 @@ def quantize_blockwise(x: torch.Tensor, fmt: BlockFormat, signed: bool, block: i
     normalised = xb * inv[:, None]
     normalised = torch.where(torch.isnan(normalised), torch.full_like(normalised, float("inf")).copysign(normalised),
                              normalised)
-    codes = torch.searchsorted(_midpoints(fmt.name, signed), normalised.reshape(-1), right=False)
+    thresholds = _midpoints(fmt.name, signed).to(normalised.device)  # on x's device (CPU or GPU)
+    codes = torch.searchsorted(thresholds, normalised.reshape(-1), right=False)
     codes = codes.to(torch.uint8)
     if pad:
         codes[n:] = 0  # padding is never read; keep it deterministic
@@ -79,7 +80,7 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, fmt: BlockFo
                          numel: int, code_map: torch.Tensor | None = None) -> torch.Tensor:
     """map[code] * absmax; ``code_map`` overrides the format's map (e.g. one saved in a checkpoint)."""
     code_map = fmt.code_map(signed) if code_map is None else torch.as_tensor(code_map, dtype=torch.float32)
-    values = code_map[unpack(codes, fmt.bits).long()].view(-1, block)
+    values = code_map.to(codes.device)[unpack(codes, fmt.bits).long()].view(-1, block)
     return (values * absmax[:, None]).reshape(-1)[:numel]
 
 
