@@ -10,6 +10,7 @@ SIMD_PATHS = ("avx512", "avx2", "scalar")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running (JIT build, large sizes)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU and the CUDA build of the ops (skipped without a GPU)")
 
 
 @pytest.fixture(scope="session")
