@@ -57,8 +57,14 @@ class PagedOptimizer(BlockwiseOptimizer):
             # a page segment starts at 0, so paging would change the numbers.
             raise ValueError(f"{name}: stochastic_rounding is not supported by the paged optimizers yet")
         super().__init__(params, **settings)
+        # The executor follows the params: CPU params are updated by the SIMD kernels, CUDA
+        # params by the CUDA kernels through device slots (paging/cuda_pipeline.py).
+        self._device = _params_device(self.param_groups, name)
+        if self._device.type == "cuda" and store == "nvme":
+            raise ValueError(f"{name}: store='nvme' with CUDA params is not supported yet (NVMe -> pinned staging -> "
+                             "GPU is planned); use store='cpu'")
         self._store = NvmeStore(page_bytes, nvme_path, io_threads=io_threads) if store == "nvme" \
-            else HostStore(page_bytes)
+            else HostStore(page_bytes, pin_memory=self._device.type == "cuda")  # pinned: async H2D/D2H copies
         self._table = PageTable(page_bytes)
         self._prefetch_depth = prefetch_depth
         self._pool: SlotPool | None = None
@@ -96,9 +102,13 @@ class PagedOptimizer(BlockwiseOptimizer):
         if self._scheduler is None:
             # prefetch_depth fetching + one updating + one writing back: a step allocates nothing
             # more. The host store is updated in place and needs no slot.
-            if not self._store.in_place:
-                self._pool = SlotPool(self._prefetch_depth + 2, table.page_bytes)
-            self._scheduler = PageScheduler(self._store, self._pool, self._prefetch_depth)
+            if self._device.type == "cuda":
+                from ..paging.cuda_pipeline import CudaPagePipeline
+                self._scheduler = CudaPagePipeline(self._store, self._device, self._prefetch_depth)
+            else:
+                if not self._store.in_place:
+                    self._pool = SlotPool(self._prefetch_depth + 2, table.page_bytes)
+                self._scheduler = PageScheduler(self._store, self._pool, self._prefetch_depth)
         # The new pages get their initial state before the layout is adopted: if a write fails,
         # the optimizer keeps the old layout (the extra room reserved in the store is unused).
         self._write_pages(new_pages, lambda page, buf: _fill_initial(table.pages[page], buf), read_first=False)
@@ -185,9 +195,9 @@ class PagedOptimizer(BlockwiseOptimizer):
         self._check_step_inputs()
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and p.device.type != "cpu":  # the CUDA executor is not built yet
-                    raise ValueError(f"{type(self).__name__} pages state to the CPU executor, which updates CPU "
-                                     f"params; a param of shape {list(p.shape)} is on {p.device}")
+                if p.grad is not None and p.device != self._device:
+                    raise ValueError(f"{type(self).__name__} pages state to one device's executor ({self._device}); "
+                                     f"a param of shape {list(p.shape)} is on {p.device}")
         self._ensure_layout()
         self._store.check()  # a deleted or truncated state file is reported before anything changes
         adam_step_ = kernels.adam_step_impl()
@@ -262,6 +272,8 @@ class PagedOptimizer(BlockwiseOptimizer):
             "prefetch_depth": self._prefetch_depth,
             "pool_slots": self._pool.num_slots if self._pool else 0,
             "pool_bytes": self._pool.nbytes if self._pool else 0,
+            "device": str(self._device),
+            "device_pool_bytes": getattr(self._scheduler, "nbytes", 0),
             "state_bytes": self._table.state_bytes(),
             "store_bytes": self._store.nbytes,
             "steps": self._steps,
@@ -322,6 +334,17 @@ class PagedOptimizer(BlockwiseOptimizer):
                 for name, _, _ in self._table.fmt_of[key].arrays(p.numel()):
                     state.pop(name, None)
         self._failed = None
+
+
+def _params_device(param_groups, name: str) -> torch.device:
+    """The one device all params are on (CPU, or one CUDA device)."""
+    devices = {p.device for g in param_groups for p in g["params"]}
+    if len(devices) > 1:
+        raise ValueError(f"{name}: all params must be on one device, got {sorted(map(str, devices))}")
+    device = devices.pop() if devices else torch.device("cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: params on {device} are not supported (CPU or CUDA)")
+    return device
 
 
 def _element_offset(seg, name: str, piece: torch.Tensor) -> int:

@@ -1,0 +1,115 @@
+"""Paged optimizers with CUDA params (paging/cuda_pipeline.py): pinned host pages -> device
+slots -> CUDA kernel -> host, bit for bit the unpaged CUDA optimizers and the CPU ones, with
+GPU memory for state equal to the slots whatever the model size. Skipped without a GPU."""
+import pytest
+import torch
+
+from offload_engine import kernels
+from offload_engine.optim import AdamW8bit, CPUAdam, Lion8bit, PagedAdamW, PagedAdamW8bit, PagedLion8bit
+from conftest import bits
+
+pytestmark = pytest.mark.cuda
+KB = 1 / 1024
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here: torch.cuda.is_available() is False")
+    if not kernels.cuda_ops_built():
+        pytest.fail("a GPU is present but the native ops have no CUDA kernels")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+PAIRS = [
+    (PagedAdamW, lambda ps: CPUAdam(ps, weight_decay=1e-2), ("exp_avg", "exp_avg_sq")),
+    (PagedAdamW8bit, lambda ps: AdamW8bit(ps, min_8bit_size=64), ("exp_avg", "exp_avg_sq")),
+    (PagedLion8bit, lambda ps: Lion8bit(ps, lr=1e-3, weight_decay=1e-2, min_8bit_size=64), ("exp_avg",)),
+]
+SHAPES = [(1,), (7,), (4097,), (300, 301), (65,), (1_000_003,)]
+
+
+def _params(device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(0.1 * torch.randn(s, generator=g)).to(dtype).to(device) for s in SHAPES]
+
+
+def _paged(cls, params, **kw):
+    extra = dict(min_8bit_size=64) if cls is not PagedAdamW else {}
+    if cls is PagedLion8bit:
+        extra.update(lr=1e-3, weight_decay=1e-2)
+    return cls(params, **extra, **kw)
+
+
+@pytest.mark.parametrize("paged_cls, unpaged, moments", PAIRS, ids=lambda x: getattr(x, "__name__", ""))
+@pytest.mark.parametrize("page_kb, depth", [(8, 1), (64, 2), (1024, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_paged_equals_unpaged_cuda_and_cpu(gpu, paged_cls, unpaged, moments, page_kb, depth, dtype):
+    on_gpu, ref_gpu, ref_cpu = _params(gpu, dtype), _params(gpu, dtype), _params("cpu", dtype)
+    paged = _paged(paged_cls, on_gpu, page_size_mb=page_kb * KB, prefetch_depth=depth)
+    ref, cpu = unpaged(ref_gpu), unpaged(ref_cpu)
+    for step in range(3):
+        g = torch.Generator().manual_seed(100 + step)
+        for a, b, c in zip(on_gpu, ref_gpu, ref_cpu):
+            grad = (0.01 * torch.randn(a.shape, generator=g)).to(dtype)
+            a.grad, b.grad, c.grad = grad.to(gpu), grad.to(gpu), grad.clone()
+        paged.step()
+        ref.step()
+        cpu.step()
+        for a, b, c in zip(on_gpu, ref_gpu, ref_cpu):
+            assert torch.equal(bits(a.cpu()), bits(b.cpu())) and torch.equal(bits(a.cpu()), bits(c))
+            got, want, want_cpu = paged.logical_state(a), ref.logical_state(b), cpu.logical_state(c)
+            for k in moments:
+                assert torch.equal(bits(got[k].cpu()), bits(want[k].cpu())), k
+                assert torch.equal(bits(got[k].cpu()), bits(want_cpu[k])), k
+    stats = paged.paging_stats()
+    assert stats["device"].startswith("cuda") and stats["device_pool_bytes"] == (depth + 2) * stats["page_bytes"]
+
+
+def test_gpu_memory_for_state_is_the_slots_whatever_the_model_size(gpu):
+    """Peak GPU memory during a step, beyond params and grads, is the device slots: the same
+    at 10M and 100M params."""
+    extra = []
+    for numel in (10_000_000, 100_000_000):
+        p = torch.randn(numel, device=gpu) * 0.1
+        p.grad = torch.randn(numel, device=gpu) * 0.01
+        opt = PagedAdamW8bit([p], min_8bit_size=0, page_size_mb=4, prefetch_depth=2)
+        opt.step()  # lays out and allocates the slots
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(gpu)
+        base = torch.cuda.memory_allocated(gpu)
+        opt.step()
+        torch.cuda.synchronize()
+        extra.append(torch.cuda.max_memory_allocated(gpu) - base)
+        slots = opt.paging_stats()["device_pool_bytes"]
+        assert slots == 4 * 4 * 2**20
+        assert base - 2 * 4 * numel <= slots + 2**20 * 4   # resident: params, grads, slots, code tables
+        del opt, p
+        torch.cuda.empty_cache()
+    assert extra[0] == extra[1] and extra[1] < 2**20, extra  # a step allocates nothing more
+
+
+def test_cuda_paged_state_dict_continues_on_the_cpu(gpu):
+    on_gpu, on_cpu = _params(gpu, torch.float32, 3), _params("cpu", torch.float32, 3)
+    paged = _paged(PagedAdamW8bit, on_gpu, page_size_mb=16 * KB)
+    for p in on_gpu:
+        p.grad = torch.full_like(p, 0.01)
+    paged.step()
+    for a, c in zip(on_gpu, on_cpu):
+        c.data.copy_(a.cpu())
+    cpu = AdamW8bit(on_cpu, min_8bit_size=64)
+    cpu.load_state_dict(paged.state_dict())
+    for a, c in zip(on_gpu, on_cpu):
+        a.grad = torch.full_like(a, -0.02)
+        c.grad = torch.full_like(c, -0.02)
+    paged.step()
+    cpu.step()
+    for a, c in zip(on_gpu, on_cpu):
+        assert torch.equal(a.cpu(), c)
+
+
+def test_mixed_devices_and_nvme_with_cuda_are_refused(gpu):
+    with pytest.raises(ValueError, match="one device"):
+        PagedAdamW([torch.zeros(4, device=gpu), torch.zeros(4)])
+    with pytest.raises(ValueError, match="nvme"):
+        PagedAdamW([torch.zeros(4, device=gpu)], store="nvme", nvme_path="/tmp")
