@@ -95,6 +95,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--page-sizes", default="64", help="MB, comma-separated")
     ap.add_argument("--depths", default="2", help="prefetch depths, comma-separated")
+    ap.add_argument("--cpu-executor", action="store_true",
+                    help="also time executor='cpu' (params/grads to pinned host, SIMD update, params back)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from offload_engine.optim import PagedAdamW, PagedAdamW8bit
@@ -113,12 +115,17 @@ def main():
                 lambda ps, paged=paged: PagedAdamW(ps, **paged, **HYPER)
             contenders[f"ours paged 8-bit {mb:g}MB d{depth}"] = \
                 lambda ps, paged=paged: PagedAdamW8bit(ps, min_8bit_size=0, **paged, **HYPER)
+    if args.cpu_executor:  # the ZeRO-Offload-style path, one option away
+        contenders["ours CPU executor fp32 16MB"] = \
+            lambda ps: PagedAdamW(ps, executor="cpu", page_size_mb=16, **HYPER)
+        contenders["ours CPU executor 8-bit 16MB"] = \
+            lambda ps: PagedAdamW8bit(ps, executor="cpu", min_8bit_size=0, page_size_mb=16, **HYPER)
     contenders["torch fused (state on GPU)"] = lambda ps: torch.optim.AdamW(ps, fused=True, **HYPER)
     rows = []
     for size in (int(float(x)) for x in args.sizes.split(",")):
         for name, make in contenders.items():
             row = bench(name, make, size, args.steps)
-            if "moved_each_way" in row:
+            if "moved_each_way" in row and "CPU executor" not in name:
                 row["bound_s"] = link["bound_s_per_byte"] * row["moved_each_way"]
                 row["of_bound"] = row["step_s"] / row["bound_s"]
             rows.append(row)

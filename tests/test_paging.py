@@ -230,3 +230,12 @@ def test_nvme_path_that_cannot_be_written(tmp_path):
 def test_every_paged_optimizer_is_a_paged_optimizer():
     for paged_cls, _, _ in PAIRS.values():
         assert issubclass(paged_cls, PagedOptimizer) and paged_cls.__name__.startswith("Paged")
+
+
+def test_executor_option_is_checked():
+    with pytest.raises(ValueError, match="executor"):
+        PagedAdamW([torch.zeros(10)], executor="tpu")
+    with pytest.raises(ValueError, match="executor='cuda'"):
+        PagedAdamW([torch.zeros(10)], executor="cuda")
+    opt = PagedAdamW([torch.zeros(10)], executor="cpu")
+    assert opt.paging_stats()["executor"] == "cpu"

@@ -113,3 +113,44 @@ def test_mixed_devices_and_nvme_with_cuda_are_refused(gpu):
         PagedAdamW([torch.zeros(4, device=gpu), torch.zeros(4)])
     with pytest.raises(ValueError, match="nvme"):
         PagedAdamW([torch.zeros(4, device=gpu)], store="nvme", nvme_path="/tmp")
+
+
+@pytest.mark.parametrize("paged_cls", [PagedAdamW, PagedAdamW8bit], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("store", ["cpu", "nvme"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_executor_for_cuda_params_equals_the_cuda_executor(gpu, tmp_path, paged_cls, store, dtype):
+    """executor='cpu' (ZeRO-Offload style: grads and params to pinned host memory, SIMD update,
+    params back) gives the CUDA executor's bits, and holds no optimizer state on the GPU."""
+    a, b = _params(gpu, dtype, 5), _params(gpu, dtype, 5)
+    nvme = dict(nvme_path=str(tmp_path)) if store == "nvme" else {}
+    on_cpu = _paged(paged_cls, a, executor="cpu", store=store, page_size_mb=64 * KB, **nvme)
+    on_gpu = _paged(paged_cls, b, executor="cuda", page_size_mb=64 * KB)
+    for step in range(3):
+        g = torch.Generator().manual_seed(200 + step)
+        for x, y in zip(a, b):
+            grad = (0.01 * torch.randn(x.shape, generator=g)).to(dtype).to(gpu)
+            x.grad, y.grad = grad.clone(), grad.clone()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(gpu)
+        on_cpu.step()
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated(gpu) == before  # no state, no slots on the GPU
+        on_gpu.step()
+        for x, y in zip(a, b):
+            assert torch.equal(bits(x.cpu()), bits(y.cpu()))
+            sx, sy = on_cpu.logical_state(x), on_gpu.logical_state(y)
+            assert all(torch.equal(bits(sx[k].cpu()), bits(sy[k].cpu())) for k in ("exp_avg", "exp_avg_sq"))
+    stats = on_cpu.paging_stats()
+    assert stats["executor"] == "cpu" and stats["device_pool_bytes"] == 0 and stats["pinned_host_bytes"] > 0
+
+
+def test_cpu_executor_sees_params_changed_on_the_gpu(gpu):
+    """[Note: CPU executor for CUDA params]: the GPU param is the truth every step."""
+    (p,) = params = [torch.randn(1000, device=gpu)]
+    opt = PagedAdamW(params, executor="cpu", lr=0.0, weight_decay=0.0)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    with torch.no_grad():
+        p.fill_(3.0)  # a model reload between steps
+    opt.step()        # lr 0: the param must stay what the GPU holds
+    assert torch.equal(p, torch.full_like(p, 3.0))

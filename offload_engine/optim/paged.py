@@ -33,6 +33,7 @@ from ._base import _SIGNED, BlockwiseOptimizer, _moment_fp32, _stream_seed
 from ._update import group_hyper, step_state_
 
 STORES = ("cpu", "nvme")
+EXECUTORS = ("auto", "cpu", "cuda")  # auto: the params' device
 DEFAULT_PAGE_SIZE_MB = 16
 DEFAULT_PREFETCH_DEPTH = 2
 
@@ -41,7 +42,7 @@ class PagedOptimizer(BlockwiseOptimizer):
     """A BlockwiseOptimizer whose moments live in pages of a store (module docstring)."""
 
     def __init__(self, params, *, store="cpu", nvme_path=None, page_size_mb=DEFAULT_PAGE_SIZE_MB,
-                 prefetch_depth=DEFAULT_PREFETCH_DEPTH, io_threads=4, **settings):
+                 prefetch_depth=DEFAULT_PREFETCH_DEPTH, io_threads=4, executor="auto", **settings):
         name = type(self).__name__
         if store not in STORES:
             raise ValueError(f"{name}: store must be one of {', '.join(map(repr, STORES))}; got store={store!r}")
@@ -60,11 +61,24 @@ class PagedOptimizer(BlockwiseOptimizer):
         # The executor follows the params: CPU params are updated by the SIMD kernels, CUDA
         # params by the CUDA kernels through device slots (paging/cuda_pipeline.py).
         self._device = _params_device(self.param_groups, name)
-        if self._device.type == "cuda" and store == "nvme":
-            raise ValueError(f"{name}: store='nvme' with CUDA params is not supported yet (NVMe -> pinned staging -> "
-                             "GPU is planned); use store='cpu'")
+        if executor not in EXECUTORS:
+            raise ValueError(f"{name}: executor must be one of {', '.join(map(repr, EXECUTORS))}; got "
+                             f"executor={executor!r}")
+        if executor == "auto":
+            executor = self._device.type
+        if executor == "cuda" and self._device.type != "cuda":
+            raise ValueError(f"{name}: executor='cuda' updates CUDA params; the params are on {self._device}")
+        self._executor = executor
+        if executor == "cuda" and store == "nvme":
+            raise ValueError(f"{name}: store='nvme' with the CUDA executor is not supported yet (NVMe -> pinned "
+                             "staging -> GPU is planned); use store='cpu', or executor='cpu'")
+        # CUDA params updated by the CPU kernels: copies through pinned host buffers.
+        self._offload = None
+        if executor == "cpu" and self._device.type == "cuda":
+            from ..paging.cpu_offload import CudaParamsOnCpu
+            self._offload = CudaParamsOnCpu(self._device)
         self._store = NvmeStore(page_bytes, nvme_path, io_threads=io_threads) if store == "nvme" \
-            else HostStore(page_bytes, pin_memory=self._device.type == "cuda")  # pinned: async H2D/D2H copies
+            else HostStore(page_bytes, pin_memory=executor == "cuda")  # pinned: async H2D/D2H copies
         self._table = PageTable(page_bytes)
         self._prefetch_depth = prefetch_depth
         self._pool: SlotPool | None = None
@@ -102,7 +116,7 @@ class PagedOptimizer(BlockwiseOptimizer):
         if self._scheduler is None:
             # prefetch_depth fetching + one updating + one writing back: a step allocates nothing
             # more. The host store is updated in place and needs no slot.
-            if self._device.type == "cuda":
+            if self._executor == "cuda":
                 from ..paging.cuda_pipeline import CudaPagePipeline
                 self._scheduler = CudaPagePipeline(self._store, self._device, self._prefetch_depth)
             else:
@@ -155,7 +169,8 @@ class PagedOptimizer(BlockwiseOptimizer):
         out = {}
         for key in keys:
             fmt, n = self._table.fmt_of[key], self._table.numel_of[key]
-            out[key] = {name: torch.empty(nbytes // dtype.itemsize, dtype=dtype) for name, nbytes, dtype in fmt.arrays(n)}
+            out[key] = {name: torch.empty(nbytes // dtype.itemsize, dtype=dtype)
+                        for name, nbytes, dtype in fmt.arrays(n)}
         wanted = set(keys)
         pages = sorted({seg.page for key in keys for seg in self._table.segments_of[key]})
         for page, buf in self._read_pages(pages):
@@ -219,9 +234,18 @@ class PagedOptimizer(BlockwiseOptimizer):
                 if p_work is not p:
                     strided.append((p, p_work))
                 work[self._keys[p]] = (p_work.view(-1), p.grad.contiguous().view(-1), step, seed, hyper)
-        table, algorithm = self._table, self._algorithm
+        table, algorithm, offload = self._table, self._algorithm, self._offload
+        if offload is not None:  # CUDA params, CPU kernels ([Note: CPU executor for CUDA params])
+            on_gpu = {self._keys[p]: p for g in self.param_groups for p in g["params"] if self._keys.get(p) in work}
+            if strided:
+                raise ValueError(f"{type(self).__name__}(executor='cpu') needs contiguous CUDA params; a param of "
+                                 f"shape {list(strided[0][0].shape)} is strided")
+            host = offload.begin_step(on_gpu)  # pinned host copies of each param and grad
+            work = {key: (*host[key], *job[2:]) for key, job in work.items()}
 
         def update(page, buf):
+            if offload is not None:
+                offload.before_update(table.pages[page])
             for seg in table.pages[page].segments:
                 job = work.get(seg.key)
                 if job is None:
@@ -230,6 +254,8 @@ class PagedOptimizer(BlockwiseOptimizer):
                 end = seg.start + seg.length
                 step_state_(algorithm, p_flat[seg.start:end], g_flat[seg.start:end], seg.views(buf), seg.fmt.name,
                             seg.fmt.block, step, seed, hyper, adam_step_)
+            if offload is not None:
+                offload.after_update(table.pages[page])
 
         pages = sorted({seg.page for key in work for seg in table.segments_of[key]})
         try:
@@ -242,6 +268,8 @@ class PagedOptimizer(BlockwiseOptimizer):
         finally:
             for p, p_work in strided:
                 p.copy_(p_work)
+            if offload is not None:
+                offload.end_step()
         for group in self.param_groups:
             for p in group["params"]:
                 if self._keys.get(p) in work:
@@ -273,6 +301,8 @@ class PagedOptimizer(BlockwiseOptimizer):
             "pool_slots": self._pool.num_slots if self._pool else 0,
             "pool_bytes": self._pool.nbytes if self._pool else 0,
             "device": str(self._device),
+            "executor": self._executor,
+            "pinned_host_bytes": self._offload.pinned_bytes if self._offload else 0,
             "device_pool_bytes": getattr(self._scheduler, "nbytes", 0),
             "state_bytes": self._table.state_bytes(),
             "store_bytes": self._store.nbytes,
@@ -386,10 +416,10 @@ def _quantized(cls_name: str, fmt: str, adamw: bool):
         def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2 if adamw else 0.0,
                      amsgrad=False, min_8bit_size=4096, *, block_size=None, maximize=False, store="cpu",
                      nvme_path=None, page_size_mb=DEFAULT_PAGE_SIZE_MB, prefetch_depth=DEFAULT_PREFETCH_DEPTH,
-                     io_threads=4, stochastic_rounding=False):
+                     io_threads=4, executor="auto", stochastic_rounding=False):
             super().__init__(params, store=store, nvme_path=nvme_path, page_size_mb=page_size_mb,
-                             prefetch_depth=prefetch_depth, io_threads=io_threads, lr=lr, betas=betas, eps=eps,
-                             weight_decay=weight_decay, amsgrad=amsgrad, adamw_mode=adamw,
+                             prefetch_depth=prefetch_depth, io_threads=io_threads, executor=executor, lr=lr,
+                             betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, adamw_mode=adamw,
                              maximize=maximize, stochastic_rounding=stochastic_rounding, state_format=fmt,
                              block_size=block_size, min_8bit_size=min_8bit_size)
 
@@ -416,10 +446,11 @@ class PagedLion(PagedOptimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, min_8bit_size=4096, *,
                  block_size=None, maximize=False, store="cpu", nvme_path=None, page_size_mb=DEFAULT_PAGE_SIZE_MB,
-                 prefetch_depth=DEFAULT_PREFETCH_DEPTH, io_threads=4, stochastic_rounding=False):
+                 prefetch_depth=DEFAULT_PREFETCH_DEPTH, io_threads=4, executor="auto", stochastic_rounding=False):
         super().__init__(params, store=store, nvme_path=nvme_path, page_size_mb=page_size_mb,
-                         prefetch_depth=prefetch_depth, io_threads=io_threads, lr=lr, betas=betas, eps=0.0,
-                         weight_decay=weight_decay, amsgrad=False, adamw_mode=True, bias_correction=False,
+                         prefetch_depth=prefetch_depth, io_threads=io_threads, executor=executor, lr=lr,
+                         betas=betas, eps=0.0, weight_decay=weight_decay, amsgrad=False, adamw_mode=True,
+                         bias_correction=False,
                          maximize=maximize, stochastic_rounding=stochastic_rounding, state_format=self._format,
                          block_size=block_size, min_8bit_size=min_8bit_size)
 

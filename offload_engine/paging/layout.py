@@ -161,7 +161,8 @@ class PageTable:
         for name, nbytes, dtype in fmt.arrays(length):
             arrays.append((name, at, nbytes, dtype))
             at += _round_up(nbytes, ARRAY_ALIGN)
-        seg = Segment(key=key, page=page.index, group=group, start=start, length=length, fmt=fmt, offset=offset, arrays=tuple(arrays))
+        seg = Segment(key=key, page=page.index, group=group, start=start, length=length, fmt=fmt, offset=offset,
+                      arrays=tuple(arrays))
         page.segments.append(seg)
         page.used = at
         self.segments_of[key].append(seg)
