@@ -18,18 +18,22 @@ from ._native import native_ops
 def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
                lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
                adamw_mode: bool = True, bias_correction: bool = True, maximize: bool = False,
-               grad_scale: float = 1.0, stochastic_rounding: bool = False, seed: int = 0) -> None:
+               grad_scale: float = 1.0, stochastic_rounding: bool = False, seed: int = 0,
+               index_offset: int = 0) -> None:
     """One fused Adam (``adamw_mode=False``: L2 decay) or AdamW step, in place.
 
     param: fp32/bf16/fp16; grad: fp32/bf16/fp16 of param's shape; exp_avg, exp_avg_sq: fp32.
     All contiguous, on one device: the CPU, or a GPU when the ops were built with CUDA
     (:func:`cuda_ops_built`). ``step`` counts this step (1 on the first). ``grad_scale``
     multiplies the gradient first (unscaling, clipping). bf16/fp16 params are rounded to
-    nearest-even, or stochastically with the stream of ``seed`` when stochastic_rounding.
+    nearest-even, or stochastically with the stream of ``seed`` when stochastic_rounding:
+    param's element i draws element ``index_offset + i`` of that stream, so a slice starting at
+    element s of a tensor, passed with index_offset=s, rounds exactly as the whole tensor would
+    (index_offset >= 0; the paged optimizers pass each page segment's start).
     Bad arguments raise ValueError/TypeError naming the argument, before anything is written.
     """
     kwargs = _adam_kwargs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction, maximize, grad_scale,
-                          stochastic_rounding, seed)
+                          stochastic_rounding, seed, index_offset)
     if _native_for(param):
         torch.ops.offload_engine.adam_step_(param, grad, exp_avg, exp_avg_sq, **kwargs)
     else:
@@ -40,14 +44,16 @@ def adam_step_blockwise_(param: torch.Tensor, grad: torch.Tensor, m_codes: torch
                          v_codes: torch.Tensor, v_absmax: torch.Tensor, *, fmt: str, block: int, lr: float,
                          beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
                          adamw_mode: bool = True, bias_correction: bool = True, maximize: bool = False,
-                         grad_scale: float = 1.0, stochastic_rounding: bool = False, seed: int = 0) -> None:
+                         grad_scale: float = 1.0, stochastic_rounding: bool = False, seed: int = 0,
+                         index_offset: int = 0) -> None:
     """adam_step_ with block-quantized moments in place: ``fmt`` is "int8" or "int4"
     (offload_engine.quant.FORMATS), ``block`` the elements per absmax; m_codes/v_codes hold the
-    codes padded to whole blocks (4-bit: two per byte), m_absmax/v_absmax one float32 per block."""
+    codes padded to whole blocks (4-bit: two per byte), m_absmax/v_absmax one float32 per block.
+    ``index_offset`` as for adam_step_ (it keys only the rounding stream, not the blocks)."""
     from .quant import codec
 
     kwargs = _adam_kwargs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction, maximize, grad_scale,
-                          stochastic_rounding, seed)
+                          stochastic_rounding, seed, index_offset)
     if fmt not in codec.FORMATS:
         raise ValueError(f"adam_step_blockwise_: fmt must be one of {sorted(codec.FORMATS)}, got {fmt!r}")
     if _native_for(param):
@@ -67,9 +73,10 @@ def adam_step_blockwise_(param: torch.Tensor, grad: torch.Tensor, m_codes: torch
 
 def lion_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, *, lr: float, beta1: float,
                beta2: float, weight_decay: float, maximize: bool = False, grad_scale: float = 1.0,
-               stochastic_rounding: bool = False, seed: int = 0) -> None:
+               stochastic_rounding: bool = False, seed: int = 0, index_offset: int = 0) -> None:
     """One fused Lion step in place (fp32 momentum): the same contract as adam_step_ otherwise."""
-    kwargs = _lion_kwargs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding, seed)
+    kwargs = _lion_kwargs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding, seed,
+                          index_offset)
     if _native_for(param):
         torch.ops.offload_engine.lion_step_(param, grad, exp_avg, **kwargs)
     else:
@@ -80,11 +87,12 @@ def lion_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, *
 def lion_step_blockwise_(param: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor, *,
                          fmt: str, block: int, lr: float, beta1: float, beta2: float, weight_decay: float,
                          maximize: bool = False, grad_scale: float = 1.0, stochastic_rounding: bool = False,
-                         seed: int = 0) -> None:
+                         seed: int = 0, index_offset: int = 0) -> None:
     """lion_step_ with a block-quantized momentum (signed map of ``fmt``) in place."""
     from .quant import codec
 
-    kwargs = _lion_kwargs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding, seed)
+    kwargs = _lion_kwargs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding, seed,
+                          index_offset)
     if fmt not in codec.FORMATS:
         raise ValueError(f"lion_step_blockwise_: fmt must be one of {sorted(codec.FORMATS)}, got {fmt!r}")
     if _native_for(param):
@@ -133,18 +141,19 @@ def _tables_on(fmt: str, signed: bool, device: torch.device):
 
 
 def _adam_kwargs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction, maximize, grad_scale,
-                 stochastic_rounding, seed) -> dict:
+                 stochastic_rounding, seed, index_offset) -> dict:
     """The ops' keyword arguments in their schema types (float, int, bool; seed as int64)."""
     return dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
                 step=int(step), adamw_mode=bool(adamw_mode), bias_correction=bool(bias_correction),
                 maximize=bool(maximize), grad_scale=float(grad_scale), stochastic_rounding=bool(stochastic_rounding),
-                seed=as_int64(seed))
+                seed=as_int64(seed), index_offset=int(index_offset))
 
 
-def _lion_kwargs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding, seed) -> dict:
+def _lion_kwargs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding, seed,
+                 index_offset) -> dict:
     return dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay),
                 maximize=bool(maximize), grad_scale=float(grad_scale), stochastic_rounding=bool(stochastic_rounding),
-                seed=as_int64(seed))
+                seed=as_int64(seed), index_offset=int(index_offset))
 
 
 def adam_step_impl():
@@ -173,7 +182,8 @@ def as_int64(seed: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
-def _check_reference_args(param, grad, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale, **state):
+def _check_reference_args(param, grad, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale, index_offset=0,
+                          **state):
     """The native ops' argument checks (ops/csrc/adam_op_common.cpp and the ops), for the
     fallback: hyperparameters, param and grad, and any fp32 state passed by name."""
     for name, value, ok in (("lr", lr, lr >= 0 and math.isfinite(lr)), ("eps", eps, eps >= 0 and math.isfinite(eps)),
@@ -182,6 +192,9 @@ def _check_reference_args(param, grad, *, lr, beta1, beta2, eps, weight_decay, s
                             ("step", step, step >= 1), ("grad_scale", grad_scale, math.isfinite(grad_scale))):
         if not ok:
             raise ValueError(f"adam_step_: {name} is out of range: {value}")
+    if index_offset < 0:
+        raise ValueError(f"adam_step_: index_offset must be >= 0 (the index of element 0 in the stochastic-rounding "
+                         f"stream), got {index_offset}")
     for name, t in (("param", param), ("grad", grad)):
         if t.dtype not in reference.PARAM_DTYPES:
             raise TypeError(f"adam_step_: {name} must be float32, bfloat16 or float16, got {t.dtype}")

@@ -70,29 +70,38 @@ def _mix32_int(x: int) -> int:
     return int(_mix32(torch.tensor([x & _U32], dtype=torch.int64))[0])
 
 
-def random_bits(seed: int, numel: int) -> torch.Tensor:
-    """uint32 random bits (as int64) for elements 0..numel-1 of a tensor: hash(seed, index)."""
+def random_bits(seed: int, numel: int, index_offset: int = 0) -> torch.Tensor:
+    """uint32 random bits (as int64) for the elements of a tensor whose element 0 is element
+    ``index_offset`` of the stream: hash(seed, index) for index in offset .. offset+numel-1.
+
+    The key changes with the index's high 32 bits, so the range is split where it crosses a
+    multiple of 2^32 (wherever that falls relative to the tensor's start)."""
+    if index_offset < 0:
+        raise ValueError(f"random_bits: index_offset must be >= 0, got {index_offset}")
     seed &= (1 << 64) - 1
-    index = torch.arange(numel, dtype=torch.int64)
     out = torch.empty(numel, dtype=torch.int64)
-    for hi in range(0, (numel - 1 >> 32) + 1 if numel else 0):
+    end = index_offset + numel
+    for hi in range(index_offset >> 32, ((end - 1) >> 32) + 1 if numel else 0):
         key = _mix32_int((seed & _U32) ^ _mix32_int(((seed >> 32) + hi * 0x9E3779B9) & _U32))
-        sl = slice(hi << 32, min(numel, (hi + 1) << 32))
-        out[sl] = _mix32((index[sl] & _U32) ^ key)
+        first, last = max(index_offset, hi << 32), min(end, (hi + 1) << 32)  # stream indices [first, last)
+        low = torch.arange(first & _U32, (first & _U32) + (last - first), dtype=torch.int64)
+        out[first - index_offset:last - index_offset] = _mix32(low ^ key)
     return out
 
 
 # ---- rounding fp32 -> bf16 / fp16 ----------------------------------------------------------
-def round_to_dtype(x: torch.Tensor, dtype: torch.dtype, stochastic: bool = False, seed: int = 0) -> torch.Tensor:
+def round_to_dtype(x: torch.Tensor, dtype: torch.dtype, stochastic: bool = False, seed: int = 0,
+                   index_offset: int = 0) -> torch.Tensor:
     """Rounds fp32 `x` to `dtype` as the kernels do: nearest-even, or stochastic with the
-    element-indexed stream of `seed`. Higher-precision input is first rounded to fp32."""
+    element-indexed stream of `seed` (x's element i is element index_offset + i of the stream).
+    Higher-precision input is first rounded to fp32."""
     x = x.to(torch.float32)
     if dtype == torch.float32:
         return x.clone()
     if dtype == torch.bfloat16:
         bits = x.contiguous().view(torch.int32).to(torch.int64) & _U32
         if stochastic:
-            rounded = (bits + (random_bits(seed, x.numel()).view(x.shape) >> 16)) >> 16
+            rounded = (bits + (random_bits(seed, x.numel(), index_offset).view(x.shape) >> 16)) >> 16
         else:
             rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = torch.where(torch.isnan(x), torch.full_like(rounded, 0x7FC0), rounded & 0xFFFF)
@@ -103,7 +112,7 @@ def round_to_dtype(x: torch.Tensor, dtype: torch.dtype, stochastic: bool = False
         bits = x.contiguous().view(torch.int32).to(torch.int64) & _U32
         exp = torch.clamp(bits & 0x7F800000, max=0x7F000000).to(torch.int32).view(torch.float32)
         scale = torch.clamp(exp * 2.0 ** -23, min=2.0 ** -37)
-        noise = ((random_bits(seed, x.numel()).view(x.shape) >> 19).to(torch.float32) * scale).copysign(x)
+        noise = ((random_bits(seed, x.numel(), index_offset).view(x.shape) >> 19).to(torch.float32) * scale).copysign(x)
         return _to_half_toward_zero(x + noise)
     raise TypeError(f"round_to_dtype: dtype must be one of {PARAM_DTYPES}, got {dtype}")
 
@@ -128,9 +137,10 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def adam_step_(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
                adamw_mode=True, bias_correction=True, maximize=False, grad_scale=1.0,
-               stochastic_rounding=False, seed=0, compute_dtype=torch.float32):
+               stochastic_rounding=False, seed=0, index_offset=0, compute_dtype=torch.float32):
     """In-place Adam/AdamW step on `param`, `exp_avg`, `exp_avg_sq`; the same contract as the
-    native op ``torch.ops.offload_engine.adam_step_``.
+    native op ``torch.ops.offload_engine.adam_step_`` (``index_offset``: param's element i is
+    element index_offset + i of the stochastic-rounding stream).
 
     In float32 the ops mirror the kernel exactly; in float64 (state tensors may then be
     float64 too) it is the oracle. The new param is rounded to param.dtype (via fp32, with
@@ -157,19 +167,19 @@ def adam_step_(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weigh
     p = p + (m / denom) * k(c.neg_step_size)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
-    _write_param(param, p, compute_dtype, stochastic_rounding, seed)
+    _write_param(param, p, compute_dtype, stochastic_rounding, seed, index_offset)
 
 
-def _write_param(param, p, compute_dtype, stochastic_rounding, seed):
+def _write_param(param, p, compute_dtype, stochastic_rounding, seed, index_offset):
     if param.dtype == torch.float32 or param.dtype == compute_dtype:
         param.copy_(p)
     else:
-        param.copy_(round_to_dtype(p, param.dtype, stochastic_rounding, seed).view(param.shape))
+        param.copy_(round_to_dtype(p, param.dtype, stochastic_rounding, seed, index_offset).view(param.shape))
 
 
 @torch.no_grad()
 def lion_step_(param, grad, exp_avg, *, lr, beta1, beta2, weight_decay, maximize=False, grad_scale=1.0,
-               stochastic_rounding=False, seed=0, compute_dtype=torch.float32):
+               stochastic_rounding=False, seed=0, index_offset=0, compute_dtype=torch.float32):
     """In-place Lion step (decoupled weight decay; one state), the contract of the native
     ``lion_step_``: p -= lr * sign(beta1 * m + (1 - beta1) * g); m = beta2 * m + (1 - beta2) * g.
     (sign(0) = 0; torch.sign on CPU also gives 0 for NaN, and so do the kernels.)"""
@@ -188,7 +198,7 @@ def lion_step_(param, grad, exp_avg, *, lr, beta1, beta2, weight_decay, maximize
     direction = m_old * k(beta1) + g * k(1.0 - beta1)
     p = p + torch.sign(direction) * k(-lr)
     exp_avg.copy_(m_old * k(beta2) + g * k(1.0 - beta2))
-    _write_param(param, p, compute_dtype, stochastic_rounding, seed)
+    _write_param(param, p, compute_dtype, stochastic_rounding, seed, index_offset)
 
 
 @torch.no_grad()

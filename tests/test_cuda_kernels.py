@@ -336,6 +336,90 @@ def test_state_continues_across_executors(gpu, first, fmt):
         _assert_quant_equal(moving[1:], only_cpu[1:], ("m_codes", "m_absmax", "v_codes", "v_absmax"), fmt, where)
 
 
+# ---- index_offset: page segments round as the whole tensor ----------------------------------
+def _segment_state(state, start, end, fmt, block):
+    """Views of the state of elements [start, end): fp32 moments, or whole blocks of codes/absmax."""
+    if fmt == "fp32":
+        return [t[start:end] for t in state]
+    b0, b1, per_block = start // block, -(-end // block), block * FORMATS[fmt].bits // 8
+    out = []
+    for codes, absmax in zip(state[0::2], state[1::2]):
+        out += [codes[b0 * per_block:b1 * per_block], absmax[b0:b1]]
+    return out
+
+
+@pytest.mark.parametrize("algo", ["adam", "lion"])
+@pytest.mark.parametrize("fmt,block", [("fp32", 64), ("int8", 256), ("int4", 64)])
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16])
+def test_slices_with_index_offset_equal_the_whole_tensor(gpu, algo, fmt, block, param_dtype):
+    """Segments aligned as the pager cuts them (64 elements for fp32 state, whole blocks
+    otherwise; an odd tail), each updated with index_offset = its start: on the GPU, the same
+    bits as the whole tensor on the GPU and on the CPU, every step and state tensor."""
+    n = 9 * block + 37
+    cuts = [0, block, 3 * block, 4 * block, 8 * block, n]
+    gen = torch.Generator().manual_seed(n + len(algo))
+    p = torch.randn(n, generator=gen).to(param_dtype)
+    if fmt == "fp32":
+        state = [torch.randn(n, generator=gen) * 1e-2] + ([torch.rand(n, generator=gen) * 1e-4] if algo == "adam" else [])
+    else:
+        state = _quant_state(n, fmt, block, gen, lion=algo == "lion")
+    cpu_whole = [p] + state
+    dev_whole, dev_seg = _to(cpu_whole, gpu), _to(cpu_whole, gpu)
+
+    def run(t, g, hyper):
+        if fmt == "fp32":
+            (kernels.adam_step_ if algo == "adam" else kernels.lion_step_)(t[0], g, *t[1:], **hyper)
+        else:
+            fn = kernels.adam_step_blockwise_ if algo == "adam" else kernels.lion_step_blockwise_
+            fn(t[0], g, *t[1:], fmt=fmt, block=block, **hyper)
+
+    names = ["param"] + (["exp_avg", "exp_avg_sq"] if fmt == "fp32" else ["m_codes", "m_absmax", "v_codes", "v_absmax"])
+    names = names[:len(cpu_whole)]
+    for step in range(1, 4):
+        g = (torch.randn(n, generator=gen) * 1e-2).to(param_dtype)
+        hyper = _adam(step, stochastic_rounding=True) if algo == "adam" else _lion(step, stochastic_rounding=True)
+        run(cpu_whole, g, hyper)
+        run(dev_whole, g.to(gpu), hyper)
+        g_dev = g.to(gpu)
+        for start, end in zip(cuts, cuts[1:]):  # views: each segment writes into dev_seg
+            seg = [dev_seg[0][start:end]] + _segment_state(dev_seg[1:], start, end, fmt, block)
+            run(seg, g_dev[start:end], dict(hyper, index_offset=start))
+        where = f"{algo} {fmt} block={block} {param_dtype} step={step}"
+        for name, a, b in zip(names, dev_seg, dev_whole):  # GPU segments == GPU whole: every byte
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"{name} segments vs whole, {where}"
+        if fmt == "fp32":
+            _assert_bits(dev_seg, cpu_whole, names, where)
+        else:
+            _assert_bits(dev_seg[:1], cpu_whole[:1], names[:1], where)
+            _assert_quant_equal(dev_seg[1:], cpu_whole[1:], names[1:], fmt, where)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16])
+def test_any_index_offset_across_2_to_32_matches_cpu(gpu, param_dtype):
+    """Offsets need no alignment, and the stream's key changes at multiples of 2^32 wherever
+    they fall in the tensor: the GPU matches the CPU kernel and the reference, and slices cut
+    anywhere equal the whole."""
+    n = 3000
+    gen = torch.Generator().manual_seed(31)
+    for base in (2**32 - 1000, 2**32 - 7, 5 * 2**32 + 3, 0):
+        p, g = torch.randn(n, generator=gen).to(param_dtype), (torch.randn(n, generator=gen) * 1e-2).to(param_dtype)
+        state = [torch.randn(n, generator=gen) * 1e-2, torch.rand(n, generator=gen) * 1e-4]
+        hyper = _adam(2, stochastic_rounding=True, index_offset=base)
+        cpu, ref, dev, dev_seg = [p] + state, [t.clone() for t in [p] + state], _to([p] + state, gpu), _to([p] + state, gpu)
+        kernels.adam_step_(*cpu[:1], g, *cpu[1:], **hyper)
+        reference.adam_step_(*ref[:1], g, *ref[1:], **hyper)
+        kernels.adam_step_(*dev[:1], g.to(gpu), *dev[1:], **hyper)
+        g_dev = g.to(gpu)
+        cuts = [0, 3, 997, 1001, 2048, 2999, n]
+        for a, b in zip(cuts, cuts[1:]):
+            kernels.adam_step_(dev_seg[0][a:b], g_dev[a:b], dev_seg[1][a:b], dev_seg[2][a:b],
+                               **dict(hyper, index_offset=base + a))
+        names = ("param", "exp_avg", "exp_avg_sq")
+        _assert_bits(dev, cpu, names, f"base={base}")
+        _assert_bits(dev, ref, names, f"reference base={base}")
+        _assert_bits(dev_seg, cpu, names, f"slices base={base}")
+
+
 # ---- streams, bad input, opcheck ------------------------------------------------------------
 def test_kernel_runs_on_the_current_stream(gpu):
     """Launched on a side stream that is still busy, the update has not happened when the

@@ -70,8 +70,8 @@ void check_adam_blockwise_args(const at::Tensor& param, const at::Tensor& grad, 
                                const at::Tensor& m_map, const at::Tensor& m_lut, const at::Tensor& v_map,
                                const at::Tensor& v_lut, c10::IntArrayRef lut_params, int64_t bits, int64_t block,
                                double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
-                               double grad_scale) {
-  check_hyperparameters(kOp, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+                               double grad_scale, int64_t index_offset) {
+  check_hyperparameters(kOp, lr, beta1, beta2, eps, weight_decay, step, grad_scale, index_offset);
   check_param_grad(kOp, param, grad);
   check_format(bits, block, lut_params, 4);
   check_state("m", m_codes, m_absmax, param, bits, block);
@@ -87,8 +87,9 @@ void check_adam_blockwise_args(const at::Tensor& param, const at::Tensor& grad, 
 void check_lion_blockwise_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
                                const at::Tensor& m_absmax, const at::Tensor& m_map, const at::Tensor& m_lut,
                                c10::IntArrayRef lut_params, int64_t bits, int64_t block, double lr, double beta1,
-                               double beta2, double weight_decay, double grad_scale) {
-  check_hyperparameters(kLionBlockwiseOp, lr, beta1, beta2, /*eps=*/0.0, weight_decay, /*step=*/1, grad_scale);
+                               double beta2, double weight_decay, double grad_scale, int64_t index_offset) {
+  check_hyperparameters(kLionBlockwiseOp, lr, beta1, beta2, /*eps=*/0.0, weight_decay, /*step=*/1, grad_scale,
+                        index_offset);
   check_param_grad(kLionBlockwiseOp, param, grad);
   check_format(bits, block, lut_params, 2);
   check_state("m", m_codes, m_absmax, param, bits, block);

@@ -16,11 +16,11 @@ void check_adam_blockwise_args(const at::Tensor& param, const at::Tensor& grad, 
                                const at::Tensor& m_map, const at::Tensor& m_lut, const at::Tensor& v_map,
                                const at::Tensor& v_lut, c10::IntArrayRef lut_params, int64_t bits, int64_t block,
                                double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
-                               double grad_scale);
+                               double grad_scale, int64_t index_offset);
 void check_lion_blockwise_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
                                const at::Tensor& m_absmax, const at::Tensor& m_map, const at::Tensor& m_lut,
                                c10::IntArrayRef lut_params, int64_t bits, int64_t block, double lr, double beta1,
-                               double beta2, double weight_decay, double grad_scale);
+                               double beta2, double weight_decay, double grad_scale, int64_t index_offset);
 
 // The kernel arguments of a checked call. Lion passes no v state: v_* are null, and the
 // v tables repeat the m tables (never read).

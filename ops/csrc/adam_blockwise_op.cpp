@@ -33,37 +33,39 @@ void adam_step_blockwise_cpu(const at::Tensor& param, const at::Tensor& grad, co
                              c10::IntArrayRef lut_params, int64_t bits, int64_t block, double lr, double beta1,
                              double beta2, double eps, double weight_decay, int64_t step, bool adamw_mode,
                              bool bias_correction, bool maximize, double grad_scale, bool stochastic_rounding,
-                             int64_t seed) {
+                             int64_t seed, int64_t index_offset) {
   check_adam_blockwise_args(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, m_lut, v_map, v_lut,
-                            lut_params, bits, block, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+                            lut_params, bits, block, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
+                            index_offset);
   check_kernel_device(kOp, "CPU", param, c10::DeviceType::CPU);
   if (param.numel() == 0) return;
   run_blocks(adam_blockwise_args(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, m_lut, v_map, v_lut,
                                  lut_params, bits, block,
                                  make_coeffs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction,
-                                             maximize, grad_scale, stochastic_rounding, seed)));
+                                             maximize, grad_scale, stochastic_rounding, seed, index_offset)));
 }
 
 void lion_step_blockwise_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
                              const at::Tensor& m_absmax, const at::Tensor& m_map, const at::Tensor& m_lut,
                              c10::IntArrayRef lut_params, int64_t bits, int64_t block, double lr, double beta1,
                              double beta2, double weight_decay, bool maximize, double grad_scale,
-                             bool stochastic_rounding, int64_t seed) {
+                             bool stochastic_rounding, int64_t seed, int64_t index_offset) {
   check_lion_blockwise_args(param, grad, m_codes, m_absmax, m_map, m_lut, lut_params, bits, block, lr, beta1, beta2,
-                            weight_decay, grad_scale);
+                            weight_decay, grad_scale, index_offset);
   check_kernel_device(kLionOp, "CPU", param, c10::DeviceType::CPU);
   if (param.numel() == 0) return;
   run_blocks(lion_blockwise_args(param, grad, m_codes, m_absmax, m_map, m_lut, lut_params, bits, block,
                                  make_lion_coeffs(lr, beta1, beta2, weight_decay, maximize, grad_scale,
-                                                  stochastic_rounding, seed)));
+                                                  stochastic_rounding, seed, index_offset)));
 }
 
 void lion_step_blockwise_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
                               const at::Tensor& m_absmax, const at::Tensor& m_map, const at::Tensor& m_lut,
                               c10::IntArrayRef lut_params, int64_t bits, int64_t block, double lr, double beta1,
-                              double beta2, double weight_decay, bool, double grad_scale, bool, int64_t) {
+                              double beta2, double weight_decay, bool, double grad_scale, bool, int64_t,
+                              int64_t index_offset) {
   check_lion_blockwise_args(param, grad, m_codes, m_absmax, m_map, m_lut, lut_params, bits, block, lr, beta1, beta2,
-                            weight_decay, grad_scale);
+                            weight_decay, grad_scale, index_offset);
 }
 
 void adam_step_blockwise_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
@@ -72,9 +74,10 @@ void adam_step_blockwise_meta(const at::Tensor& param, const at::Tensor& grad, c
                               const at::Tensor& v_lut,
                               c10::IntArrayRef lut_params, int64_t bits, int64_t block, double lr, double beta1,
                               double beta2, double eps, double weight_decay, int64_t step, bool, bool, bool,
-                              double grad_scale, bool, int64_t) {
+                              double grad_scale, bool, int64_t, int64_t index_offset) {
   check_adam_blockwise_args(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, m_lut, v_map, v_lut,
-                            lut_params, bits, block, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+                            lut_params, bits, block, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
+                            index_offset);
 }
 
 }  // namespace
@@ -85,11 +88,13 @@ TORCH_LIBRARY_FRAGMENT(offload_engine, m) {
       "Tensor(d!) v_codes, Tensor(e!) v_absmax, Tensor m_map, Tensor m_lut, Tensor v_map, Tensor v_lut, "
       "int[] lut_params, *, int bits, int block, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, int step, bool adamw_mode=True, bool bias_correction=True, "
-      "bool maximize=False, float grad_scale=1.0, bool stochastic_rounding=False, int seed=0) -> ()");
+      "bool maximize=False, float grad_scale=1.0, bool stochastic_rounding=False, int seed=0, "
+      "int index_offset=0) -> ()");
   m.def(
       "lion_step_blockwise_(Tensor(a!) param, Tensor grad, Tensor(b!) m_codes, Tensor(c!) m_absmax, Tensor m_map, "
       "Tensor m_lut, int[] lut_params, *, int bits, int block, float lr, float beta1, float beta2, "
-      "float weight_decay, bool maximize=False, float grad_scale=1.0, bool stochastic_rounding=False, int seed=0) -> ()");
+      "float weight_decay, bool maximize=False, float grad_scale=1.0, bool stochastic_rounding=False, int seed=0, "
+      "int index_offset=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(offload_engine, CPU, m) {

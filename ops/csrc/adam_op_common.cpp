@@ -17,7 +17,7 @@ ElemType elem_type(const at::Tensor& t, const char* op, const char* name) {
 }
 
 void check_hyperparameters(const char* op, double lr, double beta1, double beta2, double eps, double weight_decay,
-                           int64_t step, double grad_scale) {
+                           int64_t step, double grad_scale, int64_t index_offset) {
   TORCH_CHECK_VALUE(lr >= 0.0 && std::isfinite(lr), op, ": lr must be finite and >= 0, got ", lr);
   TORCH_CHECK_VALUE(eps >= 0.0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", eps);
   TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, op, ": beta1 must be in [0, 1), got ", beta1);
@@ -26,6 +26,8 @@ void check_hyperparameters(const char* op, double lr, double beta1, double beta2
                     ": weight_decay must be finite and >= 0, got ", weight_decay);
   TORCH_CHECK_VALUE(step >= 1, op, ": step must be >= 1 (the count including this step), got ", step);
   TORCH_CHECK_VALUE(std::isfinite(grad_scale), op, ": grad_scale must be finite, got ", grad_scale);
+  TORCH_CHECK_VALUE(index_offset >= 0, op, ": index_offset must be >= 0 (the index of element 0 in the stochastic-",
+                    "rounding stream), got ", index_offset);
 }
 
 void check_param_grad(const char* op, const at::Tensor& param, const at::Tensor& grad) {
@@ -44,7 +46,7 @@ void check_param_grad(const char* op, const at::Tensor& param, const at::Tensor&
 // adam_coefficients() does the same arithmetic, so both sides use identical constants.
 AdamCoeffs make_coeffs(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
                        bool adamw_mode, bool bias_correction, bool maximize, double grad_scale,
-                       bool stochastic_rounding, int64_t seed) {
+                       bool stochastic_rounding, int64_t seed, int64_t index_offset) {
   const double bc1 = bias_correction ? 1.0 - std::pow(beta1, double(step)) : 1.0;
   const double bc2 = bias_correction ? 1.0 - std::pow(beta2, double(step)) : 1.0;
   AdamCoeffs c{};
@@ -64,14 +66,15 @@ AdamCoeffs make_coeffs(double lr, double beta1, double beta2, double eps, double
   c.maximize = maximize;
   c.rounding = stochastic_rounding ? Rounding::kStochastic : Rounding::kNearestEven;
   c.seed = uint64_t(seed);
+  c.index_offset = uint64_t(index_offset);  // checked >= 0; offset + index < 2^64 never wraps
   c.lion = false;
   return c;
 }
 
 AdamCoeffs make_lion_coeffs(double lr, double beta1, double beta2, double weight_decay, bool maximize,
-                            double grad_scale, bool stochastic_rounding, int64_t seed) {
+                            double grad_scale, bool stochastic_rounding, int64_t seed, int64_t index_offset) {
   AdamCoeffs c = make_coeffs(lr, beta1, beta2, /*eps=*/0.0, weight_decay, /*step=*/1, /*adamw_mode=*/true,
-                             /*bias_correction=*/false, maximize, grad_scale, stochastic_rounding, seed);
+                             /*bias_correction=*/false, maximize, grad_scale, stochastic_rounding, seed, index_offset);
   c.neg_step_size = float(-lr);
   c.lion = true;
   return c;
@@ -94,8 +97,8 @@ void check_fp32_state(const char* op, const char* name, const at::Tensor& t, con
 
 void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                      const at::Tensor& exp_avg_sq, double lr, double beta1, double beta2, double eps,
-                     double weight_decay, int64_t step, double grad_scale) {
-  check_hyperparameters("adam_step_", lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+                     double weight_decay, int64_t step, double grad_scale, int64_t index_offset) {
+  check_hyperparameters("adam_step_", lr, beta1, beta2, eps, weight_decay, step, grad_scale, index_offset);
   check_param_grad("adam_step_", param, grad);
   check_fp32_state("adam_step_", "exp_avg", exp_avg, param);
   check_fp32_state("adam_step_", "exp_avg_sq", exp_avg_sq, param);
@@ -107,8 +110,9 @@ void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::
 }
 
 void check_lion_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, double lr,
-                     double beta1, double beta2, double weight_decay, double grad_scale) {
-  check_hyperparameters("lion_step_", lr, beta1, beta2, /*eps=*/0.0, weight_decay, /*step=*/1, grad_scale);
+                     double beta1, double beta2, double weight_decay, double grad_scale, int64_t index_offset) {
+  check_hyperparameters("lion_step_", lr, beta1, beta2, /*eps=*/0.0, weight_decay, /*step=*/1, grad_scale,
+                        index_offset);
   check_param_grad("lion_step_", param, grad);
   check_fp32_state("lion_step_", "exp_avg", exp_avg, param);
   if (param.device().type() != c10::DeviceType::Meta && param.numel() > 0) {

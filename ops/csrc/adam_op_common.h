@@ -11,22 +11,22 @@ namespace offload_engine {
 
 ElemType elem_type(const at::Tensor& t, const char* op, const char* name);
 void check_hyperparameters(const char* op, double lr, double beta1, double beta2, double eps, double weight_decay,
-                           int64_t step, double grad_scale);
+                           int64_t step, double grad_scale, int64_t index_offset);
 // param and grad: supported dtypes, same device and shape, contiguous.
 void check_param_grad(const char* op, const at::Tensor& param, const at::Tensor& grad);
 AdamCoeffs make_coeffs(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
                        bool adamw_mode, bool bias_correction, bool maximize, double grad_scale,
-                       bool stochastic_rounding, int64_t seed);
+                       bool stochastic_rounding, int64_t seed, int64_t index_offset);
 // Lion: no bias correction, decoupled weight decay, no eps, no exp_avg_sq.
 AdamCoeffs make_lion_coeffs(double lr, double beta1, double beta2, double weight_decay, bool maximize,
-                            double grad_scale, bool stochastic_rounding, int64_t seed);
+                            double grad_scale, bool stochastic_rounding, int64_t seed, int64_t index_offset);
 
 // ---- fp32-state ops (adam_step_, lion_step_) ----
 void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                      const at::Tensor& exp_avg_sq, double lr, double beta1, double beta2, double eps,
-                     double weight_decay, int64_t step, double grad_scale);
+                     double weight_decay, int64_t step, double grad_scale, int64_t index_offset);
 void check_lion_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, double lr,
-                     double beta1, double beta2, double weight_decay, double grad_scale);
+                     double beta1, double beta2, double weight_decay, double grad_scale, int64_t index_offset);
 // The kernel arguments of a checked call (exp_avg_sq may be undefined: Lion).
 AdamTensorArgs fp32_state_args(const char* op, const at::Tensor& param, const at::Tensor& grad,
                                const at::Tensor& exp_avg, const at::Tensor* exp_avg_sq, const AdamCoeffs& coeffs);

@@ -33,7 +33,8 @@ struct AdamCoeffs {
   float grad_scale;      // multiplies the gradient first (loss-scale unscale, clipping)
   bool adamw, use_l2, use_grad_scale, maximize, lion;
   Rounding rounding;
-  uint64_t seed;         // stochastic rounding stream; element i draws hash(seed, i)
+  uint64_t seed;         // stochastic rounding stream; element i draws hash(seed, index_offset + i)
+  uint64_t index_offset; // index in the stream of the tensor's element 0 (a page segment's start)
 };
 
 // One tensor's worth of update: param/grad of the given types, fp32 exp_avg/exp_avg_sq.

@@ -34,17 +34,19 @@ struct AdamConsts {
   using F = typename V::F;
   F beta1, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size, inv_bc2_sqrt, decay, l2, grad_scale;
   bool adamw, use_l2, use_grad_scale, maximize, stochastic, lion;
-  uint64_t seed;
+  uint64_t seed, index_offset;
   explicit AdamConsts(const AdamCoeffs& c)
       : beta1(V::set1(c.beta1)), one_minus_beta1(V::set1(c.one_minus_beta1)), beta2(V::set1(c.beta2)),
         one_minus_beta2(V::set1(c.one_minus_beta2)), eps(V::set1(c.eps)), neg_step_size(V::set1(c.neg_step_size)),
         inv_bc2_sqrt(V::set1(c.inv_bc2_sqrt)), decay(V::set1(c.decay)), l2(V::set1(c.l2)),
         grad_scale(V::set1(c.grad_scale)), adamw(c.adamw), use_l2(c.use_l2), use_grad_scale(c.use_grad_scale),
-        maximize(c.maximize), stochastic(c.rounding == Rounding::kStochastic), lion(c.lion), seed(c.seed) {}
+        maximize(c.maximize), stochastic(c.rounding == Rounding::kStochastic), lion(c.lion), seed(c.seed),
+        index_offset(c.index_offset) {}
 };
 
 // Updates W elements at p, g and state offset `si`; `index` is the element's index in the
-// tensor (it keys the stochastic-rounding stream, so results do not depend on tiling).
+// tensor. index_offset + index keys the stochastic-rounding stream, so results depend on
+// neither tiling nor paging (a page segment passes its start in the param as index_offset).
 template <class V, class P, class G, class S>
 inline __attribute__((always_inline)) void adam_vector(P* p, const G* g, const S& state, int64_t si, int64_t index,
                                                         const AdamConsts<V>& c) {
@@ -68,7 +70,7 @@ inline __attribute__((always_inline)) void adam_vector(P* p, const G* g, const S
     state.store(si, m, v);
   }
   if (c.stochastic) {
-    V::store_sr(p, param, V::random_bits(c.seed, index));
+    V::store_sr(p, param, V::random_bits(c.seed, c.index_offset + uint64_t(index)));
   } else {
     V::store(p, param);
   }

@@ -119,11 +119,17 @@ struct Vec {
     x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int(0x846ca68bU)));
     return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
   }
-  // Same stream as simd_scalar::Vec::random_bits for indices index .. index+7 (never
-  // straddling a multiple of 2^32, since index is a multiple of the tile size).
-  static U random_bits(uint64_t seed, int64_t index) {
+  // Same stream as simd_scalar::Vec::random_bits for indices index .. index+7. The lanes share
+  // one key unless they straddle a multiple of 2^32, which only an index_offset that is not a
+  // multiple of 8 can cause: then each lane takes the scalar definition.
+  static U random_bits(uint64_t seed, uint64_t index) {
     using simd_scalar::mix32;
-    const uint32_t key = mix32(uint32_t(seed) ^ mix32(uint32_t(seed >> 32) + uint32_t(uint64_t(index) >> 32) * 0x9E3779B9U));
+    if (uint32_t(index) > 0xFFFFFFFFU - (W - 1)) {
+      alignas(32) uint32_t r[W];
+      for (int j = 0; j < W; ++j) r[j] = simd_scalar::Vec::random_bits(seed, index + j);
+      return _mm256_load_si256(reinterpret_cast<const __m256i*>(r));
+    }
+    const uint32_t key = mix32(uint32_t(seed) ^ mix32(uint32_t(seed >> 32) + uint32_t(index >> 32) * 0x9E3779B9U));
     const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(index))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     return mix32v(_mm256_xor_si256(idx, _mm256_set1_epi32(int(key))));
   }

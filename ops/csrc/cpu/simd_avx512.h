@@ -111,9 +111,16 @@ struct Vec {
     x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int(0x846ca68bU)));
     return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   }
-  static U random_bits(uint64_t seed, int64_t index) {
+  // As simd_avx2::Vec::random_bits: one key for the 16 lanes unless they straddle a multiple
+  // of 2^32 (an index_offset that is not a multiple of 16), then the scalar definition per lane.
+  static U random_bits(uint64_t seed, uint64_t index) {
     using simd_scalar::mix32;
-    const uint32_t key = mix32(uint32_t(seed) ^ mix32(uint32_t(seed >> 32) + uint32_t(uint64_t(index) >> 32) * 0x9E3779B9U));
+    if (uint32_t(index) > 0xFFFFFFFFU - (W - 1)) {
+      alignas(64) uint32_t r[W];
+      for (int j = 0; j < W; ++j) r[j] = simd_scalar::Vec::random_bits(seed, index + j);
+      return _mm512_load_si512(r);
+    }
+    const uint32_t key = mix32(uint32_t(seed) ^ mix32(uint32_t(seed >> 32) + uint32_t(index >> 32) * 0x9E3779B9U));
     const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(index))),
                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     return mix32v(_mm512_xor_si512(idx, _mm512_set1_epi32(int(key))));

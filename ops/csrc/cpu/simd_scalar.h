@@ -116,8 +116,8 @@ struct Vec {
     return (entry >> 24) + ((b >> 31) ? (low < offset) : (low > offset));
   }
 
-  static U random_bits(uint64_t seed, int64_t index) {
-    const uint32_t key = mix32(uint32_t(seed) ^ mix32(uint32_t(seed >> 32) + uint32_t(uint64_t(index) >> 32) * 0x9E3779B9U));
+  static U random_bits(uint64_t seed, uint64_t index) {
+    const uint32_t key = mix32(uint32_t(seed) ^ mix32(uint32_t(seed >> 32) + uint32_t(index >> 32) * 0x9E3779B9U));
     return mix32(uint32_t(index) ^ key);
   }
 };

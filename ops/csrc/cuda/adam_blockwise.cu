@@ -71,7 +71,7 @@ template <class A, class P, class W>
 __device__ __forceinline__ bool update_thread(const Tables& mt, const Tables& vt, W m_word, W v_word, float m_scale,
                                               float v_scale, bool has_v, const float (&p)[kElems],
                                               const float (&g)[kElems], float (&m)[kElems], float (&v)[kElems],
-                                              P (&out)[kElems], const AdamCoeffs& c, int64_t first) {
+                                              P (&out)[kElems], const AdamCoeffs& c, uint64_t stream_first) {
   using Word = CodeWord<sizeof(W) == 8 ? 8 : 4>;
   bool nan_seen = false;
 #pragma unroll
@@ -80,7 +80,7 @@ __device__ __forceinline__ bool update_thread(const Tables& mt, const Tables& vt
     v[j] = has_v ? A::mul(vt.map[Word::get(v_word, j)], v_scale) : 0.0f;
     const float pj = update_element<A>(p[j], g[j], m[j], v[j], c);
     nan_seen |= any_nan(pj, m[j], v[j], has_v);
-    out[j] = round_param<P>(pj, c, first + j);
+    out[j] = round_param<P>(pj, c, stream_first + j);
   }
   return nan_seen;
 }
@@ -159,11 +159,13 @@ __global__ void __launch_bounds__(kMaxThreads, 1) blockwise_kernel(const AdamBlo
       load_as_float<false>(param + first, L.vector_params, valid, p);
       load_as_float<true>(grad + first, L.vector_params, valid, g);
       P out[kElems];
-      nan_seen = update_thread<IeeeArith>(mt, vt, m_word, v_word, m_scale, v_scale, has_v, p, g, m, v, out, c, first);
+      const uint64_t stream_first = c.index_offset + uint64_t(first);  // keys the stochastic rounding
+      nan_seen = update_thread<IeeeArith>(mt, vt, m_word, v_word, m_scale, v_scale, has_v, p, g, m, v, out, c,
+                                          stream_first);
       if (nan_seen) {  // rare: redo the thread's elements for x86's NaN bits ([Note: x86 NaN results])
         load_as_float<false>(param + first, L.vector_params, valid, p);  // nothing is stored yet
         load_as_float<true>(grad + first, L.vector_params, valid, g);
-        update_thread<X86Arith>(mt, vt, m_word, v_word, m_scale, v_scale, has_v, p, g, m, v, out, c, first);
+        update_thread<X86Arith>(mt, vt, m_word, v_word, m_scale, v_scale, has_v, p, g, m, v, out, c, stream_first);
       }
 #pragma unroll
       for (int j = 0; j < kElems; ++j) {

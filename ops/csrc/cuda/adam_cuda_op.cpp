@@ -26,8 +26,9 @@ cudaStream_t current_stream(const at::Tensor& param) {
 void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                     const at::Tensor& exp_avg_sq, double lr, double beta1, double beta2, double eps,
                     double weight_decay, int64_t step, bool adamw_mode, bool bias_correction, bool maximize,
-                    double grad_scale, bool stochastic_rounding, int64_t seed) {
-  check_adam_args(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+                    double grad_scale, bool stochastic_rounding, int64_t seed, int64_t index_offset) {
+  check_adam_args(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
+                  index_offset);
   check_kernel_device("adam_step_", "CUDA", param, c10::DeviceType::CUDA);
   const int64_t n = param.numel();
   if (n == 0) return;
@@ -35,22 +36,23 @@ void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
   const AdamTensorArgs args = fp32_state_args(
       "adam_step_", param, grad, exp_avg, &exp_avg_sq,
       make_coeffs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction, maximize, grad_scale,
-                  stochastic_rounding, seed));
+                  stochastic_rounding, seed, index_offset));
   C10_CUDA_CHECK(cuda::launch_fp32_state_step(args, n, current_stream(param)));  // see [Note: CUDA op streams]
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void lion_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, double lr,
                     double beta1, double beta2, double weight_decay, bool maximize, double grad_scale,
-                    bool stochastic_rounding, int64_t seed) {
-  check_lion_args(param, grad, exp_avg, lr, beta1, beta2, weight_decay, grad_scale);
+                    bool stochastic_rounding, int64_t seed, int64_t index_offset) {
+  check_lion_args(param, grad, exp_avg, lr, beta1, beta2, weight_decay, grad_scale, index_offset);
   check_kernel_device("lion_step_", "CUDA", param, c10::DeviceType::CUDA);
   const int64_t n = param.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());
   const AdamTensorArgs args = fp32_state_args(
       "lion_step_", param, grad, exp_avg, nullptr,
-      make_lion_coeffs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding, seed));
+      make_lion_coeffs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding, seed,
+                       index_offset));
   C10_CUDA_CHECK(cuda::launch_fp32_state_step(args, n, current_stream(param)));  // see [Note: CUDA op streams]
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -61,16 +63,17 @@ void adam_step_blockwise_cuda(const at::Tensor& param, const at::Tensor& grad, c
                               const at::Tensor& v_lut, c10::IntArrayRef lut_params, int64_t bits, int64_t block,
                               double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
                               bool adamw_mode, bool bias_correction, bool maximize, double grad_scale,
-                              bool stochastic_rounding, int64_t seed) {
+                              bool stochastic_rounding, int64_t seed, int64_t index_offset) {
   check_adam_blockwise_args(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, m_lut, v_map, v_lut,
-                            lut_params, bits, block, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+                            lut_params, bits, block, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
+                            index_offset);
   check_kernel_device(kBlockwiseOp, "CUDA", param, c10::DeviceType::CUDA);
   if (param.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());
   const AdamBlockwiseArgs args = adam_blockwise_args(
       param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, m_lut, v_map, v_lut, lut_params, bits, block,
       make_coeffs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction, maximize, grad_scale,
-                  stochastic_rounding, seed));
+                  stochastic_rounding, seed, index_offset));
   C10_CUDA_CHECK(cuda::launch_blockwise_step(args, current_stream(param)));  // see [Note: CUDA op streams]
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -79,15 +82,16 @@ void lion_step_blockwise_cuda(const at::Tensor& param, const at::Tensor& grad, c
                               const at::Tensor& m_absmax, const at::Tensor& m_map, const at::Tensor& m_lut,
                               c10::IntArrayRef lut_params, int64_t bits, int64_t block, double lr, double beta1,
                               double beta2, double weight_decay, bool maximize, double grad_scale,
-                              bool stochastic_rounding, int64_t seed) {
+                              bool stochastic_rounding, int64_t seed, int64_t index_offset) {
   check_lion_blockwise_args(param, grad, m_codes, m_absmax, m_map, m_lut, lut_params, bits, block, lr, beta1, beta2,
-                            weight_decay, grad_scale);
+                            weight_decay, grad_scale, index_offset);
   check_kernel_device(kLionBlockwiseOp, "CUDA", param, c10::DeviceType::CUDA);
   if (param.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());
   const AdamBlockwiseArgs args = lion_blockwise_args(
       param, grad, m_codes, m_absmax, m_map, m_lut, lut_params, bits, block,
-      make_lion_coeffs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding, seed));
+      make_lion_coeffs(lr, beta1, beta2, weight_decay, maximize, grad_scale, stochastic_rounding, seed,
+                       index_offset));
   C10_CUDA_CHECK(cuda::launch_blockwise_step(args, current_stream(param)));  // see [Note: CUDA op streams]
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

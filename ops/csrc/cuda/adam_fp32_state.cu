@@ -33,13 +33,13 @@ __device__ __forceinline__ void load_inputs(const P* param, const G* grad, const
 template <class A, class P>
 __device__ __forceinline__ bool update_thread(const float (&p)[kElems], const float (&g)[kElems], float (&m)[kElems],
                                               float (&v)[kElems], P (&out)[kElems], const AdamCoeffs& c, bool has_v,
-                                              int64_t i0) {
+                                              uint64_t s0) {
   bool nan_seen = false;
 #pragma unroll
   for (int j = 0; j < kElems; ++j) {
     const float pj = update_element<A>(p[j], g[j], m[j], v[j], c);
     nan_seen |= any_nan(pj, m[j], v[j], has_v);
-    out[j] = round_param<P>(pj, c, i0 + j);
+    out[j] = round_param<P>(pj, c, s0 + j);
   }
   return nan_seen;
 }
@@ -66,10 +66,11 @@ __global__ void __launch_bounds__(kThreads)
     float p[kElems], g[kElems], m[kElems], v[kElems];
     load_inputs(param + i0, grad + i0, exp_avg + i0, exp_avg_sq + i0, has_v, p, g, m, v);
     P out[kElems];
-    if (update_thread<IeeeArith>(p, g, m, v, out, c, has_v, i0)) {
+    const uint64_t s0 = c.index_offset + uint64_t(i0);  // the chunk's first index in the rounding stream
+    if (update_thread<IeeeArith>(p, g, m, v, out, c, has_v, s0)) {
       // Rare: some result is NaN; redo the chunk for x86's NaN bits ([Note: x86 NaN results]).
       load_inputs(param + i0, grad + i0, exp_avg + i0, exp_avg_sq + i0, has_v, p, g, m, v);  // nothing stored yet
-      update_thread<X86Arith>(p, g, m, v, out, c, has_v, i0);
+      update_thread<X86Arith>(p, g, m, v, out, c, has_v, s0);
     }
     store_elems(param + i0, true, kElems, out);
     store_elems(exp_avg + i0, true, kElems, m);
@@ -83,7 +84,7 @@ __global__ void __launch_bounds__(kThreads)
       m = exp_avg[i], v = has_v ? exp_avg_sq[i] : 0.0f;
       p = update_element<X86Arith>(p_in, g_in, m, v, c);
     }
-    param[i] = round_param<P>(p, c, i);
+    param[i] = round_param<P>(p, c, c.index_offset + uint64_t(i));
     exp_avg[i] = m;
     if (has_v) exp_avg_sq[i] = v;
   }

@@ -66,9 +66,9 @@ __device__ __forceinline__ uint32_t mix32(uint32_t x) {
   return x;
 }
 
-// Stochastic-rounding bits of element `index` (simd_scalar::Vec::random_bits).
-__device__ __forceinline__ uint32_t random_bits(uint64_t seed, int64_t index) {
-  const uint32_t index_hi = uint32_t(uint64_t(index) >> 32);
+// Stochastic-rounding bits of element `index` of the stream (simd_scalar::Vec::random_bits).
+__device__ __forceinline__ uint32_t random_bits(uint64_t seed, uint64_t index) {
+  const uint32_t index_hi = uint32_t(index >> 32);
   const uint32_t key = mix32(uint32_t(seed) ^ mix32(uint32_t(seed >> 32) + index_hi * 0x9E3779B9U));
   return mix32(uint32_t(index) ^ key);
 }
@@ -131,10 +131,12 @@ template <> struct Rounded<f16_t> {
   }
 };
 
-// The rounded value of the updated param as the CPU kernels store it (element `index`).
+// The rounded value of the updated param as the CPU kernels store it. `stream_index` is the
+// element's index in the stochastic-rounding stream: c.index_offset + its index in the tensor,
+// as in adam_vector (callers add the offset once per chunk: adding it here made ptxas spill).
 template <class P>
-__device__ __forceinline__ P round_param(float x, const AdamCoeffs& c, int64_t index) {
-  return c.rounding == Rounding::kStochastic ? Rounded<P>::stochastic(x, random_bits(c.seed, index))
+__device__ __forceinline__ P round_param(float x, const AdamCoeffs& c, uint64_t stream_index) {
+  return c.rounding == Rounding::kStochastic ? Rounded<P>::stochastic(x, random_bits(c.seed, stream_index))
                                              : Rounded<P>::nearest(x);
 }
 
