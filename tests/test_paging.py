@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from offload_engine.optim import (Adam8bit, AdamW4bit, AdamW8bit, CPUAdam, Lion, Lion8bit, PagedAdam, PagedAdam8bit,
                                   PagedAdamW, PagedAdamW8bit, PagedLion, PagedLion8bit)
@@ -15,8 +15,8 @@ from conftest import bits
 
 # Each paged optimizer beside the unpaged one it must reproduce (same settings).
 PAIRS = {
-    "PagedAdam": (PagedAdam, lambda ps, **kw: CPUAdam(ps, weight_decay=0.01, adamw_mode=False), {}),
-    "PagedAdamW": (PagedAdamW, lambda ps, **kw: CPUAdam(ps, weight_decay=0.01), {}),
+    "PagedAdam": (PagedAdam, lambda ps, **kw: CPUAdam(ps, weight_decay=0.01, adamw_mode=False, **kw), {}),
+    "PagedAdamW": (PagedAdamW, lambda ps, **kw: CPUAdam(ps, weight_decay=0.01, **kw), {}),
     "PagedAdam8bit": (PagedAdam8bit, Adam8bit, {}),
     "PagedAdamW8bit": (PagedAdamW8bit, AdamW8bit, {}),
     "PagedLion": (PagedLion, Lion, {}),
@@ -38,7 +38,7 @@ def _paged(name, params, **options):
     return paged_cls(params, **kw, **options)
 
 
-def _unpaged(name, params):
+def _unpaged(name, params, **options):
     paged_cls, unpaged, _ = PAIRS[name]
     kw = dict(min_8bit_size=64)
     if "Lion" in name:
@@ -47,7 +47,7 @@ def _unpaged(name, params):
         kw.update(weight_decay=0.01)
     else:
         kw = {}
-    return unpaged(params, **kw)
+    return unpaged(params, **kw, **options)
 
 
 def _set_grads(a, b, step, dtype):
@@ -75,14 +75,28 @@ def _assert_same(paged, unpaged, a, b, moments):
        shapes=st.lists(st.sampled_from([(1,), (7,), (63,), (65,), (255, 3), (1000,), (4097,), (33, 129), (3000, 7)]),
                        min_size=1, max_size=5),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       stochastic_rounding=st.booleans(),
        seed=st.integers(0, 2**16))
-def test_paged_equals_unpaged_bit_for_bit(tmp_path, name, store, page_kb, prefetch_depth, shapes, dtype, seed):
+# Always run: bf16 params with stochastic rounding, split across pages (fp32 and 8-bit state).
+@example(name="PagedAdamW", store="cpu", page_kb=8, prefetch_depth=2, shapes=[(4097,), (65,)], dtype=torch.bfloat16,
+         stochastic_rounding=True, seed=1)
+@example(name="PagedLion8bit", store="nvme", page_kb=4, prefetch_depth=1, shapes=[(33, 129)], dtype=torch.bfloat16,
+         stochastic_rounding=True, seed=2)
+def test_paged_equals_unpaged_bit_for_bit(tmp_path, name, store, page_kb, prefetch_depth, shapes, dtype,
+                                          stochastic_rounding, seed):
     """Pages smaller than one param and pages holding many tiny params; every step, every
-    state tensor; some params skip a step (no grad)."""
+    state tensor; some params skip a step (no grad). With stochastic rounding (bf16 params),
+    each page segment draws the whole param's stream from its start on (index_offset)."""
     a, b = _make(shapes, dtype, seed), _make(shapes, dtype, seed)
-    paged = _paged(name, a, store=store, nvme_path=str(tmp_path) if store == "nvme" else None,
-                   page_size_mb=page_kb * KB, prefetch_depth=prefetch_depth)
-    unpaged = _unpaged(name, b)
+    # The same torch seed before each constructor: both draw the same stochastic-rounding seed base.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        paged = _paged(name, a, store=store, nvme_path=str(tmp_path) if store == "nvme" else None,
+                       page_size_mb=page_kb * KB, prefetch_depth=prefetch_depth,
+                       stochastic_rounding=stochastic_rounding)
+        torch.manual_seed(seed)
+        unpaged = _unpaged(name, b, stochastic_rounding=stochastic_rounding)
+    assert paged._seed_base == unpaged._seed_base
     moments = ("exp_avg",) if "Lion" in name else ("exp_avg", "exp_avg_sq")
     for step in range(3):
         _set_grads(a, b, step, dtype)

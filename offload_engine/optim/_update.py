@@ -21,15 +21,18 @@ def group_hyper(group: dict) -> dict:
 
 
 def step_state_(algorithm: str, param: torch.Tensor, grad: torch.Tensor, state: dict, fmt: str, block: int,
-                step: int, seed: int, hyper: dict, adam_step_=None) -> None:
+                step: int, seed: int, hyper: dict, adam_step_=None, index_offset: int = 0) -> None:
     """Updates `param` and its moments in `state` (fp32: ``exp_avg``/``exp_avg_sq``; 8/4-bit:
     ``<moment>_codes``/``<moment>_absmax``) in place with one kernel call.
 
     `adam_step_` is the fp32 Adam implementation to call (kernels.adam_step_impl(), fetched
-    once per step by the caller)."""
+    once per step by the caller). `index_offset` is the index of `param`'s first element in the
+    whole param (a page segment's start): it keys the stochastic-rounding stream, so a segment
+    rounds as the whole param would."""
     if algorithm == "lion":
         lion = dict(lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"], weight_decay=hyper["weight_decay"],
-                    maximize=hyper["maximize"], stochastic_rounding=hyper["stochastic_rounding"], seed=seed)
+                    maximize=hyper["maximize"], stochastic_rounding=hyper["stochastic_rounding"], seed=seed,
+                    index_offset=index_offset)
         if fmt == "fp32":
             kernels.lion_step_(param, grad, state["exp_avg"], **lion)
         else:
@@ -37,8 +40,8 @@ def step_state_(algorithm: str, param: torch.Tensor, grad: torch.Tensor, state: 
                                          block=block, **lion)
     elif fmt == "fp32":
         (adam_step_ or kernels.adam_step_impl())(param, grad, state["exp_avg"], state["exp_avg_sq"], step=step,
-                                                 seed=seed, **hyper)
+                                                 seed=seed, index_offset=index_offset, **hyper)
     else:
         kernels.adam_step_blockwise_(param, grad, state["exp_avg_codes"], state["exp_avg_absmax"],
                                      state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], fmt=fmt, block=block,
-                                     step=step, seed=seed, **hyper)
+                                     step=step, seed=seed, index_offset=index_offset, **hyper)

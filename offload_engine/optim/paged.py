@@ -53,10 +53,6 @@ class PagedOptimizer(BlockwiseOptimizer):
         if store == "cpu" and nvme_path is not None:
             raise ValueError(f"{name}: nvme_path is only used with store='nvme' (got store='cpu', "
                              f"nvme_path={nvme_path!r})")
-        if settings.get("stochastic_rounding"):
-            # The kernels key the rounding stream by the element's index in the tensor they get;
-            # a page segment starts at 0, so paging would change the numbers.
-            raise ValueError(f"{name}: stochastic_rounding is not supported by the paged optimizers yet")
         super().__init__(params, **settings)
         # The executor follows the params: CPU params are updated by the SIMD kernels, CUDA
         # params by the CUDA kernels through device slots (paging/cuda_pipeline.py).
@@ -253,7 +249,7 @@ class PagedOptimizer(BlockwiseOptimizer):
                 p_flat, g_flat, step, seed, hyper = job
                 end = seg.start + seg.length
                 step_state_(algorithm, p_flat[seg.start:end], g_flat[seg.start:end], seg.views(buf), seg.fmt.name,
-                            seg.fmt.block, step, seed, hyper, adam_step_)
+                            seg.fmt.block, step, seed, hyper, adam_step_, index_offset=seg.start)
             if offload is not None:
                 offload.after_update(table.pages[page])
 
