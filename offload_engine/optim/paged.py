@@ -1,5 +1,8 @@
 """Paged optimizers: the moments live in a page store (host RAM or an NVMe file) and are moved
-a page at a time through a bounded slot pool to the CPU kernels and back.
+a page at a time through a bounded slot pool to the update kernels and back: the SIMD CPU
+kernels for CPU params (or, with ``executor="cpu"``, for CUDA params through pinned copies:
+paging/cpu_offload.py), the CUDA kernels through device slots for CUDA params
+(paging/cuda_pipeline.py).
 
     PagedAdam, PagedAdamW                 fp32 moments
     PagedAdam8bit, PagedAdamW8bit         8-bit block-quantized moments
@@ -7,8 +10,9 @@ a page at a time through a bounded slot pool to the CPU kernels and back.
 
 Constructors as bitsandbytes' (``params, lr, betas, eps, weight_decay, amsgrad=False,
 min_8bit_size=4096``), plus keyword options ``store="cpu"|"nvme"``, ``nvme_path``,
-``page_size_mb``, ``prefetch_depth`` (and ``block_size``, ``io_threads``). Results are bit for
-bit those of the unpaged optimizers (Adam8bit, AdamW8bit, Lion, ...), whatever the page size.
+``page_size_mb``, ``prefetch_depth`` (and ``block_size``, ``io_threads``, ``executor``). Results
+are bit for bit those of the unpaged optimizers (Adam8bit, AdamW8bit, Lion, ...), whatever the
+page size, store or executor.
 
 [Note: failed steps] A step that fails (an IO error, a kernel error, Ctrl-C) raises an error
 naming the page and the file. The stored state is then the pre-step one: NvmeStore commits a
@@ -54,8 +58,8 @@ class PagedOptimizer(BlockwiseOptimizer):
             raise ValueError(f"{name}: nvme_path is only used with store='nvme' (got store='cpu', "
                              f"nvme_path={nvme_path!r})")
         super().__init__(params, **settings)
-        # The executor follows the params: CPU params are updated by the SIMD kernels, CUDA
-        # params by the CUDA kernels through device slots (paging/cuda_pipeline.py).
+        # By default the executor follows the params: CPU params are updated by the SIMD kernels,
+        # CUDA params by the CUDA kernels through device slots (paging/cuda_pipeline.py).
         self._device = _params_device(self.param_groups, name)
         if executor not in EXECUTORS:
             raise ValueError(f"{name}: executor must be one of {', '.join(map(repr, EXECUTORS))}; got "
