@@ -183,34 +183,32 @@ class NvmeStore:
 
     # ---- IO thread side -------------------------------------------------------------------
     def _read(self, page: int, buf: torch.Tensor) -> None:
-        offset = self._offset(page, self._current[page])
+        self._transfer(page, buf, self._current[page], write=False)
+
+    def _write(self, page: int, buf: torch.Tensor) -> None:
+        self._transfer(page, buf, self._current[page] ^ 1, write=True)
+
+    def _transfer(self, page: int, buf: torch.Tensor, place: int, *, write: bool) -> None:
+        """Moves one whole page between `buf` and its `place` in the file (short transfers
+        are continued; a read that meets the end of the file is a truncated file)."""
+        offset = self._offset(page, place)
         view = _buffer(buf)
+        io = os.pwritev if write else os.preadv
         done, t = 0, time.perf_counter()
         try:
             while done < self.page_bytes:
-                n = os.preadv(self._fd, [view[done:]], offset + done)
+                n = io(self._fd, [view[done:]], offset + done)
+                if n == 0 and write:
+                    raise OSError(errno.EIO, "wrote 0 bytes")
                 if n == 0:
                     raise PageIOError(f"page {page}: the state file {self.path} ends at byte {offset + done}, inside "
                                       "the page (truncated?)", page=page, path=self.path)
                 done += n
         except OSError as err:
-            raise PageIOError(f"page {page}: reading {self.path} at offset {offset + done} failed: "
-                              f"{err.strerror or err}", page=page, path=self.path) from err
+            raise PageIOError(f"page {page}: {'writing' if write else 'reading'} {self.path} at offset "
+                              f"{offset + done} failed: {err.strerror or err}", page=page, path=self.path) from err
         with self._io_lock:
-            self._read_s += time.perf_counter() - t
-
-    def _write(self, page: int, buf: torch.Tensor) -> None:
-        offset = self._offset(page, self._current[page] ^ 1)
-        view = _buffer(buf)
-        done, t = 0, time.perf_counter()
-        try:
-            while done < self.page_bytes:
-                n = os.pwritev(self._fd, [view[done:]], offset + done)
-                if n == 0:
-                    raise OSError(errno.EIO, "wrote 0 bytes")
-                done += n
-        except OSError as err:
-            raise PageIOError(f"page {page}: writing {self.path} at offset {offset + done} failed: "
-                              f"{err.strerror or err}", page=page, path=self.path) from err
-        with self._io_lock:
-            self._write_s += time.perf_counter() - t
+            if write:
+                self._write_s += time.perf_counter() - t
+            else:
+                self._read_s += time.perf_counter() - t
