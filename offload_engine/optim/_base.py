@@ -8,6 +8,8 @@ State of a param (``self.state[p]``):
   int8/int4: block_size, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax
              (codes padded to whole blocks, 4-bit two per byte; one float32 absmax per block;
              each moment's codes and absmax are contiguous, so a pager can move them by block)
+  master     float32, the param's shape: with ``master_weights=True``, for bf16/fp16 params
+             ([Note: master weights] in _update.py)
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from ._update import group_hyper, step_state_
 
 STATE_FORMAT_VERSION = 1
 MOMENTS = ("exp_avg", "exp_avg_sq")  # signed map for exp_avg, unsigned for exp_avg_sq
-_STRUCTURAL = ("state_format", "block_size", "min_8bit_size")  # kept by load_state_dict
+_STRUCTURAL = ("state_format", "block_size", "min_8bit_size", "master_weights")  # kept by load_state_dict
 _SIGNED = {"exp_avg": True, "exp_avg_sq": False}
 
 
@@ -34,6 +36,7 @@ class BlockwiseOptimizer(Optimizer):
 
     Subclasses fix the constructor (bitsandbytes- or DeepSpeed-compatible) and pass
     ``state_format`` ("fp32", "int8", "int4"), ``block_size`` and ``min_8bit_size``.
+    ``master_weights=True`` keeps an fp32 master copy of each bf16/fp16 param with its state.
     """
 
     _algorithm = "adam"  # or "lion"
@@ -41,7 +44,7 @@ class BlockwiseOptimizer(Optimizer):
 
     def __init__(self, params, *, lr, betas, eps, weight_decay, amsgrad, adamw_mode, bias_correction=True,
                  maximize=False, stochastic_rounding=False, state_format="fp32", block_size=None,
-                 min_8bit_size=4096):
+                 min_8bit_size=4096, master_weights=False):
         if amsgrad:
             raise ValueError(f"{type(self).__name__}: amsgrad=True is not supported (the fused kernels keep no "
                              "max_exp_avg_sq)")
@@ -51,7 +54,7 @@ class BlockwiseOptimizer(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         amsgrad=False, adamw_mode=adamw_mode, maximize=maximize,
                         stochastic_rounding=stochastic_rounding, state_format=state_format, block_size=block_size,
-                        min_8bit_size=min_8bit_size)
+                        min_8bit_size=min_8bit_size, master_weights=master_weights)
         super().__init__(params, defaults)
         # The stochastic-rounding streams' base; drawn from torch's generator only when some
         # group rounds stochastically, so other optimizers' users see no shift in their RNG.
@@ -67,6 +70,11 @@ class BlockwiseOptimizer(Optimizer):
         codec.check_block(settings["block_size"])
         if not (isinstance(settings["min_8bit_size"], int) and settings["min_8bit_size"] >= 0):
             raise ValueError(f"min_8bit_size must be an int >= 0, got {settings['min_8bit_size']!r}")
+        if not isinstance(settings["master_weights"], bool):
+            raise ValueError(f"master_weights must be True or False, got {settings['master_weights']!r}")
+        if settings["master_weights"] and settings["stochastic_rounding"]:
+            raise ValueError("master_weights=True and stochastic_rounding=True are two answers to the same problem "
+                             "(bf16/fp16 params losing small updates): choose one")
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         for p in params:
@@ -81,9 +89,15 @@ class BlockwiseOptimizer(Optimizer):
         fmt = group["state_format"]
         return "fp32" if fmt == "fp32" or p.numel() < group["min_8bit_size"] else fmt
 
-    def _new_state(self, p, fmt: str, block: int) -> dict:
+    @staticmethod
+    def _wants_master(group, p) -> bool:
+        return bool(group.get("master_weights")) and p.dtype != torch.float32
+
+    def _new_state(self, p, fmt: str, block: int, master: bool = False) -> dict:
         # The moments live on the param's device (the kernel runs there); step stays a CPU scalar.
         state = {"step": torch.tensor(0.0), "format": fmt}
+        if master:
+            state["master"] = p.detach().float().clone()
         if fmt == "fp32":
             for name in self._moments:
                 state[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
@@ -106,25 +120,30 @@ class BlockwiseOptimizer(Optimizer):
         out = {"step": state["step"].clone()}
         for name in self._moments:
             out[name] = _moment_fp32(state, name, param.numel()).view(param.shape).clone()
+        if "master" in state:
+            out["master"] = state["master"].view(param.shape).clone()
         return out
 
     # ---- step ---------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, grad_scale: float = 1.0):
+        """One update of every param with a grad. `grad_scale` multiplies the grads inside the
+        kernels (how the engine unscales fp16 losses and clips, without a pass over the grads)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_step_inputs()
+        self._check_step_inputs(grad_scale)
         adam_step_ = kernels.adam_step_impl()
         for group_index, group in enumerate(self.param_groups):
-            hyper = group_hyper(group)
+            hyper = group_hyper(group, grad_scale)
             for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if not state:
-                    state.update(self._new_state(p, self._format_for(group, p), group["block_size"]))
+                    state.update(self._new_state(p, self._format_for(group, p), group["block_size"],
+                                                 self._wants_master(group, p)))
                 step = int(state["step"]) + 1
                 seed = kernels.as_int64(_stream_seed(self._seed_base, group_index, index, step))
                 # The kernels need contiguous tensors; a strided param is updated in a copy.
@@ -136,8 +155,10 @@ class BlockwiseOptimizer(Optimizer):
                 state["step"].fill_(step)
         return loss
 
-    def _check_step_inputs(self) -> None:
+    def _check_step_inputs(self, grad_scale: float = 1.0) -> None:
         """Checked for every param before any moves, so a bad one leaves the step undone."""
+        if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not math.isfinite(grad_scale):
+            raise ValueError(f"{type(self).__name__}.step: grad_scale must be a finite number, got {grad_scale!r}")
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -194,6 +215,19 @@ class BlockwiseOptimizer(Optimizer):
             self.state[p] = state
         self._seed_base = int(state_dict.get("seed_base", self._seed_base))
 
+    def _saved_master(self, saved: dict, p, group, where: str):
+        """The fp32 master of `p` for its loaded state: the saved one, or (a checkpoint saved
+        without master weights) the param's current value; None when this optimizer keeps no
+        master for `p` (a saved master is then dropped: the param holds its rounded value)."""
+        if not self._wants_master(group, p):
+            return None
+        value = saved.get("master")
+        if value is None:
+            return p.detach().float().clone()
+        if value.numel() != p.numel():
+            raise ValueError(f"{where}: state 'master' has {value.numel()} elements, the param {p.numel()}")
+        return value.detach().to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
+
     def _convert_saved_state(self, saved: dict, p, group, saved_maps) -> dict:
         """The saved state of `p` in the format this optimizer uses for it (fresh tensors)."""
         where = f"{type(self).__name__}.load_state_dict: param of shape {list(p.shape)}"
@@ -226,12 +260,17 @@ class BlockwiseOptimizer(Optimizer):
                     code_map = saved_maps.get(saved_fmt, {}).get("signed" if _SIGNED[name] else "unsigned")
                     moments[name] = codec.dequantize_blockwise(codes, absmax.float(), f, _SIGNED[name], block, n,
                                                                code_map)
+        master = self._saved_master(saved, p, group, where)
         state = {k: v for k, v in saved.items() if k not in _moment_keys()}
         state["step"] = torch.as_tensor(saved.get("step", 0.0), dtype=torch.float32).clone()
         state["format"] = target_fmt
+        if master is not None:
+            state["master"] = master
         if not present:  # a state saved before its first step
-            fresh = self._new_state(p, target_fmt, target_block)
+            fresh = self._new_state(p, target_fmt, target_block, master is not None)
             fresh["step"] = state["step"]
+            if master is not None:
+                fresh["master"] = master
             return fresh
         if target_fmt == "fp32":
             for name in self._moments:
@@ -250,7 +289,7 @@ class BlockwiseOptimizer(Optimizer):
 
 
 def _moment_keys():
-    return {k for name in MOMENTS for k in (name, f"{name}_codes", f"{name}_absmax")} | {"block_size"}
+    return {k for name in MOMENTS for k in (name, f"{name}_codes", f"{name}_absmax")} | {"block_size", "master"}
 
 
 def _moment_fp32(state: dict, name: str, numel: int) -> torch.Tensor:

@@ -12,14 +12,15 @@ class CPUAdam(BlockwiseOptimizer):
 
     Args as DeepSpeedCPUAdam (amsgrad must be False). Keyword-only extras: ``maximize``;
     ``stochastic_rounding`` for bf16/fp16 params (seeded from torch's default generator at
-    construction, so ``torch.manual_seed`` makes runs repeatable).
+    construction, so ``torch.manual_seed`` makes runs repeatable), or ``master_weights`` (an
+    fp32 copy of each bf16/fp16 param kept with its state and updated instead of the param).
     """
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 amsgrad=False, adamw_mode=True, *, maximize=False, stochastic_rounding=False):
+                 amsgrad=False, adamw_mode=True, *, maximize=False, stochastic_rounding=False, master_weights=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          adamw_mode=adamw_mode, bias_correction=bias_correction, maximize=maximize,
-                         stochastic_rounding=stochastic_rounding, state_format="fp32")
+                         stochastic_rounding=stochastic_rounding, state_format="fp32", master_weights=master_weights)
 
 
 class _QuantizedAdam(BlockwiseOptimizer):
@@ -27,10 +28,12 @@ class _QuantizedAdam(BlockwiseOptimizer):
     _adamw = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-                 min_8bit_size=4096, *, block_size=None, maximize=False, stochastic_rounding=False):
+                 min_8bit_size=4096, *, block_size=None, maximize=False, stochastic_rounding=False,
+                 master_weights=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          adamw_mode=self._adamw, maximize=maximize, stochastic_rounding=stochastic_rounding,
-                         state_format=self._format, block_size=block_size, min_8bit_size=min_8bit_size)
+                         state_format=self._format, block_size=block_size, min_8bit_size=min_8bit_size,
+                         master_weights=master_weights)
 
 
 class Adam8bit(_QuantizedAdam):

@@ -14,11 +14,11 @@ class Lion(BlockwiseOptimizer):
     _format = "fp32"
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, min_8bit_size=4096, *,
-                 block_size=None, maximize=False, stochastic_rounding=False):
+                 block_size=None, maximize=False, stochastic_rounding=False, master_weights=False):
         super().__init__(params, lr=lr, betas=betas, eps=0.0, weight_decay=weight_decay, amsgrad=False,
                          adamw_mode=True, bias_correction=False, maximize=maximize,
                          stochastic_rounding=stochastic_rounding, state_format=self._format, block_size=block_size,
-                         min_8bit_size=min_8bit_size)
+                         min_8bit_size=min_8bit_size, master_weights=master_weights)
 
 
 class Lion8bit(Lion):

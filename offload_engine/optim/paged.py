@@ -93,7 +93,8 @@ class PagedOptimizer(BlockwiseOptimizer):
     # ---- layout ---------------------------------------------------------------------------
     def _state_format(self, group, p) -> StateFormat:
         fmt = self._format_for(group, p)
-        return StateFormat(fmt, tuple(self._moments), 0 if fmt == "fp32" else group["block_size"])
+        return StateFormat(fmt, tuple(self._moments), 0 if fmt == "fp32" else group["block_size"],
+                           master=self._wants_master(group, p))
 
     def _ensure_layout(self) -> None:
         """Lays out every param group not laid out yet, reserves its pages in the store and
@@ -125,7 +126,9 @@ class PagedOptimizer(BlockwiseOptimizer):
                 self._scheduler = PageScheduler(self._store, self._pool, self._prefetch_depth)
         # The new pages get their initial state before the layout is adopted: if a write fails,
         # the optimizer keeps the old layout (the extra room reserved in the store is unused).
-        self._write_pages(new_pages, lambda page, buf: _fill_initial(table.pages[page], buf), read_first=False)
+        params = {key: p for p, key in keys.items()}
+        self._write_pages(new_pages, lambda page, buf: _fill_initial(table.pages[page], buf, params=params),
+                          read_first=False)
         self._table, self._keys = table, keys
         self._laid_out_groups = len(self.param_groups)
 
@@ -187,8 +190,10 @@ class PagedOptimizer(BlockwiseOptimizer):
         fresh = set(fresh)
         pages = sorted({seg.page for key in (*states, *fresh) for seg in self._table.segments_of[key]})
 
+        params = {key: p for p, key in self._keys.items()}
+
         def fill(page, buf):
-            _fill_initial(self._table.pages[page], buf, fresh)
+            _fill_initial(self._table.pages[page], buf, fresh, params)
             for seg in self._table.pages[page].segments:
                 if seg.key in states:
                     for name, piece in seg.views(buf).items():
@@ -199,7 +204,9 @@ class PagedOptimizer(BlockwiseOptimizer):
 
     # ---- step -----------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, grad_scale: float = 1.0):
+        """One update of every param with a grad, page by page; `grad_scale` multiplies the
+        grads inside the kernels (BlockwiseOptimizer.step)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -207,7 +214,7 @@ class PagedOptimizer(BlockwiseOptimizer):
         if self._failed:
             raise RuntimeError(f"{type(self).__name__}: {self._failed}; params and state no longer match, so the "
                                "optimizer refuses to step: restore a checkpoint with load_state_dict()")
-        self._check_step_inputs()
+        self._check_step_inputs(grad_scale)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and p.device != self._device:
@@ -218,7 +225,7 @@ class PagedOptimizer(BlockwiseOptimizer):
         adam_step_ = kernels.adam_step_impl()
         work, strided = {}, []
         for gi, group in enumerate(self.param_groups):
-            hyper = group_hyper(group)
+            hyper = group_hyper(group, grad_scale)
             for index, p in enumerate(group["params"]):
                 if p.grad is None or p.numel() == 0:
                     continue
@@ -326,6 +333,8 @@ class PagedOptimizer(BlockwiseOptimizer):
         out = {"step": state["step"].clone()}
         for name in self._moments:
             out[name] = _moment_fp32(full, name, param.numel()).view(param.shape).clone()
+        if "master" in full:
+            out["master"] = full["master"].view(param.shape).clone()
         return out
 
     def state_dict(self):
@@ -336,7 +345,8 @@ class PagedOptimizer(BlockwiseOptimizer):
         for key, arrays in self._gather(with_state).items():
             fp32 = sd["state"][key]["format"] == "fp32"
             for name, tensor in arrays.items():
-                sd["state"][key][name] = tensor.view(params[key].shape) if fp32 else tensor
+                as_param = fp32 or name == "master"  # full-size arrays take the param's shape
+                sd["state"][key][name] = tensor.view(params[key].shape) if as_param else tensor
         return sd
 
     def load_state_dict(self, state_dict):
@@ -379,7 +389,7 @@ def _params_device(param_groups, name: str) -> torch.device:
 
 def _element_offset(seg, name: str, piece: torch.Tensor) -> int:
     """Where a segment's array starts inside the param's full array (in that array's items)."""
-    if seg.fmt.name == "fp32":
+    if seg.fmt.name == "fp32" or name == "master":
         return seg.start
     if name.endswith("_absmax"):
         return seg.start // seg.fmt.block
@@ -393,16 +403,19 @@ def _zero_code_byte(fmt_name: str, signed: bool) -> int:
     return int(codes[0])
 
 
-def _fill_initial(page, buf: torch.Tensor, only=None) -> None:
-    """The state of a param before its first step (zero moments), for the segments of `page`
-    (those of params in `only`, when given)."""
+def _fill_initial(page, buf: torch.Tensor, only=None, params=None) -> None:
+    """The state of a param before its first step (zero moments, and its current value as the
+    fp32 master when it has one), for the segments of `page` (those of params in `only`, when
+    given); `params` maps keys to params."""
     if only is None:
         buf.zero_()
     for seg in page.segments:
         if only is not None and seg.key not in only:
             continue
         for name, piece in seg.views(buf).items():
-            if name.endswith("_codes"):
+            if name == "master":
+                piece.copy_(params[seg.key].detach().reshape(-1)[seg.start:seg.start + seg.length])
+            elif name.endswith("_codes"):
                 moment = name[: -len("_codes")]
                 piece.fill_(_zero_code_byte(seg.fmt.name, _SIGNED[moment]))
             else:
@@ -416,12 +429,12 @@ def _quantized(cls_name: str, fmt: str, adamw: bool):
         def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2 if adamw else 0.0,
                      amsgrad=False, min_8bit_size=4096, *, block_size=None, maximize=False, store="cpu",
                      nvme_path=None, page_size_mb=DEFAULT_PAGE_SIZE_MB, prefetch_depth=DEFAULT_PREFETCH_DEPTH,
-                     io_threads=4, executor="auto", stochastic_rounding=False):
+                     io_threads=4, executor="auto", stochastic_rounding=False, master_weights=False):
             super().__init__(params, store=store, nvme_path=nvme_path, page_size_mb=page_size_mb,
                              prefetch_depth=prefetch_depth, io_threads=io_threads, executor=executor, lr=lr,
                              betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, adamw_mode=adamw,
                              maximize=maximize, stochastic_rounding=stochastic_rounding, state_format=fmt,
-                             block_size=block_size, min_8bit_size=min_8bit_size)
+                             block_size=block_size, min_8bit_size=min_8bit_size, master_weights=master_weights)
 
     _Paged.__name__ = _Paged.__qualname__ = cls_name
     return _Paged
@@ -446,13 +459,14 @@ class PagedLion(PagedOptimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, min_8bit_size=4096, *,
                  block_size=None, maximize=False, store="cpu", nvme_path=None, page_size_mb=DEFAULT_PAGE_SIZE_MB,
-                 prefetch_depth=DEFAULT_PREFETCH_DEPTH, io_threads=4, executor="auto", stochastic_rounding=False):
+                 prefetch_depth=DEFAULT_PREFETCH_DEPTH, io_threads=4, executor="auto", stochastic_rounding=False,
+                 master_weights=False):
         super().__init__(params, store=store, nvme_path=nvme_path, page_size_mb=page_size_mb,
                          prefetch_depth=prefetch_depth, io_threads=io_threads, executor=executor, lr=lr,
                          betas=betas, eps=0.0, weight_decay=weight_decay, amsgrad=False, adamw_mode=True,
                          bias_correction=False,
                          maximize=maximize, stochastic_rounding=stochastic_rounding, state_format=self._format,
-                         block_size=block_size, min_8bit_size=min_8bit_size)
+                         block_size=block_size, min_8bit_size=min_8bit_size, master_weights=master_weights)
 
 
 class PagedLion8bit(PagedLion):

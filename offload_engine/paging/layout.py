@@ -36,6 +36,7 @@ class StateFormat:
     name: str                 # "fp32" | "int8" | "int4"
     moments: tuple            # ("exp_avg", "exp_avg_sq"), or ("exp_avg",) for Lion
     block: int = 0            # quantization block (elements); 0 for fp32
+    master: bool = False      # an fp32 copy of the param (for bf16/fp16 params) is paged with the state
 
     def __post_init__(self):
         if self.name != "fp32" and self.name not in FORMATS:
@@ -48,12 +49,13 @@ class StateFormat:
 
     def arrays(self, numel: int) -> list:
         """(key, bytes, dtype) of each state array for `numel` elements, in page order."""
+        master = [("master", numel * 4, torch.float32)] if self.master else []
         if self.name == "fp32":
-            return [(m, numel * 4, torch.float32) for m in self.moments]
+            return master + [(m, numel * 4, torch.float32) for m in self.moments]
         f = FORMATS[self.name]
         codes = [(f"{m}_codes", f.code_bytes(numel, self.block), torch.uint8) for m in self.moments]
         absmax = [(f"{m}_absmax", -(-numel // self.block) * 4, torch.float32) for m in self.moments]
-        return codes + absmax
+        return master + codes + absmax
 
     def nbytes(self, numel: int) -> int:
         """Bytes a segment of `numel` elements takes in a page (arrays padded to ARRAY_ALIGN)."""
