@@ -253,3 +253,32 @@ def test_executor_option_is_checked():
         PagedAdamW([torch.zeros(10)], executor="cuda")
     opt = PagedAdamW([torch.zeros(10)], executor="cpu")
     assert opt.paging_stats()["executor"] == "cpu"
+
+
+@pytest.mark.parametrize("store", ["cpu", "nvme"])
+def test_pages_are_laid_out_only_for_params_that_need_state(store, tmp_path):
+    """[Note: lazy layout]: frozen params cost no store; an empty state dict writes nothing; a
+    param that starts getting grads later is laid out then, and equals an unpaged run."""
+    extra = {"store": "nvme", "nvme_path": str(tmp_path)} if store == "nvme" else {}
+    frozen, late, live = (torch.nn.Parameter(torch.randn(n)) for n in (5000, 777, 3001))
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in (late, live)]
+    opt = PagedAdamW([frozen, late, live], lr=1e-2, page_size_mb=0.008, **extra)
+    ref = CPUAdam(twin, lr=1e-2, weight_decay=1e-2)
+    opt.load_state_dict(opt.state_dict())  # what accelerate does at startup
+    assert opt.paging_stats()["num_pages"] == 0 and opt.paging_stats()["totals"]["bytes_written"] == 0
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        live.grad = torch.randn(3001, generator=g)
+        twin[1].grad = live.grad.clone()
+        if step >= 2:  # `late` gets grads from the third step on
+            late.grad = torch.randn(777, generator=g)
+            twin[0].grad = late.grad.clone()
+        opt.step()
+        ref.step()
+    assert opt.paging_stats()["state_bytes"] == 8 * (777 + 3001)
+    assert frozen not in opt.state
+    for p, q in zip((late, live), twin):
+        assert torch.equal(p.detach(), q.detach())
+        for key, value in ref.logical_state(q).items():
+            assert torch.equal(opt.logical_state(p)[key], value)
+    opt.close()

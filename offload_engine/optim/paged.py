@@ -83,7 +83,6 @@ class PagedOptimizer(BlockwiseOptimizer):
         self._prefetch_depth = prefetch_depth
         self._pool: SlotPool | None = None
         self._scheduler: PageScheduler | None = None
-        self._laid_out_groups = 0
         self._keys: dict = {}          # param -> key (its index in the flat param order)
         self._failed: str | None = None
         self._last_stats = StepStats()
@@ -96,23 +95,33 @@ class PagedOptimizer(BlockwiseOptimizer):
         return StateFormat(fmt, tuple(self._moments), 0 if fmt == "fp32" else group["block_size"],
                            master=self._wants_master(group, p))
 
-    def _ensure_layout(self) -> None:
-        """Lays out every param group not laid out yet, reserves its pages in the store and
-        writes their initial (zero) state. Changes nothing when the store cannot grow."""
-        if self._laid_out_groups == len(self.param_groups):
-            return
+    def _ensure_layout(self, wanted, states=None) -> list:
+        """Lays out the params in `wanted` that have no pages yet, reserves their pages in the
+        store and writes their initial state, or their state from `states` ({key: {array
+        name: full tensor}}) when given. Returns the new pages. Changes nothing when the store
+        cannot grow.
+
+        [Note: lazy layout] A param gets pages when it first needs state (its first grad, or a
+        loaded state), as torch.optim creates state lazily: frozen params (a LoRA base model
+        passed whole) never cost a byte of store, and loading an empty state dict (accelerate
+        does one at startup) writes nothing. A param's key is its index in the flat param
+        order, which later groups only extend."""
+        wanted = [p for p in wanted if p not in self._keys]
+        if not wanted:
+            return []
         table = copy.deepcopy(self._table)
         keys = dict(self._keys)
-        next_key = sum(len(g["params"]) for g in self.param_groups[: self._laid_out_groups])
-        new_pages = []
-        for gi in range(self._laid_out_groups, len(self.param_groups)):
-            group = self.param_groups[gi]
+        wanted_ids = {id(p) for p in wanted}
+        new_pages, flat_index = [], 0
+        for gi, group in enumerate(self.param_groups):
             entries = []
             for p in group["params"]:
-                keys[p] = next_key
-                entries.append((next_key, p.numel(), self._state_format(group, p)))
-                next_key += 1
-            new_pages += table.add_group(gi, entries)
+                if id(p) in wanted_ids:
+                    keys[p] = flat_index
+                    entries.append((flat_index, p.numel(), self._state_format(group, p)))
+                flat_index += 1
+            if entries:
+                new_pages += table.add_group(gi, entries)
         self._store.allocate(table.num_pages)  # raises PageIOError (disk full) before anything changes
         if self._scheduler is None:
             # prefetch_depth fetching + one updating + one writing back: a step allocates nothing
@@ -127,10 +136,14 @@ class PagedOptimizer(BlockwiseOptimizer):
         # The new pages get their initial state before the layout is adopted: if a write fails,
         # the optimizer keeps the old layout (the extra room reserved in the store is unused).
         params = {key: p for p, key in keys.items()}
-        self._write_pages(new_pages, lambda page, buf: _fill_initial(table.pages[page], buf, params=params),
-                          read_first=False)
+
+        def fill(page, buf):
+            _fill_initial(table.pages[page], buf, params=params)
+            _copy_states_into(table.pages[page], buf, states or {})
+
+        self._write_pages(new_pages, fill, read_first=False)
         self._table, self._keys = table, keys
-        self._laid_out_groups = len(self.param_groups)
+        return new_pages
 
     def _key_of(self, param) -> int:
         try:
@@ -155,6 +168,8 @@ class PagedOptimizer(BlockwiseOptimizer):
         """Rewrites `pages`: fill(page, buf) edits a buffer holding the page's current bytes
         (or undefined bytes, without `read_first`). For NVMe the new pages become current
         together, after every write landed."""
+        if not pages:
+            return
         if self._store.in_place:
             for page in pages:
                 fill(page, self._store.page_view(page))
@@ -184,21 +199,19 @@ class PagedOptimizer(BlockwiseOptimizer):
                         out[seg.key][name][at:at + piece.numel()].copy_(piece)
         return out
 
-    def _scatter(self, states: dict, fresh=()) -> None:
+    def _scatter(self, states: dict, fresh=(), skip_pages=()) -> None:
         """Writes {key: {array name: full tensor}} into the pages (the inverse of _gather) and
-        the initial state for the params in `fresh`, as one commit."""
+        the initial state for the params in `fresh`, as one commit (pages in `skip_pages`
+        are left alone)."""
         fresh = set(fresh)
-        pages = sorted({seg.page for key in (*states, *fresh) for seg in self._table.segments_of[key]})
+        pages = sorted({seg.page for key in (*states, *fresh) for seg in self._table.segments_of[key]}
+                       - set(skip_pages))
 
         params = {key: p for p, key in self._keys.items()}
 
         def fill(page, buf):
             _fill_initial(self._table.pages[page], buf, fresh, params)
-            for seg in self._table.pages[page].segments:
-                if seg.key in states:
-                    for name, piece in seg.views(buf).items():
-                        at = _element_offset(seg, name, piece)
-                        piece.copy_(states[seg.key][name][at:at + piece.numel()])
+            _copy_states_into(self._table.pages[page], buf, states)
 
         self._write_pages(pages, fill)
 
@@ -220,7 +233,7 @@ class PagedOptimizer(BlockwiseOptimizer):
                 if p.grad is not None and p.device != self._device:
                     raise ValueError(f"{type(self).__name__} pages state to one device's executor ({self._device}); "
                                      f"a param of shape {list(p.shape)} is on {p.device}")
-        self._ensure_layout()
+        self._ensure_layout([p for g in self.param_groups for p in g["params"] if p.grad is not None])
         self._store.check()  # a deleted or truncated state file is reported before anything changes
         adam_step_ = kernels.adam_step_impl()
         work, strided = {}, []
@@ -350,23 +363,29 @@ class PagedOptimizer(BlockwiseOptimizer):
         return sd
 
     def load_state_dict(self, state_dict):
-        self._ensure_layout()
         before = {p: dict(s) for p, s in self.state.items()}
         super().load_state_dict(state_dict)  # validates and converts; moments land in self.state
-        params = [p for g in self.param_groups for p in g["params"]]
+        groups_of = [(g, p) for g in self.param_groups for p in g["params"]]
+        params = [p for _, p in groups_of]
         states, fresh = {}, []
-        for key, p in enumerate(params):
+        for key, (group, p) in enumerate(groups_of):
             state = self.state.get(p)
             if not state:
-                fresh.append(key)
+                if p in self._keys:
+                    fresh.append(key)  # laid out, but the checkpoint has no state for it: zero state
                 continue
-            fmt = self._table.fmt_of[key]
+            fmt = self._state_format(group, p)
             states[key] = {name: state[name].reshape(-1) for name, _, _ in fmt.arrays(p.numel())}
+        table, keys = self._table, self._keys
         try:
-            self._scatter(states, fresh)  # params the checkpoint has no state for start from zero state
+            # Params without pages get them now, written once with their loaded state
+            # ([Note: lazy layout]); the pages already laid out are rewritten in place.
+            new_pages = self._ensure_layout([params[key] for key in states], states)
+            self._scatter(states, fresh, skip_pages=new_pages)
         except BaseException:
             self.state.clear()
             self.state.update(before)
+            self._table, self._keys = table, keys  # pages reserved for new params stay unused
             raise
         for key, p in enumerate(params):  # the moments now live in the pages: keep only metadata
             state = self.state.get(p)
@@ -401,6 +420,15 @@ def _zero_code_byte(fmt_name: str, signed: bool) -> int:
     f = FORMATS[fmt_name]
     codes, _ = codec.quantize_blockwise(torch.zeros(128), f, signed, 128)
     return int(codes[0])
+
+
+def _copy_states_into(page, buf: torch.Tensor, states: dict) -> None:
+    """Copies the slices of full state arrays ({key: {array name: tensor}}) that `page` holds."""
+    for seg in page.segments:
+        if seg.key in states:
+            for name, piece in seg.views(buf).items():
+                at = _element_offset(seg, name, piece)
+                piece.copy_(states[seg.key][name][at:at + piece.numel()])
 
 
 def _fill_initial(page, buf: torch.Tensor, only=None, params=None) -> None:
