@@ -73,9 +73,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["offload_engine", "offload_engine.*"]),
-    install_requires=["torch>=2.4", "ninja", "psutil"],
+    install_requires=["torch>=2.4", "ninja", "psutil", "pydantic>=2.5"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "numpy"],
+        "test": ["pytest>=7", "hypothesis>=6", "numpy", "transformers>=4.40", "peft>=0.10"],
         "bench": ["deepspeed>=0.14", "bitsandbytes>=0.43", "torchao>=0.5", "matplotlib>=3.7", "py-cpuinfo"],
     },
     ext_modules=ext_modules,
