@@ -71,7 +71,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["offload_engine", "offload_engine.*"]),
     install_requires=["torch>=2.4", "ninja", "psutil", "pydantic>=2.5"],
     extras_require={

@@ -1,0 +1,175 @@
+"""The typed engine config: one pydantic model per section, a description per key.
+
+Build an EngineConfig with ``load_config`` (loader.py), not by calling the model: the loader
+also strips ``_comment`` keys, sorts DeepSpeed-only keys into warnings and errors, resolves the
+batch sizes for the world size and checks the settings that involve several sections.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Annotated, Literal
+
+from pydantic import Field, PrivateAttr, field_validator
+
+from .base import NonEmptyStr, NonNegativeFloat, PositiveFloat, PositiveInt, Section
+from .optimizer_models import OPTIMIZER_SECTIONS
+from .scheduler_models import SCHEDULER_SECTIONS
+
+__all__ = [
+    "BF16Config",
+    "EngineConfig",
+    "FP16Config",
+    "OffloadOptimizerConfig",
+    "OptimizerSection",
+    "PagingConfig",
+    "SchedulerSection",
+    "ZeroConfig",
+]
+
+# One section model per type name, told apart by "type" (canonicalized by the loader first).
+OptimizerSection = Annotated[functools.reduce(operator.or_, OPTIMIZER_SECTIONS.values()), Field(discriminator="type")]
+SchedulerSection = Annotated[functools.reduce(operator.or_, SCHEDULER_SECTIONS.values()), Field(discriminator="type")]
+
+
+class FP16Config(Section):
+    """fp16 mixed precision with loss scaling (DeepSpeed's ``fp16`` section)."""
+
+    enabled: bool = Field(False, description="Train with fp16 params/activations and a scaled loss.")
+    loss_scale: NonNegativeFloat = Field(0.0, description="Static loss scale; 0 = dynamic loss scaling.")
+    initial_scale_power: Annotated[int, Field(ge=0, le=127)] = Field(
+        16, description="Dynamic scaling starts at a loss scale of 2**initial_scale_power (0..127).")
+    loss_scale_window: PositiveInt = Field(
+        1000, description="Steps without overflow after which the dynamic loss scale is doubled.")
+    hysteresis: PositiveInt = Field(2, description="Overflows tolerated before the dynamic loss scale is lowered.")
+    consecutive_hysteresis: bool = Field(
+        False, description="Refill the hysteresis budget after every step without overflow.")
+    min_loss_scale: PositiveFloat = Field(1.0, description="The dynamic loss scale never drops below this.")
+
+
+class BF16Config(Section):
+    """bf16 mixed precision (DeepSpeed's ``bf16`` section; the old key ``bfloat16`` is accepted)."""
+
+    enabled: bool = Field(False, description="Train with bf16 params/activations (no loss scaling).")
+
+
+class OffloadOptimizerConfig(Section):
+    """DeepSpeed's ``zero_optimization.offload_optimizer``, mapped onto the paging section:
+    device -> paging.store, nvme_path -> paging.nvme_path, buffer_count -> paging.prefetch_depth
+    (buffer_count - 2), pin_memory -> paging.pin_memory. As in DeepSpeed, offloading moves the
+    update to the CPU: paging.executor becomes 'cpu' unless the paging section sets it."""
+
+    device: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="Where optimizer state rests: 'cpu' (host RAM pages), 'nvme' (a file under nvme_path) "
+                            "or 'none' (no offload).")
+    nvme_path: NonEmptyStr | None = Field(
+        None, description="Directory of the state file; required with device 'nvme' (ignored, with a warning, "
+                          "otherwise, as DeepSpeed does).")
+    buffer_count: Annotated[int, Field(ge=3)] = Field(
+        4, description="Page slots in flight: the slot pool holds buffer_count = prefetch_depth + 2 pages "
+                       "(>= 3). DeepSpeed's default 4 is paging's default prefetch_depth 2.")
+    pin_memory: bool = Field(True, description="Pin the host pages (page-locked RAM) for asynchronous GPU copies.")
+
+
+class ZeroConfig(Section):
+    """DeepSpeed's ``zero_optimization`` section. Stages 0, 1 and 2 are accepted; partitioning the
+    optimizer state across data-parallel ranks is not implemented yet, so today every rank keeps
+    the full state and all three stages behave the same (exactly so at world size 1)."""
+
+    stage: int = Field(0, description="ZeRO stage: 0, 1 or 2 (3, parameter partitioning, is not supported).",
+                       json_schema_extra={"allowed": "0, 1 or 2"})
+    offload_optimizer: OffloadOptimizerConfig | None = Field(
+        None, description="DeepSpeed's optimizer offload settings (see zero_optimization.offload_optimizer).")
+
+    @field_validator("stage")
+    @classmethod
+    def _stage(cls, value: int) -> int:
+        if value == 3:
+            raise ValueError("ZeRO stage 3 (parameter partitioning) is not supported by offload_engine; use 0, 1 or 2")
+        if value not in (0, 1, 2):
+            raise ValueError(f"must be 0, 1 or 2, got {value}")
+        return value
+
+
+class PagingConfig(Section):
+    """Where the optimizer state lives and how pages move (this package's own section)."""
+
+    state_dtype: Literal["fp32", "int8", "int4"] | None = Field(
+        None, description="Format of the optimizer state: 'fp32', 'int8' or 'int4' (block-quantized). null = "
+                          "the optimizer type's own (fp32 for Adam, AdamW, CPUAdam and Lion).")
+    store: Literal["cpu", "nvme"] | None = Field(
+        None, description="Page store of the state: 'cpu' (host RAM) or 'nvme' (one file per rank under "
+                          "nvme_path). null = no page store (unless zero_optimization.offload_optimizer sets "
+                          "one, or the type is a Paged* class, whose default store is 'cpu').")
+    nvme_path: NonEmptyStr | None = Field(
+        None, description="Directory of the state file; required with store 'nvme', not allowed otherwise.")
+    page_size_mb: Annotated[float, Field(gt=0.0, le=65536.0)] = Field(
+        16.0, description="Page size in MiB (> 0; fractions allowed, rounded up to whole 4 KiB blocks).")
+    prefetch_depth: PositiveInt = Field(
+        2, description="Pages fetched ahead of the one being updated (>= 1); the slot pool holds "
+                       "prefetch_depth + 2 pages.")
+    io_threads: PositiveInt = Field(4, description="Threads doing NVMe reads and writes (>= 1).")
+    executor: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the update runs: 'cpu' (SIMD kernels), 'cuda' (CUDA kernels, pages copied to "
+                            "the GPU) or 'auto' (the params' device).")
+    master_weights: bool = Field(
+        True, description="Keep fp32 master weights for bf16/fp16 params (fp32 params are their own master).")
+    overlap_backward: bool = Field(
+        False, description="Start paging state in while the backward pass still runs.")
+    pin_memory: bool = Field(
+        True, description="Pin host pages (page-locked RAM). With the CUDA executor host pages are pinned in any "
+                          "case: asynchronous copies need it.")
+
+
+class EngineConfig(Section):
+    """A complete engine configuration (DeepSpeed-style JSON). Use ``load_config`` to build one."""
+
+    train_batch_size: PositiveInt | None = Field(
+        None, description="Samples per optimizer step over all ranks: train_micro_batch_size_per_gpu * "
+                          "gradient_accumulation_steps * world_size.")
+    train_micro_batch_size_per_gpu: PositiveInt | None = Field(
+        None, description="Samples per forward/backward on one rank.")
+    gradient_accumulation_steps: PositiveInt | None = Field(
+        None, description="Micro-batches whose gradients are summed before each optimizer step.")
+    gradient_clipping: NonNegativeFloat = Field(
+        0.0, description="Clip the global gradient norm to this value before each step; 0 = no clipping.")
+    steps_per_print: PositiveInt = Field(10, description="Log progress every this many optimizer steps.")
+    optimizer: OptimizerSection | None = Field(
+        None, description="The optimizer: {\"type\": ..., \"params\": {...}}; null = the caller supplies one.")
+    scheduler: SchedulerSection | None = Field(
+        None, description="The learning-rate schedule: {\"type\": ..., \"params\": {...}}; null = constant lr.")
+    fp16: FP16Config = Field(default_factory=FP16Config, description="fp16 mixed precision.")
+    bf16: BF16Config = Field(default_factory=BF16Config, description="bf16 mixed precision.")
+    zero_optimization: ZeroConfig = Field(default_factory=ZeroConfig, description="DeepSpeed ZeRO settings.")
+    paging: PagingConfig = Field(default_factory=PagingConfig, description="Optimizer state placement and paging.")
+
+    _world_size: int = PrivateAttr(1)
+
+    # ---- resolved views (load_config has checked that each of these resolves) ----------------
+    @property
+    def world_size(self) -> int:
+        """The data-parallel world size the batch sizes were resolved for."""
+        return self._world_size
+
+    @property
+    def precision(self) -> str:
+        """``"bf16"``, ``"fp16"`` or ``"fp32"``."""
+        return "bf16" if self.bf16.enabled else "fp16" if self.fp16.enabled else "fp32"
+
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage (0, 1 or 2)."""
+        return self.zero_optimization.stage
+
+    def paging_settings(self):
+        """The paging section with zero_optimization.offload_optimizer merged in: the one place the
+        engine reads store, nvme_path, prefetch_depth, ... from (a PagingSettings)."""
+        from .resolve import merge_paging
+        return merge_paging(self)
+
+    def optimizer_spec(self, param_dtype_is_fp32: bool = True):
+        """The optimizer class to build and its keywords (an OptimizerSpec), or None when the
+        config has no optimizer section. ``param_dtype_is_fp32``: whether the params are fp32
+        (then ``master_weights`` is passed as False where the class accepts it)."""
+        from .resolve import resolve_optimizer
+        return resolve_optimizer(self, param_dtype_is_fp32=param_dtype_is_fp32)
