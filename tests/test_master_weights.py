@@ -10,8 +10,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offload_engine.optim import (Adam8bit, AdamW8bit, CPUAdam, Lion, Lion8bit, PagedAdam, PagedAdamW,
-                                  PagedAdamW8bit, PagedLion, PagedLion8bit)
+from offload_engine.optim import (
+    Adam8bit,
+    AdamW8bit,
+    CPUAdam,
+    Lion,
+    Lion8bit,
+    PagedAdam,
+    PagedAdamW,
+    PagedAdamW8bit,
+    PagedLion,
+    PagedLion8bit,
+)
 
 SIZES = (1, 7, 300, 4097)  # odd sizes; 4097 crosses 8-bit blocks and small pages
 UNPAGED = {

@@ -1,0 +1,104 @@
+"""offload_engine.initialize(): builds the engine, its optimizer, scheduler and data loader
+from a DeepSpeed-style config, the way deepspeed.initialize does."""
+from __future__ import annotations
+
+import torch
+
+from .. import optim
+from ..config import ConfigError, EngineConfig, load_config
+from ..optim._base import BlockwiseOptimizer
+from ..schedulers import build_scheduler
+from .engine import OffloadEngine
+
+_LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def initialize(model: torch.nn.Module, config, model_parameters=None, optimizer=None, lr_scheduler=None,
+               training_data=None):
+    """Returns ``(engine, optimizer, dataloader, lr_scheduler)``.
+
+    config: a path to a JSON file, a dict, or an EngineConfig (docs/config.md).
+    model_parameters: the params (or param groups) to optimize; default: the model's params
+        with ``requires_grad`` (so a LoRA model gets state for its adapters only).
+    optimizer: an optimizer, or a callable building one from the params; by default the
+        config's ``optimizer`` section (one or the other, not both).
+    lr_scheduler: a scheduler, or a callable building one from the optimizer; by default the
+        config's ``scheduler`` section, if any.
+    training_data: a torch Dataset; when given, the returned dataloader yields micro-batches of
+        ``train_micro_batch_size_per_gpu`` in random order (torch's generator).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"initialize: model must be a torch.nn.Module, got {type(model).__name__}")
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    cfg = config if isinstance(config, EngineConfig) else load_config(config, world_size=world_size)
+    if world_size > 1:
+        raise RuntimeError(f"initialize: this process is one of {world_size} data-parallel ranks; data-parallel "
+                           "training (gradient reduction and partitioned state) is not implemented yet")
+    paging = cfg.paging_settings()
+    if paging.overlap_backward:
+        raise ConfigError.single("paging.overlap_backward", "true is not implemented yet (paging state in during "
+                                 "the backward pass comes with the CUDA pipeline's overlap work); set it to false")
+
+    low = _LOW_PRECISION.get(cfg.precision)
+    if low is not None:  # as DeepSpeed: the module computes in bf16/fp16; fp32 masters live with the state
+        model.to(low)
+    params = _trainable(model, model_parameters)
+
+    if optimizer is not None and cfg.optimizer is not None:
+        raise ConfigError.single("optimizer", "the config has an optimizer section and initialize() was given an "
+                                 "optimizer too; keep one")
+    if optimizer is None:
+        spec = cfg.optimizer_spec(param_dtype_is_fp32=low is None)
+        if spec is None:
+            raise ConfigError.single("optimizer", "no optimizer: add an optimizer section to the config or pass "
+                                     "optimizer= to initialize()")
+        optimizer = getattr(optim, spec.name)(params, **spec.kwargs)
+    elif callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer(params)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"initialize: optimizer must be a torch.optim.Optimizer (or build one), got "
+                        f"{type(optimizer).__name__}")
+    _check_optimizer(model, optimizer, low, paging.master_weights)
+
+    if lr_scheduler is not None and cfg.scheduler is not None:
+        raise ConfigError.single("scheduler", "the config has a scheduler section and initialize() was given an "
+                                 "lr_scheduler too; keep one")
+    if lr_scheduler is None and cfg.scheduler is not None:
+        lr_scheduler = build_scheduler(optimizer, cfg.scheduler.type, cfg.scheduler.params.model_dump())
+    elif callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
+        lr_scheduler = lr_scheduler(optimizer)
+
+    dataloader = None
+    if training_data is not None:
+        dataloader = torch.utils.data.DataLoader(training_data, batch_size=cfg.train_micro_batch_size_per_gpu,
+                                                 shuffle=True)
+    engine = OffloadEngine(model, cfg, optimizer, lr_scheduler)
+    return engine, optimizer, dataloader, lr_scheduler
+
+
+def _trainable(model, model_parameters):
+    if model_parameters is None:
+        return [p for p in model.parameters() if p.requires_grad]
+    items = list(model_parameters)
+    if items and isinstance(items[0], dict):  # param groups
+        return [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in items]
+    return [p for p in items if p.requires_grad]
+
+
+def _check_optimizer(model, optimizer, low, master_weights: bool) -> None:
+    own = {id(p) for p in model.parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in own:
+                raise ValueError(f"initialize: the optimizer holds a param of shape {list(p.shape)} that is not one "
+                                 "of the model's")
+    if low is None or not master_weights:
+        return
+    keeps_masters = isinstance(optimizer, BlockwiseOptimizer) and all(g["master_weights"]
+                                                                       for g in optimizer.param_groups)
+    if not keeps_masters:
+        raise ConfigError.single(
+            "paging.master_weights", f"the {type(optimizer).__name__} given to initialize() keeps no fp32 master "
+            f"weights for the {str(low).replace('torch.', '')} params; let the config's optimizer section build the "
+            "optimizer, pass one of offload_engine.optim's optimizers with master_weights=True, or set "
+            "paging.master_weights to false")
