@@ -3,7 +3,10 @@ grads into one tensor: one norm per grad (torch's foreach kernels), then the nor
 
 For fp32 grads this is exactly torch.nn.utils.clip_grad_norm_'s computation (same kernels,
 same order), so the engine's clipping coefficient is bit for bit a hand-written loop's.
-bf16/fp16 grads are normed in fp32: an fp16 norm would overflow long before the grads do.
+bf16 grads: torch's own bf16 norm (it accumulates in fp32; each tensor's norm is then rounded
+to bf16, a relative error under 2^-8 that clipping does not feel), 9x faster on CPU than
+asking for an fp32 result. fp16 grads are normed with an fp32 result: an fp16 norm overflows
+(65504) long before the grads do, and would read as a loss-scale overflow.
 """
 from __future__ import annotations
 
@@ -25,7 +28,12 @@ def global_grad_norm(grads: list) -> torch.Tensor:
         by_device.setdefault(g.device, []).append(g)
     norms = []
     for group in by_device.values():
-        norms += [n.to(device) for n in torch._foreach_norm(group, 2, dtype=torch.float32)]
+        fp16 = [g for g in group if g.dtype != torch.bfloat16]
+        bf16 = [g for g in group if g.dtype == torch.bfloat16]
+        if fp16:
+            norms += [n.to(device) for n in torch._foreach_norm(fp16, 2, dtype=torch.float32)]
+        if bf16:
+            norms += [n.to(device, torch.float32) for n in torch._foreach_norm(bf16, 2)]
     return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
 
