@@ -274,3 +274,84 @@ def test_sigkill_in_the_middle_of_a_save_leaves_the_previous_checkpoint_loadable
         assert torch.equal(p, q)
     engine.save_checkpoint(save, tag="next")  # the dead process's temporary is cleaned up
     assert not any(p.name.startswith(".bad.tmp-") for p in save.iterdir())
+
+
+def _full_fingerprint(engine):
+    return (_fingerprint(engine), engine.lr_scheduler.state_dict(), engine.micro_steps, engine.skipped_steps,
+            [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups])
+
+
+def _same_full(a, b):
+    _same_fingerprint(a[0], b[0])
+    assert a[1:] == b[1:]
+
+
+@pytest.mark.parametrize("part, edit, pattern", [
+    ("engine.pt", lambda s: s["rng"].pop("torch"), "engine.pt: missing or bad RNG states"),
+    ("engine.pt", lambda s: s.update(lr_scheduler={"nonsense": 1}), "engine.pt: .*last_batch_iteration"),
+    ("optimizer.pt", lambda s: s["state"].update({"9.weight": s["state"]["0.weight"]}),
+     "optimizer.pt: state for params the optimizer does not hold: \\['9.weight'\\]"),
+    ("optimizer.pt", lambda s: s["param_groups"][0].pop("params"), "optimizer.pt: malformed optimizer state"),
+])
+def test_late_failures_leave_model_optimizer_scheduler_and_counters_untouched(tmp_path, part, edit, pattern):
+    engine = _engine(tmp_path)
+    engine_job.train(engine, 1)
+    _write_bad_part(tmp_path, engine, part, edit)
+    engine_job.train(engine, 1)
+    current = _full_fingerprint(engine)
+    with pytest.raises(CheckpointError, match=pattern):
+        engine.load_checkpoint(tmp_path, tag="bad")
+    _same_full(_full_fingerprint(engine), current)
+
+
+def test_a_failed_optimizer_load_restores_the_groups_and_the_model(tmp_path, monkeypatch):
+    engine = _engine(tmp_path)
+    engine.save_checkpoint(tmp_path, tag="a")
+    engine_job.train(engine, 2)
+    current = _full_fingerprint(engine)
+
+    def broken(*args, **kwargs):
+        raise OSError(5, "Input/output error (injected)")
+
+    monkeypatch.setattr(engine.optimizer, "_write_pages", broken)
+    with pytest.raises(CheckpointError, match="optimizer.pt: loading it into the optimizer failed: OSError"):
+        engine.load_checkpoint(tmp_path, tag="a")
+    _same_full(_full_fingerprint(engine), current)
+
+
+def test_save_is_refused_after_a_failed_step(tmp_path, monkeypatch):
+    engine = _engine(tmp_path)
+    engine.save_checkpoint(tmp_path)
+    engine.optimizer._failed = "a step failed after updating 2 of 6 pages (injected)"
+    with pytest.raises(RuntimeError, match="failed state .*nothing is saved"):
+        engine.save_checkpoint(tmp_path)
+    assert (tmp_path / "latest").read_text() == "global_step2"
+
+
+def test_overwriting_a_tag_keeps_the_old_copy_when_the_rename_fails_or_the_process_dies(tmp_path, monkeypatch):
+    engine = _engine(tmp_path, steps=1)
+    engine.save_checkpoint(tmp_path, tag="last")
+    first = _fingerprint(engine)
+    engine_job.train(engine, 1)
+    real_rename = os.rename
+
+    def fail_second(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(28, "No space left on device (injected)")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", fail_second)
+    with pytest.raises(OSError, match="injected"):
+        engine.save_checkpoint(tmp_path, tag="last")
+    monkeypatch.setattr(ckpt.os, "rename", real_rename)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "latest"]
+    # A process killed between the two renames: only the old copy exists; a read finds it.
+    old = tmp_path / f".last.old-{ckpt._host()}-999999-0123456789ab"
+    os.rename(tmp_path / "last", old)
+    engine2 = _engine(tmp_path, steps=0)
+    path, _ = engine2.load_checkpoint(tmp_path)
+    assert path == old
+    _same_fingerprint(_fingerprint(engine2), first)
+    engine2.save_checkpoint(tmp_path, tag="last")  # the tag is back: the old copy is cleaned up
+    engine2.save_checkpoint(tmp_path, tag="other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "latest", "other"]

@@ -10,15 +10,20 @@ then replaces ``latest`` (write a temporary file, fsync, rename). A process kill
 point therefore leaves ``latest`` naming a complete checkpoint: the new one or the previous
 one. A read checks the manifest (version, every file present with its recorded size and hash)
 before unpickling anything, so a truncated or corrupt checkpoint is refused by name.
+
+Saving over an existing tag moves the old directory aside (``.<tag>.old-*``) before the new
+one takes its name; should the process die between the two renames, a read of that tag
+finds the old copy. Files are hashed while they are written and verified by streaming, and
+loaded memory-mapped, so neither side holds a second copy of the state in memory.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
@@ -28,7 +33,8 @@ CHECKPOINT_VERSION = 1
 MANIFEST = "manifest.json"
 LATEST = "latest"
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
-_TMP = re.compile(r"^\.(?P<tag>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
+_TMP = re.compile(r"^\.(?P<tag>.+)\.(tmp|old)-(?P<host>[^-]+)-(?P<pid>\d+)-[0-9a-f]+$")
+_CHUNK = 16 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -55,14 +61,43 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+
+
+def _scratch_name(tag: str, kind: str) -> str:
+    # Host and pid in the name: only a save of this host whose process is gone is cleaned up
+    # (another host or container may be saving into a shared directory right now).
+    return f".{tag}.{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
 def _remove_stale_temporaries(save_dir: Path) -> None:
-    """Temporary directories of saves whose process died (killed mid-save) are deleted."""
+    """Scratch entries of this host's saves whose process died are deleted: temporaries of a
+    save killed mid-way, and old copies of a tag whose replacement is in place."""
     import psutil
 
     for entry in save_dir.iterdir():
         m = _TMP.match(entry.name)
-        if m and entry.is_dir() and not psutil.pid_exists(int(m["pid"])):
-            shutil.rmtree(entry, ignore_errors=True)
+        if not m or m["host"] != _host() or psutil.pid_exists(int(m["pid"])):
+            continue
+        kind = m.group(2)
+        if kind == "tmp" or (save_dir / m["tag"]).is_dir():  # an old copy is kept while its tag is missing
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+class _HashingWriter:
+    """A file torch.save streams into, hashing and counting what goes through."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.nbytes += len(memoryview(data).cast("B"))
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def write_checkpoint(save_dir, tag: str, parts: dict, *, save_latest: bool = True) -> Path:
@@ -70,38 +105,40 @@ def write_checkpoint(save_dir, tag: str, parts: dict, *, save_latest: bool = Tru
     checkpoints]); returns the checkpoint's directory."""
     save_dir = Path(save_dir)
     check_tag(tag)
-    save_dir.mkdir(parents=True, exist_ok=True)
+    if not save_dir.is_dir():
+        save_dir.mkdir(parents=True)
+        _fsync_dir(save_dir.parent)  # the new directory's entry is durable too
     _remove_stale_temporaries(save_dir)
-    tmp = save_dir / f".{tag}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    tmp = save_dir / _scratch_name(tag, "tmp")
     tmp.mkdir()
+    old = None
     try:
         manifest = {"format": "offload_engine checkpoint", "version": CHECKPOINT_VERSION, "tag": tag, "files": {}}
         for name, obj in parts.items():
-            buf = io.BytesIO()
-            torch.save(obj, buf)
-            data = buf.getbuffer()
             with open(tmp / name, "wb") as f:
-                f.write(data)
+                out = _HashingWriter(f)
+                torch.save(obj, out)
                 _fsync_file(f)
-            manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            manifest["files"][name] = {"bytes": out.nbytes, "sha256": out.sha.hexdigest()}
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
             _fsync_file(f)
         _fsync_dir(tmp)
         final = save_dir / tag
-        old = None
         if final.exists():  # replacing a tag: move the old one aside first (a directory cannot be renamed over)
-            old = save_dir / f".{tag}.old-{uuid.uuid4().hex[:12]}"
+            old = save_dir / _scratch_name(tag, "old")
             os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(save_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not final.exists():
+            os.rename(old, final)  # the save failed: the tag keeps its previous checkpoint
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     if save_latest:
-        latest_tmp = save_dir / f".{LATEST}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        latest_tmp = save_dir / _scratch_name(LATEST, "tmp")
         with open(latest_tmp, "w", encoding="utf-8") as f:
             f.write(tag)
             _fsync_file(f)
@@ -121,6 +158,11 @@ def resolve_tag(load_dir, tag=None) -> Path:
             raise CheckpointError(f"{latest}: no such file; pass tag= to choose a checkpoint in {load_dir}") from None
     path = load_dir / check_tag(tag)
     if not path.is_dir():
+        # A save replacing this tag died between moving the old copy aside and renaming the
+        # new one in: the old copy is complete.
+        olds = sorted(load_dir.glob(f".{tag}.old-*"), key=lambda p: p.stat().st_mtime)
+        if olds and (olds[-1] / MANIFEST).is_file():
+            return olds[-1]
         raise CheckpointError(f"{path}: no such checkpoint directory")
     return path
 
@@ -148,15 +190,19 @@ def read_checkpoint(path: Path, names, *, pickled=()) -> dict:
         if not isinstance(entry, dict) or "bytes" not in entry or "sha256" not in entry:
             raise CheckpointError(f"{manifest_path}: no entry for {name}")
         try:
-            data = file.read_bytes()
+            size = file.stat().st_size
         except FileNotFoundError:
             raise CheckpointError(f"{file}: missing") from None
-        if len(data) != entry["bytes"]:
-            raise CheckpointError(f"{file}: {len(data)} bytes, the manifest records {entry['bytes']} (truncated?)")
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        if size != entry["bytes"]:
+            raise CheckpointError(f"{file}: {size} bytes, the manifest records {entry['bytes']} (truncated?)")
+        sha = hashlib.sha256()
+        with open(file, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                sha.update(chunk)
+        if sha.hexdigest() != entry["sha256"]:
             raise CheckpointError(f"{file}: contents do not match the manifest's SHA-256 (corrupt)")
         try:
-            out[name] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=name not in pickled)
+            out[name] = torch.load(file, map_location="cpu", mmap=True, weights_only=name not in pickled)
         except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
             raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}: {err})") from None
     return out

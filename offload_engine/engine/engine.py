@@ -6,13 +6,16 @@ precision, gradient accumulation, clipping, loss scaling and checkpoints.
     engine.step()                  # steps the optimizer at accumulation boundaries only
 
 [Note: one pass over the grads] At a boundary the engine needs one number from the grads: their
-global norm, when clipping or fp16 needs it (fp16: a non-finite norm is an overflow). The loss
+global norm, when clipping or bf16/fp16 needs it. A non-finite norm skips the step in any
+precision (with fp16 it is an overflow that lowers the loss scale), so inf/nan grads never
+reach the fp32 masters or the moments. The loss
 scale and the clipping coefficient are then folded into one factor that this project's
 optimizers apply inside the update kernel (``step(grad_scale=...)``); for another optimizer the
 engine multiplies the grads first, as torch.nn.utils.clip_grad_norm_ does.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import random
 
@@ -107,15 +110,21 @@ class OffloadEngine:
         grads = self._trainable_grads()
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         norm = None
-        if grads and (self.gradient_clipping > 0 or self.loss_scaler is not None):
+        if grads and (self.gradient_clipping > 0 or self.precision != "fp32"):
             norm = global_grad_norm(grads)  # [Note: one pass over the grads]
-        overflow = self.loss_scaler is not None and norm is not None and not bool(torch.isfinite(norm))
+        overflow = norm is not None and not bool(torch.isfinite(norm))
         if overflow:
             # The optimizer never sees these grads: params and state stay exactly as they were.
             self.skipped_steps += 1
             self._last_grad_norm = float("inf")
-            log.warning("fp16 overflow at step %d: step skipped, loss scale %g -> %g", self.global_steps + 1,
-                        scale, self._next_scale_after_overflow())
+            if self.loss_scaler is not None:
+                after = self._next_scale_after_overflow()
+                log.warning("fp16 overflow at step %d: step skipped, loss scale %g -> %g%s", self.global_steps + 1,
+                            scale, after, " (at min_loss_scale: the grads overflow even unscaled?)"
+                            if after == scale == self.loss_scaler.min_scale else "")
+            else:
+                log.warning("non-finite gradients (norm %s) at step %d: step skipped", float(norm),
+                            self.global_steps + 1)
         else:
             factor = None  # multiplies the grads: 1 / loss scale, times the clipping coefficient
             if norm is not None and self.loss_scaler is not None:
@@ -182,6 +191,14 @@ class OffloadEngine:
         """Writes model, optimizer (logical per-param state keyed by param name), scheduler, loss
         scaler, counters and RNG states as checkpoint `tag` (default ``global_step<N>``) under
         `save_dir`, atomically ([Note: atomic checkpoints]). Returns its directory."""
+        failed = getattr(self.optimizer, "_failed", None)
+        if failed:
+            raise RuntimeError(f"save_checkpoint: the optimizer is in a failed state ({failed}): its params and state "
+                               "do not match, so nothing is saved; load the last good checkpoint")
+        if self.micro_steps % self.gradient_accumulation_steps:
+            log.warning("save_checkpoint in the middle of an accumulation window (micro-step %d of %d): the "
+                        "accumulated grads are not saved", self.micro_steps % self.gradient_accumulation_steps,
+                        self.gradient_accumulation_steps)
         tag = f"global_step{self.global_steps}" if tag is None else str(tag)
         engine_state = {
             "version": ENGINE_STATE_VERSION,
@@ -207,15 +224,37 @@ class OffloadEngine:
                             need_scaler=self.loss_scaler is not None)
         _check_model_state(self.module, model_sd, path / _MODEL)
         opt_sd = self._optimizer_state_from_names(opt_sd, path / _OPTIMIZER)
+        # Should any part still be refused below, the model and the optimizer's group settings
+        # (lr, betas, ...) go back to these; the copy is kept in host memory, not on the GPU.
+        groups_before = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        model_before = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+
+        def undo():
+            self.module.load_state_dict(model_before)
+            for group, saved in zip(self.optimizer.param_groups, groups_before):
+                params = group["params"]
+                group.clear()
+                group.update(saved, params=params)
+
+        try:
+            # The scheduler and loss scaler load into copies first, so a bad state is refused
+            # before the optimizer's (shallow: the scheduler's copy shares the optimizer).
+            if self.lr_scheduler is not None:
+                copy.copy(self.lr_scheduler).load_state_dict(engine_state["lr_scheduler"])
+            if self.loss_scaler is not None:
+                copy.deepcopy(self.loss_scaler).load_state_dict(engine_state["loss_scaler"])
+        except Exception as err:
+            undo()
+            raise ckpt.CheckpointError(f"{path / _ENGINE}: {type(err).__name__}: {err}") from err
         # The model first: a param's fp32 master starts from the loaded param when the
-        # checkpoint has none. Should the optimizer still refuse its part, the model goes back.
-        before = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        # checkpoint has none.
         self.module.load_state_dict(model_sd)
         try:
             self.optimizer.load_state_dict(opt_sd)
         except Exception as err:
-            self.module.load_state_dict(before)
-            raise ckpt.CheckpointError(f"{path / _OPTIMIZER}: {err}") from err
+            undo()
+            raise ckpt.CheckpointError(f"{path / _OPTIMIZER}: loading it into the optimizer failed: "
+                                       f"{type(err).__name__}: {err}") from err
         if self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(engine_state["lr_scheduler"])
         if self.loss_scaler is not None:
@@ -242,6 +281,10 @@ class OffloadEngine:
         if not isinstance(saved, dict) or "state" not in saved or "param_groups" not in saved:
             raise ckpt.CheckpointError(f"{file}: not an optimizer state (no 'state' or 'param_groups')")
         groups = self.optimizer.param_groups
+        if not isinstance(saved["state"], dict) or not isinstance(saved["param_groups"], list) or not all(
+                isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved["param_groups"]):
+            raise ckpt.CheckpointError(f"{file}: malformed optimizer state (state must map param names to states, "
+                                       "param_groups be a list of groups with 'params' lists)")
         if len(saved["param_groups"]) != len(groups):
             raise ckpt.CheckpointError(f"{file}: {len(saved['param_groups'])} param groups, the optimizer has "
                                        f"{len(groups)}")
@@ -255,6 +298,9 @@ class OffloadEngine:
                                            f"(missing: {missing[:5]}, unexpected: {extra[:5]})")
         for i, p in enumerate(self._ordered_params()):
             index[self._param_names[p]] = i
+        unknown = sorted(set(saved["state"]) - set(index))
+        if unknown:
+            raise ckpt.CheckpointError(f"{file}: state for params the optimizer does not hold: {unknown[:5]}")
         return {**saved, "state": {index[name]: s for name, s in saved["state"].items() if name in index},
                 "param_groups": [{**sg, "params": [index[n] for n in [self._param_names[p] for p in g["params"]]]}
                                  for sg, g in zip(saved["param_groups"], groups)]}
@@ -288,6 +334,14 @@ def _check_engine_state(state, file, *, need_scheduler: bool, need_scaler: bool)
     for key in ("global_steps", "micro_steps", "skipped_steps", "global_samples"):
         if not isinstance(state["counters"], dict) or not isinstance(state["counters"].get(key), int):
             raise ckpt.CheckpointError(f"{file}: missing or bad counter {key!r}")
+    rng = state["rng"]
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or \
+            rng["torch"].dtype != torch.uint8 or not isinstance(rng.get("python"), tuple):
+        raise ckpt.CheckpointError(f"{file}: missing or bad RNG states (need 'torch' as a uint8 tensor and "
+                                   "'python' as random.getstate())")
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) != torch.cuda.device_count():
+        raise ckpt.CheckpointError(f"{file}: CUDA RNG states for {len(rng['cuda'])} devices, this process has "
+                                   f"{torch.cuda.device_count()}")
     if need_scheduler and state["lr_scheduler"] is None:
         raise ckpt.CheckpointError(f"{file}: the engine has an lr scheduler but the checkpoint holds no scheduler "
                                    "state")

@@ -40,8 +40,20 @@ def initialize(model: torch.nn.Module, config, model_parameters=None, optimizer=
                                  "the backward pass comes with the CUDA pipeline's overlap work); set it to false")
 
     low = _LOW_PRECISION.get(cfg.precision)
+    dtypes = {name: t.dtype for name, t in (*model.named_parameters(), *model.named_buffers())}
     if low is not None:  # as DeepSpeed: the module computes in bf16/fp16; fp32 masters live with the state
         model.to(low)
+    try:
+        return _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, training_data)
+    except BaseException:
+        if low is not None:  # a refused setup leaves the model in its own dtypes
+            with torch.no_grad():
+                for name, t in (*model.named_parameters(), *model.named_buffers()):
+                    t.data = t.data.to(dtypes[name])
+        raise
+
+
+def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, training_data):
     params = _trainable(model, model_parameters)
 
     if optimizer is not None and cfg.optimizer is not None:
@@ -77,12 +89,19 @@ def initialize(model: torch.nn.Module, config, model_parameters=None, optimizer=
 
 
 def _trainable(model, model_parameters):
+    """The params to optimize, as torch.optim takes them: params, (name, param) pairs (as
+    model.named_parameters() yields) or param groups; frozen params are left out."""
     if model_parameters is None:
         return [p for p in model.parameters() if p.requires_grad]
-    items = list(model_parameters)
+
+    def params_of(items):
+        items = [items] if isinstance(items, torch.Tensor) else list(items)
+        return [p[1] if isinstance(p, tuple) else p for p in items]
+
+    items = [model_parameters] if isinstance(model_parameters, (torch.Tensor, dict)) else list(model_parameters)
     if items and isinstance(items[0], dict):  # param groups
-        return [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in items]
-    return [p for p in items if p.requires_grad]
+        return [{**g, "params": [p for p in params_of(g["params"]) if p.requires_grad]} for g in items]
+    return [p for p in params_of(items) if p.requires_grad]
 
 
 def _check_optimizer(model, optimizer, low, master_weights: bool) -> None:

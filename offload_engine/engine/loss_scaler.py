@@ -5,9 +5,9 @@ behaves the same here).
 Dynamic rule, per optimizer step:
   overflow:  when the hysteresis budget is down to 1, scale = max(scale / 2, min_scale);
              otherwise the budget drops by one and the scale stays.
-  no overflow: with consecutive_hysteresis the budget is refilled; and every
-             `window` steps since the last overflow the scale doubles (and, without
-             consecutive_hysteresis, the budget is refilled then).
+  no overflow: with consecutive_hysteresis the budget is refilled; and when the clean steps
+             before this one since the last overflow are a positive multiple of `window`,
+             the scale doubles (and, without consecutive_hysteresis, the budget is refilled).
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ class LossScaler:
             else:
                 if self.consecutive_hysteresis:
                     self._budget = self.hysteresis
-                if (self._iteration - self._last_overflow) % self.window == 0:
+                clean_before = self._iteration - self._last_overflow - 1
+                if clean_before > 0 and clean_before % self.window == 0:
                     if not self.consecutive_hysteresis:
                         self._budget = self.hysteresis
                     self.scale *= _FACTOR

@@ -364,6 +364,7 @@ class PagedOptimizer(BlockwiseOptimizer):
 
     def load_state_dict(self, state_dict):
         before = {p: dict(s) for p, s in self.state.items()}
+        groups_before = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)  # validates and converts; moments land in self.state
         groups_of = [(g, p) for g in self.param_groups for p in g["params"]]
         params = [p for _, p in groups_of]
@@ -385,6 +386,9 @@ class PagedOptimizer(BlockwiseOptimizer):
         except BaseException:
             self.state.clear()
             self.state.update(before)
+            for group, saved in zip(self.param_groups, groups_before):  # lr, betas, ... as before
+                group.clear()
+                group.update(saved)
             self._table, self._keys = table, keys  # pages reserved for new params stay unused
             raise
         for key, p in enumerate(params):  # the moments now live in the pages: keep only metadata
