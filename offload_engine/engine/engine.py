@@ -302,7 +302,7 @@ class OffloadEngine:
         if unknown:
             raise ckpt.CheckpointError(f"{file}: state for params the optimizer does not hold: {unknown[:5]}")
         return {**saved, "state": {index[name]: s for name, s in saved["state"].items() if name in index},
-                "param_groups": [{**sg, "params": [index[n] for n in [self._param_names[p] for p in g["params"]]]}
+                "param_groups": [{**sg, "params": [index[self._param_names[p]] for p in g["params"]]}
                                  for sg, g in zip(saved["param_groups"], groups)]}
 
 
