@@ -50,6 +50,7 @@ would move construction from DeepSpeed's ``k = -1`` to ``k = 0``, and it adds
 """
 from __future__ import annotations
 
+import abc
 import inspect
 import math
 import numbers
@@ -152,7 +153,7 @@ def _check_total(total_num_steps: Any, warmup_num_steps: int) -> None:
                          f"({warmup_num_steps})")
 
 
-class _WarmupBase:
+class _WarmupBase(abc.ABC):
     """Shared state and stepping. Subclasses define ``get_lr()`` for the current
     ``last_batch_iteration``."""
 
@@ -174,8 +175,9 @@ class _WarmupBase:
             return self.inverse_log_warm_up * math.log(k + 1)
         return k / self.warmup_num_steps
 
+    @abc.abstractmethod
     def get_lr(self) -> list:
-        raise NotImplementedError
+        """The lrs (one per param group) at the current iteration; each schedule defines it."""
 
     def step(self, last_batch_iteration: int | None = None) -> None:
         """Advances to the next iteration (or jumps to ``last_batch_iteration``) and
