@@ -73,12 +73,15 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["offload_engine", "offload_engine.*"]),
-    install_requires=["torch>=2.4", "ninja", "psutil", "pydantic>=2.5"],
+    install_requires=["torch>=2.4", "ninja", "psutil", "pydantic>=2.5", "tqdm"],
+    package_data={"offload_engine.train": ["data/*.txt", "data/*.json"]},
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "numpy", "transformers>=4.40", "peft>=0.10"],
+        "test": ["pytest>=7", "hypothesis>=6", "numpy", "transformers>=4.40", "peft>=0.10", "matplotlib>=3.7"],
+        "plot": ["matplotlib>=3.7"],
         "bench": ["deepspeed>=0.14", "bitsandbytes>=0.43", "torchao>=0.5", "matplotlib>=3.7", "py-cpuinfo"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["offload-engine-info=offload_engine.info:main"]},
+    entry_points={"console_scripts": ["offload-engine-info=offload_engine.info:main",
+                                     "offload-train=offload_engine.train.cli:main"]},
 )

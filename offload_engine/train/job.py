@@ -1,0 +1,361 @@
+"""One `offload-train` run: build the model, the corpus sampler and the engine from the config,
+train to --steps, write metrics.jsonl, checkpoints, the plot and summary.json under --out, and
+return the summary. A resumed run picks up the checkpoint, the batch sampler and the metrics
+where the saved run stopped, so its loss curve continues the same one."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+
+import psutil
+import torch
+from torch.nn import functional as F
+
+from .. import initialize
+from ..config import ConfigError
+from .data import BatchSampler, load_corpus
+from .models import build_model, logits
+from .report import plain_adamw_bytes, state_bytes_by_tier
+
+RUN_FILE = "run.json"          # what the run is (model, config, corpus, seed): --resume reads it back
+CONFIG_FILE = "config.json"    # the config as used, schedule rescaled: a resume needs no other file
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "training.png"
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 2
+DEFAULT_CONFIG = "default"     # --config's name for the embedded configs/default.json
+DEFAULT_STEPS = 300
+_SCHEDULES_WITH_TOTAL = ("WarmupDecayLR", "WarmupCosineLR")
+
+
+class JobError(RuntimeError):
+    """A setting or file this run cannot use; the message says which and why."""
+
+
+@dataclasses.dataclass
+class JobSettings:
+    config: str | None = None        # a JSON path; None: the embedded default
+    steps: int | None = None         # optimizer steps to reach (a resumed run: in all)
+    model: str | None = None         # a built-in size or a Hugging Face path; None: 'small'
+    out: Path = Path("runs/offload-train")
+    resume: bool = False
+    seed: int | None = None
+    corpus: str | None = None
+    context: int | None = None
+    baseline: bool = False           # torch.optim.AdamW with fp32 params instead of the config's optimizer
+    save_every: int = 100
+    progress: bool = True
+    device: str | None = None        # None: cuda when available, else cpu
+
+
+# ---- the run directory ----------------------------------------------------------------------
+def prepare_out(out: Path) -> None:
+    """Creates --out and proves a file can be written there, before any training time is spent."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise JobError(f"--out {str(out)!r} cannot be written: {e.strerror or e}") from None
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def _load_config_dict(config: str | None) -> tuple[dict, str]:
+    if config is None or config == DEFAULT_CONFIG:
+        text = resources.files(__package__).joinpath("data", "default.json").read_text(encoding="utf-8")
+        return json.loads(text), "configs/default.json (embedded)"
+    path = Path(config)
+    if not path.is_file():
+        raise JobError(f"--config {config!r}: no such file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), str(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(f"--config {config!r}: cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise JobError(f"--config {config!r}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+
+
+def fit_schedule(config: dict, steps: int) -> str | None:
+    """Rescales a schedule with an end (WarmupDecayLR, WarmupCosineLR) to `steps`, warmup in
+    proportion, so a short run still warms up and decays. Returns a note for the log."""
+    sched = config.get("scheduler")
+    if not isinstance(sched, dict) or sched.get("type") not in _SCHEDULES_WITH_TOTAL:
+        return None
+    params = sched.setdefault("params", {})
+    total = params.get("total_num_steps")
+    if total == steps or not isinstance(total, int) or total < 1:
+        return None
+    params["total_num_steps"] = steps
+    warmup = params.get("warmup_num_steps")
+    if isinstance(warmup, int) and warmup >= 1:
+        params["warmup_num_steps"] = max(1, min(steps, round(warmup * steps / total)))
+    return (f"scheduler.params.total_num_steps {total} -> {steps} to follow --steps"
+            + (f", warmup_num_steps {warmup} -> {params['warmup_num_steps']}" if isinstance(warmup, int) else ""))
+
+
+def _baseline_config(config: dict) -> tuple[dict, dict]:
+    """The config for the torch AdamW leg: no optimizer section (torch's AdamW is passed in),
+    fp32 params (torch's AdamW keeps no fp32 master), the same batch, clipping and schedule."""
+    config = copy.deepcopy(config)
+    params = (config.pop("optimizer", None) or {}).get("params", {})
+    hyper = {k: params[k] for k in ("lr", "eps", "weight_decay") if k in params}
+    if "betas" in params:
+        hyper["betas"] = tuple(params["betas"])
+    for key in ("bf16", "bfloat16", "fp16"):
+        config.pop(key, None)
+    config.pop("paging", None)
+    return config, hyper
+
+
+def _resolve(settings: JobSettings) -> tuple[JobSettings, dict, str, list[str]]:
+    """Fills unset options from the saved run (--resume) or the defaults; returns the settings,
+    the config dict to use, its name, and notes for the log."""
+    notes = []
+    out = settings.out
+    if settings.resume:
+        run_file = out / RUN_FILE
+        if not run_file.is_file() or not (out / CHECKPOINTS / "latest").is_file():
+            raise JobError(f"--resume: {str(out)!r} holds no run to continue ({RUN_FILE} and {CHECKPOINTS}/latest "
+                           "are written by a run with this --out)")
+        saved = json.loads(run_file.read_text(encoding="utf-8"))
+        for key in ("model", "corpus", "context", "seed", "config"):
+            given = getattr(settings, key)
+            if given is not None and given != saved[key]:
+                raise JobError(f"--resume: --{key} {given!r} differs from the run in {str(out)!r} "
+                               f"({saved[key]!r}); a resumed run keeps its {key}")
+        if settings.baseline != saved["baseline"]:
+            raise JobError(f"--resume: --baseline differs from the run in {str(out)!r}")
+        settings = dataclasses.replace(settings, model=saved["model"], corpus=saved["corpus"],
+                                       context=saved["context"], seed=saved["seed"], config=saved["config"],
+                                       steps=settings.steps if settings.steps is not None else saved["steps"])
+        config = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
+        return settings, config, saved["config_name"], notes
+    settings = dataclasses.replace(settings, model=settings.model or "small",
+                                   seed=0 if settings.seed is None else settings.seed,
+                                   steps=DEFAULT_STEPS if settings.steps is None else settings.steps)
+    config, name = _load_config_dict(settings.config)
+    note = fit_schedule(config, settings.steps)
+    if note:
+        notes.append(note)
+    return settings, config, name, notes
+
+
+# ---- the run ---------------------------------------------------------------------------------
+def run(settings: JobSettings, stop: threading.Event | None = None, log=print) -> dict:
+    """Trains and returns the summary (also written to summary.json). `stop`, when set (Ctrl-C),
+    ends the run after the optimizer step in progress, with a checkpoint."""
+    stop = stop or threading.Event()
+    if settings.steps is not None and settings.steps < 1:
+        raise JobError(f"--steps must be >= 1, got {settings.steps}")
+    if settings.save_every < 0:
+        raise JobError(f"--save-every must be >= 0 (0: only at the end), got {settings.save_every}")
+    prepare_out(settings.out)
+    settings, config, config_name, notes = _resolve(settings)
+    out = settings.out
+    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    torch.manual_seed(settings.seed)
+    loaded = build_model(settings.model, settings.context)
+    corpus = load_corpus(settings.corpus, loaded.tokenizer)
+    model = loaded.module.to(device)
+    optimizer_arg = None
+    engine_config = config
+    if settings.baseline:
+        engine_config, hyper = _baseline_config(config)
+        optimizer_arg = lambda params: torch.optim.AdamW(params, **hyper)  # noqa: E731
+    try:
+        engine, optimizer, _, _ = initialize(model, engine_config, optimizer=optimizer_arg)
+    except ConfigError as e:
+        raise JobError(f"config {config_name}: {e}") from None
+    sampler = BatchSampler(corpus, engine.config.train_micro_batch_size_per_gpu, loaded.context, settings.seed)
+
+    ckpt_dir = out / CHECKPOINTS
+    if settings.resume:
+        _, client = engine.load_checkpoint(ckpt_dir)
+        sampler.load_state_dict(client["sampler"])
+        history = _read_metrics(out / METRICS_FILE, upto=engine.global_steps)
+        log(f"offload-train: resuming {out} at step {engine.global_steps}")
+    else:
+        if ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)  # a new run in this --out replaces the previous run's files
+        history = []
+        _write_json(out / RUN_FILE, {"model": settings.model, "corpus": settings.corpus, "context": settings.context,
+                                     "seed": settings.seed, "config": settings.config, "config_name": config_name,
+                                     "baseline": settings.baseline, "steps": settings.steps})
+        _write_json(out / CONFIG_FILE, config)
+    _rewrite_metrics(out / METRICS_FILE, history)
+    for note in notes:
+        log(f"offload-train: {note}")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"offload-train: {loaded.description}, {n_params / 1e6:.2f}M params; {type(optimizer).__name__}, "
+        f"{engine.precision}, on {device}; {corpus.name} ({len(corpus):,} tokens); steps "
+        f"{engine.global_steps} -> {settings.steps}; writing {out}")
+
+    gas = engine.gradient_accumulation_steps
+    tokens_per_step = sampler.batch * gas * loaded.context
+    proc = psutil.Process()
+    peak_rss = proc.memory_info().rss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    fb_s = opt_s = 0.0
+    first_step = engine.global_steps
+    bar = _progress_bar(settings, first_step)
+    t_run = time.perf_counter()
+    with open(out / METRICS_FILE, "a", encoding="utf-8") as metrics:
+        while engine.global_steps < settings.steps and not stop.is_set():
+            t_step = time.perf_counter()
+            losses, step_fb, step_opt = [], 0.0, 0.0
+            for _ in range(gas):
+                t = time.perf_counter()
+                x, y = sampler.next(device)
+                out_logits = logits(loaded, x)
+                loss = F.cross_entropy(out_logits.flatten(0, 1).float(), y.flatten())
+                engine.backward(loss)
+                losses.append(loss.item())
+                t_opt = time.perf_counter()
+                engine.step()  # steps the optimizer at the last micro-batch of the window
+                step_opt += time.perf_counter() - t_opt
+                step_fb += t_opt - t
+            step_s = time.perf_counter() - t_step
+            fb_s, opt_s = fb_s + step_fb, opt_s + step_opt
+            peak_rss = max(peak_rss, proc.memory_info().rss)
+            record = _metrics_record(engine, optimizer, losses, step_s, step_fb, step_opt, tokens_per_step, device)
+            history.append(record)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                                step=f"{step_s * 1e3:.0f}ms", refresh=False)
+            done = engine.global_steps >= settings.steps
+            if not done and settings.save_every and engine.global_steps % settings.save_every == 0:
+                _save(engine, sampler, ckpt_dir)
+    wall_s = time.perf_counter() - t_run
+    if bar is not None:
+        bar.close()
+    interrupted = engine.global_steps < settings.steps
+    checkpoint = _save(engine, sampler, ckpt_dir)
+
+    steps_done = engine.global_steps - first_step
+    summary = _summary(settings, loaded, config_name, engine, optimizer, history, device, n_params, trainable,
+                       steps_done=steps_done, tokens=steps_done * tokens_per_step, wall_s=wall_s,
+                       fb_s=fb_s, opt_s=opt_s, peak_rss=peak_rss, interrupted=interrupted, checkpoint=checkpoint)
+    _write_json(out / SUMMARY_FILE, summary)
+    summary["plot"] = _plot(out, history, summary, log)
+    return summary
+
+
+def _progress_bar(settings: JobSettings, first_step: int):
+    if not settings.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=settings.steps, initial=first_step, desc="offload-train", unit="step", dynamic_ncols=True,
+                leave=True)
+
+
+def _metrics_record(engine, optimizer, losses, step_s, fb_s, opt_s, tokens, device) -> dict:
+    norm = engine.get_global_grad_norm()
+    record = {
+        "step": engine.global_steps, "loss": sum(losses) / len(losses), "lr": engine.get_lr()[0],
+        "grad_norm": None if norm is None or not math.isfinite(float(norm)) else float(norm),
+        "applied": engine.was_step_applied(), "step_s": step_s, "forward_backward_s": fb_s, "optimizer_s": opt_s,
+        "tokens_per_s": tokens / step_s, "state_bytes": state_bytes_by_tier(optimizer),
+        "rss_bytes": psutil.Process().memory_info().rss,
+    }
+    if device.type == "cuda":
+        record["gpu_bytes"] = torch.cuda.memory_allocated(device)
+    stats = getattr(optimizer, "paging_stats", None)
+    if stats is not None:
+        last = stats()["last_step"]
+        record.update({k: last[k] for k in ("fetch_s", "update_s", "writeback_s", "wait_s")})
+    return record
+
+
+def _save(engine, sampler: BatchSampler, ckpt_dir: Path) -> str:
+    path = engine.save_checkpoint(ckpt_dir, client_state={"sampler": sampler.state_dict()})
+    _prune(ckpt_dir, keep=KEEP_CHECKPOINTS)
+    return str(path)
+
+
+def _prune(ckpt_dir: Path, keep: int) -> None:
+    """Keeps the newest `keep` step checkpoints (by step number); `latest` names the newest."""
+    tags = sorted((int(p.name[len("global_step"):]), p) for p in ckpt_dir.glob("global_step*")
+                  if p.is_dir() and p.name[len("global_step"):].isdigit())
+    for _, path in tags[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict]:
+    """The saved run's records up to the checkpoint's step: steps a killed run logged after its
+    last checkpoint are trained again, so they leave the curve."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut short by a kill: everything before it is good
+        if record.get("step", upto + 1) <= upto:
+            records.append(record)
+    return records
+
+
+def _rewrite_metrics(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _summary(settings, loaded, config_name, engine, optimizer, history, device, n_params, trainable, *, steps_done,
+             tokens, wall_s, fb_s, opt_s, peak_rss, interrupted, checkpoint) -> dict:
+    stats = optimizer.paging_stats() if hasattr(optimizer, "paging_stats") else None
+    totals = stats["totals"] if stats else {}
+    tail = history[-10:] or [{"step": 0, "loss": float("nan")}]
+    head = history[0] if history else tail[0]
+    return {
+        "model": loaded.description, "params": n_params,
+        "param_bytes": sum(p.numel() * p.element_size() for p in engine.module.parameters()), "trainable": trainable, "device": str(device),
+        "precision": engine.precision, "optimizer": type(optimizer).__name__, "config": config_name,
+        "paged": stats is not None,
+        "in_place": bool(stats) and stats["store"] == "cpu" and stats["executor"] == "cpu",
+        "loss_start": head["loss"], "loss_start_step": head["step"],
+        "loss_end": sum(r["loss"] for r in tail) / len(tail), "loss_end_steps": [tail[0]["step"], tail[-1]["step"]],
+        "steps_done": steps_done, "last_step": engine.global_steps, "tokens": tokens, "wall_s": wall_s,
+        "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
+        "step_s_mean": wall_s / steps_done if steps_done else 0.0,
+        "state_bytes": state_bytes_by_tier(optimizer),
+        "plain_adamw_bytes": plain_adamw_bytes(optimizer, engine.precision if not settings.baseline else "fp32"),
+        "peak_rss_bytes": peak_rss,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "time": {"forward_backward_s": fb_s, "optimizer_s": opt_s,
+                 **{k: totals.get(k, 0.0) for k in ("fetch_s", "update_s", "writeback_s", "wait_s")}},
+        "interrupted": interrupted, "checkpoint": checkpoint,
+    }
+
+
+def _plot(out: Path, history: list[dict], summary: dict, log) -> str | None:
+    try:
+        from .plot import write_plot
+    except ImportError:
+        log("offload-train: no plot (matplotlib is not installed: pip install matplotlib)")
+        return None
+    return str(write_plot(out / PLOT_FILE, history, summary))

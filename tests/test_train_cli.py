@@ -1,0 +1,276 @@
+"""offload-train end to end: the CLI in a subprocess on the tiny model, its files, --resume
+(bit-identical continuation), Ctrl-C, --compare, each bad input, and the default run's loss."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from offload_engine.optim import PagedAdamW8bit
+from offload_engine.train import job
+from offload_engine.train.data import BatchSampler, Corpus, CorpusError, load_corpus
+from offload_engine.train.models import SIZES, ModelChoiceError, build_model
+from offload_engine.train.report import plain_adamw_bytes, state_bytes_by_tier
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "tiny", "--no-progress"]
+
+
+def cli(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "offload_engine.train", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO, **kw)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / job.METRICS_FILE).read_text().splitlines()]
+
+
+def test_end_to_end_writes_its_files(tmp_path):
+    out = tmp_path / "run"
+    r = cli(*TINY, "--steps", 6, "--out", out)
+    assert r.returncode == 0, r.stderr
+    records = metrics(out)
+    assert [m["step"] for m in records] == list(range(1, 7))
+    for m in records:
+        assert m["loss"] > 0 and m["tokens_per_s"] > 0 and m["step_s"] >= m["optimizer_s"] > 0
+        assert m["state_bytes"]["host"] > 0 and m["state_bytes"]["gpu"] == 0 and m["state_bytes"]["nvme"] == 0
+    summary = json.loads((out / job.SUMMARY_FILE).read_text())
+    assert summary["optimizer"] == "PagedAdamW8bit" and summary["precision"] == "bf16"
+    assert summary["loss_start"] == records[0]["loss"]
+    assert summary["loss_end"] == pytest.approx(sum(m["loss"] for m in records) / 6)
+    assert summary["steps_done"] == 6 and summary["last_step"] == 6
+    # The state held is what the optimizer's pages hold, and plain AdamW's is 12 bytes per param.
+    n = summary["trainable"]
+    assert summary["plain_adamw_bytes"] == 12 * n
+    assert (out / job.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / job.CHECKPOINTS / "latest").read_text().strip() == "global_step6"
+    run = json.loads((out / job.RUN_FILE).read_text())
+    assert run["model"] == "tiny" and run["steps"] == 6
+    # The saved config is the one used: the schedule follows --steps.
+    sched = json.loads((out / job.CONFIG_FILE).read_text())["scheduler"]["params"]
+    assert sched["total_num_steps"] == 6 and sched["warmup_num_steps"] == 1
+    for row in ("loss", "throughput", "optimizer state", "torch AdamW", "peak memory", "time split", "paging"):
+        assert row in r.stdout
+    assert "Traceback" not in r.stderr
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    """A run resumed from its step-4 checkpoint logs steps 5..8 exactly as the run that never
+    stopped: same losses, grad norms and lrs (the checkpoint, RNG and batch sampler restored)."""
+    straight = tmp_path / "straight"
+    assert cli(*TINY, "--steps", 8, "--save-every", 4, "--out", straight).returncode == 0
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    (resumed / job.CHECKPOINTS / "latest").write_text("global_step4")
+    r = cli("--no-progress", "--resume", "--out", resumed)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout and "at step 4" in r.stdout
+    a, b = metrics(straight), metrics(resumed)
+    assert [m["step"] for m in b] == list(range(1, 9))  # steps 5..8 of the first run were dropped, then redone
+    for x, y in zip(a, b):
+        assert (x["step"], x["loss"], x["grad_norm"], x["lr"]) == (y["step"], y["loss"], y["grad_norm"], y["lr"])
+    # And a larger --steps trains on from where it is.
+    r = cli("--no-progress", "--resume", "--steps", 10, "--out", resumed)
+    assert r.returncode == 0, r.stderr
+    assert [m["step"] for m in metrics(resumed)] == list(range(1, 11))
+
+
+def test_ctrl_c_saves_a_checkpoint_then_resume_loses_nothing(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "offload_engine.train", *TINY, "--steps", "100000",
+                             "--save-every", "0", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (out / job.METRICS_FILE).is_file() and len((out / job.METRICS_FILE).read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the run logged no steps within 120 s")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "interrupted at step" in lines[0] and "--resume" in lines[0], stderr
+    step = int(lines[0].split("interrupted at step ")[1].split(";")[0])
+    assert step >= 3
+    assert (out / job.CHECKPOINTS / "latest").read_text().strip() == f"global_step{step}"
+    assert [m["step"] for m in metrics(out)] == list(range(1, step + 1))
+    r = cli("--no-progress", "--resume", "--steps", step + 2, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert [m["step"] for m in metrics(out)] == list(range(1, step + 3))
+
+
+def test_compare_prints_both_legs(tmp_path):
+    r = cli(*TINY, "--compare", "--steps", 3, "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    table = r.stdout[r.stdout.index("offload-train --compare: the same job"):]
+    assert "torch AdamW" in table and "offload_engine" in table and "PagedAdamW8bit" in table
+    base = json.loads((tmp_path / "torch_adamw" / job.SUMMARY_FILE).read_text())
+    ours = json.loads((tmp_path / "offload_engine" / job.SUMMARY_FILE).read_text())
+    assert base["optimizer"] == "AdamW" and base["precision"] == "fp32"
+    assert ours["optimizer"] == "PagedAdamW8bit" and ours["precision"] == "bf16"
+    # torch's AdamW state: fp32 m and v, 8 bytes per param, all in host memory on a CPU run.
+    assert base["state_bytes"] == {"gpu": 0, "host": 8 * base["trainable"], "nvme": 0}
+    # Same init and batches: the first loss is the same model on the same batch (fp32 vs bf16).
+    assert ours["loss_start"] == pytest.approx(base["loss_start"], rel=1e-2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "gigantic"], "unknown --model 'gigantic'"),
+    (["--config", "no/such/config.json"], "--config 'no/such/config.json': no such file"),
+    (["--steps", "0"], "--steps: must be >= 1"),
+])
+def test_bad_arguments_get_one_line(tmp_path, args, message):
+    r = cli(*TINY, "--out", tmp_path / "run", *args)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len([line for line in r.stderr.splitlines() if "error" in line]) == 1
+
+
+def test_short_corpus_unwritable_out_and_bad_config(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    r = cli(*TINY, "--corpus", short, "--out", tmp_path / "a")
+    assert r.returncode == 2 and "fewer than the context length + 1 (33)" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = cli(*TINY, "--out", blocker / "run")
+    assert r.returncode == 2 and f"--out '{blocker / 'run'}' cannot be written" in r.stderr, r.stderr
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_batch_size": 4, "optimizer": {"type": "PagedAdamW8bit",
+                                                                    "params": {"lrr": 1e-3}}}))
+    r = cli(*TINY, "--config", bad, "--out", tmp_path / "b")
+    assert r.returncode == 2 and "optimizer.params.lrr" in r.stderr and "did you mean 'lr'" in r.stderr
+
+    r = cli(*TINY, "--out", tmp_path / "empty", "--resume")
+    assert r.returncode == 2 and "holds no run to continue" in r.stderr
+
+    r = cli(*TINY, "--out", tmp_path / "c", "--model", "gigantic", "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr and "ModelChoiceError" in r.stderr
+
+
+def test_resume_refuses_another_model(tmp_path):
+    out = tmp_path / "run"
+    assert cli(*TINY, "--steps", 2, "--out", out).returncode == 0
+    r = cli("--no-progress", "--resume", "--model", "small", "--out", out)
+    assert r.returncode == 2 and "--model 'small' differs from the run" in r.stderr
+
+
+def test_hugging_face_config_trains(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                                         bos_token_id=0, eos_token_id=0)
+    config.save_pretrained(tmp_path / "gpt2-tiny")
+    out = tmp_path / "run"
+    r = cli("--no-progress", "--model", tmp_path / "gpt2-tiny", "--context", 32, "--steps", 3, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "freshly initialized GPT2LMHeadModel" in r.stdout
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+
+
+# ---- the pieces, in process ----------------------------------------------------------------------
+def test_fit_schedule_rescales_total_and_warmup():
+    config = {"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 300, "warmup_num_steps": 30}}}
+    assert "300 -> 50" in job.fit_schedule(config, 50)
+    assert config["scheduler"]["params"] == {"total_num_steps": 50, "warmup_num_steps": 5}
+    assert job.fit_schedule(config, 50) is None  # already there
+    flat = {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 30}}}
+    assert job.fit_schedule(flat, 50) is None and flat["scheduler"]["params"] == {"warmup_num_steps": 30}
+
+
+def test_state_bytes_by_tier_counts_what_each_optimizer_holds():
+    params = [torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(300))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    torch_opt = torch.optim.AdamW(params)
+    torch_opt.step()
+    assert state_bytes_by_tier(torch_opt) == {"gpu": 0, "host": 8 * 5300, "nvme": 0}
+    paged = PagedAdamW8bit(params, page_size_mb=0.25)
+    paged.step()
+    stats = paged.paging_stats()
+    held = state_bytes_by_tier(paged)
+    assert held == {"gpu": 0, "host": stats["store_bytes"] + stats["pool_bytes"], "nvme": 0}
+    assert stats["store_bytes"] >= stats["state_bytes"] > 0
+    assert plain_adamw_bytes(paged, "fp32") == 8 * 5300 and plain_adamw_bytes(paged, "bf16") == 12 * 5300
+
+
+def test_read_metrics_drops_steps_after_the_checkpoint_and_a_cut_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    assert [r["step"] for r in job._read_metrics(path, upto=3)] == [1, 2, 3]
+    assert [r["step"] for r in job._read_metrics(path, upto=9)] == [1, 2, 3, 4, 5]
+
+
+def test_sampler_windows_and_state():
+    corpus = Corpus("c", torch.arange(100))
+    sampler = BatchSampler(corpus, batch=4, context=10, seed=1)
+    state = sampler.state_dict()
+    x, y = sampler.next("cpu")
+    assert x.shape == y.shape == (4, 10) and torch.equal(y, x + 1)  # targets are the inputs shifted by one
+    sampler.load_state_dict(state)
+    x2, _ = sampler.next("cpu")
+    assert torch.equal(x, x2)
+    with pytest.raises(CorpusError, match="fewer than the context length"):
+        BatchSampler(Corpus("c", torch.arange(10)), batch=1, context=10, seed=0)
+    assert len(load_corpus(None)) > 20_000
+
+
+def test_models():
+    with pytest.raises(ModelChoiceError, match="built-in sizes are tiny, small"):
+        build_model("nope")
+    loaded = build_model("tiny")
+    assert loaded.context == SIZES["tiny"].context and loaded.module.head.weight is loaded.module.tok.weight
+    out = loaded.module(torch.randint(0, 256, (2, 7)))
+    assert out.shape == (2, 7, 256)
+
+
+def test_configs_default_is_the_embedded_one():
+    embedded = (REPO / "offload_engine" / "train" / "data" / "default.json").read_bytes()
+    assert (REPO / "configs" / "default.json").read_bytes() == embedded
+    assert json.loads(embedded)["optimizer"]["type"] == "PagedAdamW8bit"
+
+
+@pytest.mark.slow
+def test_default_run_learns(tmp_path):
+    """The README's main job, as shipped: the loss ends well below where it starts."""
+    r = cli("--no-progress", "--out", tmp_path / "run", timeout=900)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "run" / job.SUMMARY_FILE).read_text())
+    assert summary["last_step"] == job.DEFAULT_STEPS and summary["optimizer"] == "PagedAdamW8bit"
+    assert summary["loss_start"] > 5.0          # ln(256) = 5.55: an untrained byte model
+    assert summary["loss_end"] < 0.5 * summary["loss_start"]
+
+
+def test_hugging_face_directory_with_its_tokenizer(tmp_path):
+    """A model directory that brings a tokenizer trains on the tokenizer's ids, not bytes."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator([load_corpus(None).tokens.to(torch.uint8).numpy().tobytes().decode()], vocab_size=300,
+                            show_progress=False)
+    model_dir = tmp_path / "gpt2-bpe"
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(model_dir)
+    transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=1, n_head=2, bos_token_id=0,
+                            eos_token_id=0).save_pretrained(model_dir)
+    r = cli("--no-progress", "--model", model_dir, "--context", 32, "--steps", 2, "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    bytes_count = len(load_corpus(None))
+    token_count = int(r.stdout.split("built-in corpus (")[1].split(" tokens")[0].replace(",", ""))
+    assert 0 < token_count < bytes_count  # merged pairs: fewer ids than bytes
