@@ -1,9 +1,9 @@
 """PageScheduler: one step's pipeline over the pages, in a deterministic order.
 
-For a store that is not updated in place (NvmeStore), page i+k is fetched into a slot while
-page i is updated and page i-1 is written back; at most `prefetch_depth` reads are in flight
-and the pool has prefetch_depth + 2 slots (k fetching, one updating, one or more writing
-back), so a step allocates nothing. For an in-place store (HostStore with the CPU executor)
+For a store that is not updated in place (NvmeStore), pages i+1..i+k (k = prefetch_depth)
+are fetched into slots while page i is updated and page i-1 is written back; the pool has
+prefetch_depth + 2 slots (k fetching, one updating, one writing back; a further write-back
+waits for the oldest to land), so a step allocates nothing. For an in-place store (HostStore with the CPU executor)
 the update runs on the stored bytes directly: no slot, no copy.
 
 [Note: update threads] While pages are in flight, the IO threads need a core now and then to
@@ -105,9 +105,10 @@ class PageScheduler:
 
         try:
             for page in pages:
-                # Keep up to prefetch_depth fetches in flight; a slot comes free when a
-                # write-back completes, so wait for the oldest one if none is free.
-                while next_fetch < len(pages) and len(fetching) < self.prefetch_depth:
+                # Keep prefetch_depth fetches in flight beyond this page's own (which may still
+                # be landing), so pages i+1..i+k are read while page i updates; a slot comes free
+                # when a write-back completes, so wait for the oldest one if none is free.
+                while next_fetch < len(pages) and len(fetching) <= self.prefetch_depth:
                     if not pool.has_free():
                         retire_write(block=True)
                     slot = pool.acquire()

@@ -151,15 +151,22 @@ def _compare(args) -> int:
     if args.no_progress:
         passed.append("--no-progress")
     summaries = {}
-    for leg, extra in (("torch_adamw", ["--baseline"]), ("offload_engine", [])):
-        out = args.out / leg
-        print(f"{PROG} --compare: {leg} ({steps} steps) -> {out}", flush=True)
-        cmd = [sys.executable, "-m", "offload_engine.train", "--steps", str(steps), "--out", str(out),
-               "--save-every", "0", *passed, *extra]
-        code = subprocess.call(cmd, env=os.environ.copy())
-        if code != 0:
-            print(f"{PROG}: error: the {leg} leg exited with status {code}", file=sys.stderr)
-            return code
-        summaries[leg] = json.loads((out / job.SUMMARY_FILE).read_text(encoding="utf-8"))
+    # Ctrl-C reaches the leg running in the foreground too (same process group); it stops after
+    # its step and saves. This process only notes the request: the default handler would raise
+    # KeyboardInterrupt here, and subprocess would kill the leg in the middle of its save.
+    with _StopOnSignal() as stop:
+        for leg, extra in (("torch_adamw", ["--baseline"]), ("offload_engine", [])):
+            out = args.out / leg
+            print(f"{PROG} --compare: {leg} ({steps} steps) -> {out}", flush=True)
+            cmd = [sys.executable, "-m", "offload_engine.train", "--steps", str(steps), "--out", str(out),
+                   "--save-every", "0", *passed, *extra]
+            code = subprocess.call(cmd, env=os.environ.copy())
+            if stop.is_set():
+                print(f"{PROG}: --compare interrupted during the {leg} leg", file=sys.stderr)
+                return EXIT_INTERRUPTED
+            if code != 0:
+                print(f"{PROG}: error: the {leg} leg exited with status {code}", file=sys.stderr)
+                return code
+            summaries[leg] = json.loads((out / job.SUMMARY_FILE).read_text(encoding="utf-8"))
     print(format_compare(summaries["torch_adamw"], summaries["offload_engine"]))
     return 0

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -254,7 +255,7 @@ def run(settings: JobSettings, stop: threading.Event | None = None, log=print) -
     checkpoint = _save(engine, sampler, ckpt_dir)
 
     steps_done = engine.global_steps - first_step
-    summary = _summary(settings, loaded, config_name, engine, optimizer, history, device, n_params, trainable,
+    summary = _summary(loaded, config_name, engine, optimizer, history, device, n_params, trainable,
                        steps_done=steps_done, tokens=steps_done * tokens_per_step, wall_s=wall_s,
                        fb_s=fb_s, opt_s=opt_s, peak_rss=peak_rss, interrupted=interrupted, checkpoint=checkpoint)
     _write_json(out / SUMMARY_FILE, summary)
@@ -325,7 +326,7 @@ def _rewrite_metrics(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _summary(settings, loaded, config_name, engine, optimizer, history, device, n_params, trainable, *, steps_done,
+def _summary(loaded, config_name, engine, optimizer, history, device, n_params, trainable, *, steps_done,
              tokens, wall_s, fb_s, opt_s, peak_rss, interrupted, checkpoint) -> dict:
     stats = optimizer.paging_stats() if hasattr(optimizer, "paging_stats") else None
     totals = stats["totals"] if stats else {}
@@ -338,12 +339,14 @@ def _summary(settings, loaded, config_name, engine, optimizer, history, device, 
         "paged": stats is not None,
         "in_place": bool(stats) and stats["store"] == "cpu" and stats["executor"] == "cpu",
         "loss_start": head["loss"], "loss_start_step": head["step"],
-        "loss_end": sum(r["loss"] for r in tail) / len(tail), "loss_end_steps": [tail[0]["step"], tail[-1]["step"]],
+        # The median of the last steps: one step's spike (a batch the model is briefly unstable on)
+        # should not move the figure the run is judged by.
+        "loss_end": statistics.median(r["loss"] for r in tail), "loss_end_steps": [tail[0]["step"], tail[-1]["step"]],
         "steps_done": steps_done, "last_step": engine.global_steps, "tokens": tokens, "wall_s": wall_s,
         "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
         "step_s_mean": wall_s / steps_done if steps_done else 0.0,
         "state_bytes": state_bytes_by_tier(optimizer),
-        "plain_adamw_bytes": plain_adamw_bytes(optimizer, engine.precision if not settings.baseline else "fp32"),
+        "plain_adamw_bytes": plain_adamw_bytes(optimizer, engine.precision),
         "peak_rss_bytes": peak_rss,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "time": {"forward_backward_s": fb_s, "optimizer_s": opt_s,

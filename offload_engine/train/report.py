@@ -63,7 +63,7 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
                   f"on {s['device']}"),
         ("optimizer", f"{s['optimizer']} ({s['config']})"),
         ("loss", f"{s['loss_start']:.4f} at step {s['loss_start_step']} -> {s['loss_end']:.4f} "
-                 f"(mean of steps {s['loss_end_steps'][0]}-{s['loss_end_steps'][1]})"),
+                 f"(median of steps {s['loss_end_steps'][0]}-{s['loss_end_steps'][1]})"),
         ("steps", f"{s['steps_done']} this run (to step {s['last_step']}), {s['tokens']:,} tokens in "
                   f"{_seconds(s['wall_s'])}"),
         ("throughput", f"{s['tokens_per_s']:,.0f} tokens/s, {_seconds(s['step_s_mean'])} per step"),
