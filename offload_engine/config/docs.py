@@ -109,7 +109,9 @@ RESOLUTION = """\
    when given. Paged classes get `store`, `nvme_path` (store `nvme` only), `page_size_mb`,
    `prefetch_depth`, `io_threads` and `executor` from the merged paging settings. Where the
    constructor accepts them, `master_weights` (false when the params are fp32:
-   `optimizer_spec(param_dtype_is_fp32=False)` for bf16/fp16 params) and `pin_memory` are passed.
+   `optimizer_spec(param_dtype_is_fp32=False)` for bf16/fp16 params) and `pin_memory` are passed;
+   no class takes `pin_memory` today (host pages are pinned exactly when the CUDA executor
+   copies them), so it is accepted and changes nothing.
 5. **master_weights vs stochastic_rounding.** Both fix the rounding loss of bf16 params, and
    the optimizers refuse both at once: `stochastic_rounding: true` turns the default
    `paging.master_weights` off, and setting both to true explicitly is an error.
@@ -130,7 +132,7 @@ merged result, the one place the engine reads from:
 | `device: "none"` | no store | |
 | `nvme_path` | `nvme_path` | ignored with a warning unless `device` is `"nvme"`, as in DeepSpeed |
 | `buffer_count` | `prefetch_depth = buffer_count - 2` | the slot pool holds `prefetch_depth + 2` pages, so `buffer_count >= 3`; DeepSpeed's default 4 is paging's default 2 |
-| `pin_memory` | `pin_memory` | with the CUDA executor host pages are pinned in any case |
+| `pin_memory` | `pin_memory` | accepted, changes nothing: host pages are pinned exactly when the CUDA executor copies them |
 | (offload on) | `executor: "cpu"` | DeepSpeed runs the offloaded update on the CPU; an explicit `paging.executor` wins |
 
 A setting given in both places must agree (`paging.store: "cpu"` with `device: "nvme"` is an

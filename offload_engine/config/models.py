@@ -68,7 +68,8 @@ class OffloadOptimizerConfig(Section):
     buffer_count: Annotated[int, Field(ge=3)] = Field(
         4, description="Page slots in flight: the slot pool holds buffer_count = prefetch_depth + 2 pages "
                        "(>= 3). DeepSpeed's default 4 is paging's default prefetch_depth 2.")
-    pin_memory: bool = Field(True, description="Pin the host pages (page-locked RAM) for asynchronous GPU copies.")
+    pin_memory: bool = Field(True, description="Mapped to paging.pin_memory, which is accepted and changes nothing: "
+                                               "host pages are pinned exactly when the CUDA executor copies them.")
 
 
 class ZeroConfig(Section):
@@ -117,8 +118,10 @@ class PagingConfig(Section):
     overlap_backward: bool = Field(
         False, description="Start paging state in while the backward pass still runs.")
     pin_memory: bool = Field(
-        True, description="Pin host pages (page-locked RAM). With the CUDA executor host pages are pinned in any "
-                          "case: asynchronous copies need it.")
+        True, description="Accepted for DeepSpeed compatibility; it changes nothing. Host pages are pinned "
+                          "(page-locked) exactly when the CUDA executor copies them, since asynchronous copies "
+                          "need it; the CPU executor updates pages in place or through its own slots, where "
+                          "pinning buys nothing.")
 
 
 class EngineConfig(Section):
