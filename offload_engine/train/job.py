@@ -209,6 +209,28 @@ def run(settings: JobSettings, stop: threading.Event | None = None, log=print) -
         f"{engine.precision}, on {device}; {corpus.name} ({len(corpus):,} tokens); steps "
         f"{engine.global_steps} -> {settings.steps}; writing {out}")
 
+    first_step = engine.global_steps
+    t_run = time.perf_counter()
+    loop = _train_loop(engine, optimizer, loaded, sampler, settings, stop, history, device)
+    wall_s = time.perf_counter() - t_run
+    interrupted = engine.global_steps < settings.steps
+    checkpoint = _save(engine, sampler, ckpt_dir)
+
+    steps_done = engine.global_steps - first_step
+    summary = _summary(loaded, config_name, engine, optimizer, history, device, n_params, trainable,
+                       steps_done=steps_done, tokens=steps_done * loop["tokens_per_step"], wall_s=wall_s,
+                       fb_s=loop["forward_backward_s"], opt_s=loop["optimizer_s"], peak_rss=loop["peak_rss"],
+                       interrupted=interrupted, checkpoint=checkpoint)
+    _write_json(out / SUMMARY_FILE, summary)
+    summary["plot"] = _plot(out, history, summary, log)
+    return summary
+
+
+def _train_loop(engine, optimizer, loaded, sampler, settings: JobSettings, stop, history: list, device) -> dict:
+    """Optimizer steps until settings.steps or `stop`; appends one record per step to `history`
+    and metrics.jsonl, checkpoints every settings.save_every steps. Returns the time split,
+    tokens per step and peak RSS."""
+    out = settings.out
     gas = engine.gradient_accumulation_steps
     tokens_per_step = sampler.batch * gas * loaded.context
     proc = psutil.Process()
@@ -216,51 +238,42 @@ def run(settings: JobSettings, stop: threading.Event | None = None, log=print) -
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     fb_s = opt_s = 0.0
-    first_step = engine.global_steps
-    bar = _progress_bar(settings, first_step)
-    t_run = time.perf_counter()
-    with open(out / METRICS_FILE, "a", encoding="utf-8") as metrics:
-        while engine.global_steps < settings.steps and not stop.is_set():
-            t_step = time.perf_counter()
-            losses, step_fb, step_opt = [], 0.0, 0.0
-            for _ in range(gas):
-                t = time.perf_counter()
-                x, y = sampler.next(device)
-                out_logits = logits(loaded, x)
-                loss = F.cross_entropy(out_logits.flatten(0, 1).float(), y.flatten())
-                engine.backward(loss)
-                losses.append(loss.item())
-                t_opt = time.perf_counter()
-                engine.step()  # steps the optimizer at the last micro-batch of the window
-                step_opt += time.perf_counter() - t_opt
-                step_fb += t_opt - t
-            step_s = time.perf_counter() - t_step
-            fb_s, opt_s = fb_s + step_fb, opt_s + step_opt
-            peak_rss = max(peak_rss, proc.memory_info().rss)
-            record = _metrics_record(engine, optimizer, losses, step_s, step_fb, step_opt, tokens_per_step, device)
-            history.append(record)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                                step=f"{step_s * 1e3:.0f}ms", refresh=False)
-            done = engine.global_steps >= settings.steps
-            if not done and settings.save_every and engine.global_steps % settings.save_every == 0:
-                _save(engine, sampler, ckpt_dir)
-    wall_s = time.perf_counter() - t_run
-    if bar is not None:
-        bar.close()
-    interrupted = engine.global_steps < settings.steps
-    checkpoint = _save(engine, sampler, ckpt_dir)
-
-    steps_done = engine.global_steps - first_step
-    summary = _summary(loaded, config_name, engine, optimizer, history, device, n_params, trainable,
-                       steps_done=steps_done, tokens=steps_done * tokens_per_step, wall_s=wall_s,
-                       fb_s=fb_s, opt_s=opt_s, peak_rss=peak_rss, interrupted=interrupted, checkpoint=checkpoint)
-    _write_json(out / SUMMARY_FILE, summary)
-    summary["plot"] = _plot(out, history, summary, log)
-    return summary
+    bar = _progress_bar(settings, engine.global_steps)
+    try:
+        with open(out / METRICS_FILE, "a", encoding="utf-8") as metrics:
+            while engine.global_steps < settings.steps and not stop.is_set():
+                t_step = time.perf_counter()
+                losses, step_fb, step_opt = [], 0.0, 0.0
+                for _ in range(gas):
+                    t = time.perf_counter()
+                    x, y = sampler.next(device)
+                    loss = F.cross_entropy(logits(loaded, x).flatten(0, 1).float(), y.flatten())
+                    engine.backward(loss)
+                    losses.append(loss.item())  # also waits for a GPU's backward: the split stays honest
+                    t_opt = time.perf_counter()
+                    engine.step()  # steps the optimizer at the last micro-batch of the window
+                    step_opt += time.perf_counter() - t_opt
+                    step_fb += t_opt - t
+                step_s = time.perf_counter() - t_step
+                fb_s, opt_s = fb_s + step_fb, opt_s + step_opt
+                peak_rss = max(peak_rss, proc.memory_info().rss)
+                record = _metrics_record(engine, optimizer, losses, step_s, step_fb, step_opt, tokens_per_step,
+                                         device)
+                history.append(record)
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                                    step=f"{step_s * 1e3:.0f}ms", refresh=False)
+                done = engine.global_steps >= settings.steps
+                if not done and settings.save_every and engine.global_steps % settings.save_every == 0:
+                    _save(engine, sampler, out / CHECKPOINTS)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"forward_backward_s": fb_s, "optimizer_s": opt_s, "tokens_per_step": tokens_per_step,
+            "peak_rss": peak_rss}
 
 
 def _progress_bar(settings: JobSettings, first_step: int):
