@@ -138,10 +138,10 @@ merged result, the one place the engine reads from:
 A setting given in both places must agree (`paging.store: "cpu"` with `device: "nvme"` is an
 error naming both keys). `paging.nvme_path` without store `nvme` is an error.
 
-**ZeRO stages.** Stages 0, 1 and 2 are accepted. Partitioning the optimizer state across
-data-parallel ranks is not implemented yet, so today every rank keeps the whole state and the
-three stages behave the same; at world size 1 they are the same by definition. Stage 3
-(parameter partitioning) is an error.
+**ZeRO stages.** Stages 0, 1 and 2 are accepted and behave the same. With several
+data-parallel ranks the optimizer state is always partitioned, each rank keeping 1/world of
+it, and the grads are all-reduced in fp32, then sliced (engine.md). At world size 1 the three
+stages are the same by definition. Stage 3 (parameter partitioning) is an error.
 """
 
 DIFFERENCES = """\

@@ -73,9 +73,9 @@ class OffloadOptimizerConfig(Section):
 
 
 class ZeroConfig(Section):
-    """DeepSpeed's ``zero_optimization`` section. Stages 0, 1 and 2 are accepted; partitioning the
-    optimizer state across data-parallel ranks is not implemented yet, so today every rank keeps
-    the full state and all three stages behave the same (exactly so at world size 1)."""
+    """DeepSpeed's ``zero_optimization`` section. Stages 0, 1 and 2 are accepted and behave the
+    same: with several data-parallel ranks the optimizer state is always partitioned (each rank
+    keeps 1/world of it) and the grads are all-reduced, then sliced."""
 
     stage: int = Field(0, description="ZeRO stage: 0, 1 or 2 (3, parameter partitioning, is not supported).",
                        json_schema_extra={"allowed": "0, 1 or 2"})

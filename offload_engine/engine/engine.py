@@ -35,8 +35,9 @@ _MODEL, _OPTIMIZER, _ENGINE = "model.pt", "optimizer.pt", "engine.pt"
 class OffloadEngine:
     """Returned by offload_engine.initialize(); see the module docstring."""
 
-    def __init__(self, module: torch.nn.Module, config, optimizer, lr_scheduler=None):
+    def __init__(self, module: torch.nn.Module, config, optimizer, lr_scheduler=None, partition=None):
         self.module = module
+        self.partition = partition  # data-parallel ranks: this rank's share of the state ([Note: partitioned state])
         self.config = config
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -101,17 +102,26 @@ class OffloadEngine:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        if self.partition is not None:
+            self.partition.zero_grad()
 
     def _trainable_grads(self) -> list:
         return [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
 
     @torch.no_grad()
     def _take_model_step(self) -> None:
+        if self.partition is not None:
+            self.partition.reduce_grads()  # every rank: the averaged full grads; shards: their slices
+            norm_grads = self.partition.full_grads()
         grads = self._trainable_grads()
+        if self.partition is None:
+            norm_grads = grads
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         norm = None
-        if grads and (self.gradient_clipping > 0 or self.precision != "fp32"):
-            norm = global_grad_norm(grads)  # [Note: one pass over the grads]
+        if norm_grads and (self.gradient_clipping > 0 or self.precision != "fp32"):
+            norm = global_grad_norm(norm_grads)  # [Note: one pass over the grads]
+            if self.partition is not None:
+                norm = self.partition.agree_on(norm)  # one skip/clip decision for all ranks
         overflow = norm is not None and not bool(torch.isfinite(norm))
         if overflow:
             # The optimizer never sees these grads: params and state stay exactly as they were.
@@ -144,6 +154,8 @@ class OffloadEngine:
                     for device, group in by_device.items():
                         torch._foreach_mul_(group, factor.to(device))
                 self.optimizer.step()
+            if self.partition is not None:
+                self.partition.gather_params()  # every rank's updated slices to every rank
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
         if self.loss_scaler is not None:
@@ -191,6 +203,7 @@ class OffloadEngine:
         """Writes model, optimizer (logical per-param state keyed by param name), scheduler, loss
         scaler, counters and RNG states as checkpoint `tag` (default ``global_step<N>``) under
         `save_dir`, atomically ([Note: atomic checkpoints]). Returns its directory."""
+        self._refuse_partitioned("save_checkpoint")
         failed = getattr(self.optimizer, "_failed", None)
         if failed:
             raise RuntimeError(f"save_checkpoint: the optimizer is in a failed state ({failed}): its params and state "
@@ -217,6 +230,7 @@ class OffloadEngine:
         """Restores checkpoint `tag` (default: ``latest``) and returns ``(path, client_state)``.
         Every file is checked, and the model and optimizer parts validated, before anything
         changes; a checkpoint that fails leaves the engine as it was."""
+        self._refuse_partitioned("load_checkpoint")
         path = ckpt.resolve_tag(load_dir, tag)
         parts = ckpt.read_checkpoint(path, (_MODEL, _OPTIMIZER, _ENGINE), pickled=(_ENGINE,))
         model_sd, opt_sd, engine_state = parts[_MODEL], parts[_OPTIMIZER], parts[_ENGINE]
@@ -265,6 +279,12 @@ class OffloadEngine:
         _set_rng_states(engine_state["rng"])
         self.zero_grad()
         return path, engine_state["client_state"]
+
+    def _refuse_partitioned(self, what: str) -> None:
+        if self.partition is not None:
+            raise RuntimeError(f"{what}: the optimizer state is partitioned over {self.partition.world} data-parallel "
+                               "ranks, and checkpoints of partitioned state (saved at one world size, loaded at "
+                               "any) are not written yet; nothing was saved or loaded")
 
     def _ordered_params(self) -> list:
         return [p for g in self.optimizer.param_groups for p in g["params"]]

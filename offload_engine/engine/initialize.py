@@ -9,6 +9,7 @@ from ..config import ConfigError, EngineConfig, load_config
 from ..optim._base import BlockwiseOptimizer
 from ..schedulers import build_scheduler
 from .engine import OffloadEngine
+from .partition import Partition
 
 _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -31,9 +32,6 @@ def initialize(model: torch.nn.Module, config, model_parameters=None, optimizer=
         raise TypeError(f"initialize: model must be a torch.nn.Module, got {type(model).__name__}")
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     cfg = config if isinstance(config, EngineConfig) else load_config(config, world_size=world_size)
-    if world_size > 1:
-        raise RuntimeError(f"initialize: this process is one of {world_size} data-parallel ranks; data-parallel "
-                           "training (gradient reduction and partitioned state) is not implemented yet")
     paging = cfg.paging_settings()
     if paging.overlap_backward:
         raise ConfigError.single("paging.overlap_backward", "true is not implemented yet (paging state in during "
@@ -55,6 +53,16 @@ def initialize(model: torch.nn.Module, config, model_parameters=None, optimizer=
 
 def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, training_data):
     params = _trainable(model, model_parameters)
+    partition = None
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # [Note: partitioned state]: the optimizer is built over this rank's shards only.
+        if optimizer is not None and isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError("initialize: with several data-parallel ranks the optimizer is built over this rank's "
+                             "partition of the params; pass a callable that builds it from params (or use the "
+                             "config's optimizer section), not a built optimizer")
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        partition = Partition([p for g in groups for p in g["params"]])
+        params = partition.shard_groups(groups)
 
     if optimizer is not None and cfg.optimizer is not None:
         raise ConfigError.single("optimizer", "the config has an optimizer section and initialize() was given an "
@@ -70,7 +78,8 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"initialize: optimizer must be a torch.optim.Optimizer (or build one), got "
                         f"{type(optimizer).__name__}")
-    _check_optimizer(model, optimizer, low, paging.master_weights)
+    _check_optimizer(model, optimizer, low, paging.master_weights,
+                     shards=partition.shards if partition is not None else ())
 
     if lr_scheduler is not None and cfg.scheduler is not None:
         raise ConfigError.single("scheduler", "the config has a scheduler section and initialize() was given an "
@@ -82,9 +91,12 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
 
     dataloader = None
     if training_data is not None:
+        # With several ranks each one draws a disjoint share of every epoch, as DeepSpeed does.
+        sampler = (torch.utils.data.DistributedSampler(training_data, shuffle=True) if partition is not None
+                   else None)
         dataloader = torch.utils.data.DataLoader(training_data, batch_size=cfg.train_micro_batch_size_per_gpu,
-                                                 shuffle=True)
-    engine = OffloadEngine(model, cfg, optimizer, lr_scheduler)
+                                                 shuffle=sampler is None, sampler=sampler)
+    engine = OffloadEngine(model, cfg, optimizer, lr_scheduler, partition=partition)
     return engine, optimizer, dataloader, lr_scheduler
 
 
@@ -104,8 +116,8 @@ def _trainable(model, model_parameters):
     return [p for p in params_of(items) if p.requires_grad]
 
 
-def _check_optimizer(model, optimizer, low, master_weights: bool) -> None:
-    own = {id(p) for p in model.parameters()}
+def _check_optimizer(model, optimizer, low, master_weights: bool, shards=()) -> None:
+    own = {id(p) for p in model.parameters()} | {id(s) for s in shards}
     for group in optimizer.param_groups:
         for p in group["params"]:
             if id(p) not in own:

@@ -1,0 +1,66 @@
+"""One rank of a data-parallel engine job for tests/test_data_parallel.py (run as a script, one
+process per rank, with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT as torchrun sets them; with
+no RANK it runs alone). Trains a small MLP on seeded data, the global batch split over the
+ranks, and writes per-step global losses, the final params and the state it held to --out."""
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+
+import offload_engine
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--optimizer", default="PagedAdamW")
+ap.add_argument("--steps", type=int, default=20)
+ap.add_argument("--global-micro", type=int, default=8)
+ap.add_argument("--nonfinite-at", type=int, default=0, help="make one rank's loss inf at this step")
+ap.add_argument("--out", required=True)
+args = ap.parse_args()
+
+world, rank = 1, 0
+if "RANK" in os.environ:
+    dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+if args.global_micro % world:
+    raise SystemExit(f"global micro-batch {args.global_micro} does not split over {world} ranks")
+micro = args.global_micro // world
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(33, 257), torch.nn.Tanh(), torch.nn.Linear(257, 65), torch.nn.Tanh(),
+                            torch.nn.Linear(65, 5))
+config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 2, "gradient_clipping": 0.5,
+          "optimizer": {"type": args.optimizer, "params": {"lr": 1e-2, "weight_decay": 0.01}},
+          "paging": {"page_size_mb": 1 / 32}}
+engine, optimizer, _, _ = offload_engine.initialize(model, config)
+
+data = torch.Generator().manual_seed(1)
+losses, norms = [], []
+for step in range(1, args.steps + 1):
+    step_loss = 0.0
+    for _ in range(2):
+        x = torch.randn(args.global_micro, 33, generator=data)
+        y = torch.randn(args.global_micro, 5, generator=data)
+        mine = slice(rank * micro, (rank + 1) * micro)
+        loss = torch.nn.functional.mse_loss(engine(x[mine]), y[mine])
+        if step == args.nonfinite_at and rank == world - 1:
+            loss = loss * float("inf")
+        engine.backward(loss)
+        engine.step()
+        mean = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(mean)
+            mean /= world
+        step_loss += mean.item() / 2
+    losses.append(step_loss)
+    norms.append(engine.get_global_grad_norm())
+
+held = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if optimizer.state.get(p))
+result = {"rank": rank, "world": world, "losses": losses, "norms": norms, "elements_with_state": held,
+          "skipped": engine.skipped_steps, "global_steps": engine.global_steps,
+          "state_bytes": optimizer.paging_stats()["state_bytes"] if hasattr(optimizer, "paging_stats") else None}
+torch.save({"result": result, "params": {k: v.clone() for k, v in model.state_dict().items()}},
+           f"{args.out}.rank{rank}.pt")
+if world > 1:
+    dist.barrier()
+    dist.destroy_process_group()
