@@ -14,6 +14,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--optimizer", default="PagedAdamW")
 ap.add_argument("--steps", type=int, default=20)
 ap.add_argument("--global-micro", type=int, default=8)
+ap.add_argument("--bf16", action="store_true")
 ap.add_argument("--nonfinite-at", type=int, default=0, help="make one rank's loss inf at this step")
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
@@ -31,7 +32,7 @@ model = torch.nn.Sequential(torch.nn.Linear(33, 257), torch.nn.Tanh(), torch.nn.
                             torch.nn.Linear(65, 5))
 config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 2, "gradient_clipping": 0.5,
           "optimizer": {"type": args.optimizer, "params": {"lr": 1e-2, "weight_decay": 0.01}},
-          "paging": {"page_size_mb": 1 / 32}}
+          "paging": {"page_size_mb": 1 / 32}, "bf16": {"enabled": args.bf16}}
 engine, optimizer, _, _ = offload_engine.initialize(model, config)
 
 data = torch.Generator().manual_seed(1)
@@ -42,7 +43,8 @@ for step in range(1, args.steps + 1):
         x = torch.randn(args.global_micro, 33, generator=data)
         y = torch.randn(args.global_micro, 5, generator=data)
         mine = slice(rank * micro, (rank + 1) * micro)
-        loss = torch.nn.functional.mse_loss(engine(x[mine]), y[mine])
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        loss = torch.nn.functional.mse_loss(engine(x[mine].to(dtype)).float(), y[mine])
         if step == args.nonfinite_at and rank == world - 1:
             loss = loss * float("inf")
         engine.backward(loss)
