@@ -112,10 +112,8 @@ class OffloadEngine:
     def _take_model_step(self) -> None:
         if self.partition is not None:
             self.partition.reduce_grads()  # every rank: the averaged full grads; shards: their slices
-            norm_grads = self.partition.full_grads()
         grads = self._trainable_grads()
-        if self.partition is None:
-            norm_grads = grads
+        norm_grads = self.partition.full_grads() if self.partition is not None else grads
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         norm = None
         if norm_grads and (self.gradient_clipping > 0 or self.precision != "fp32"):
