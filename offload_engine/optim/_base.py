@@ -117,12 +117,18 @@ class BlockwiseOptimizer(Optimizer):
         state = self.state.get(param)
         if not state:
             return {}
+        full = self._state_arrays(param, state)
         out = {"step": state["step"].clone()}
         for name in self._moments:
-            out[name] = _moment_fp32(state, name, param.numel()).view(param.shape).clone()
-        if "master" in state:
-            out["master"] = state["master"].view(param.shape).clone()
+            out[name] = _moment_fp32(full, name, param.numel()).view(param.shape).clone()
+        if "master" in full:
+            out["master"] = full["master"].view(param.shape).clone()
         return out
+
+    def _state_arrays(self, param, state: dict) -> dict:
+        """`param`'s state with its arrays (moments, codes, absmax, master) present; the paged
+        optimizers keep those in pages and read them in here."""
+        return state
 
     # ---- step ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -33,7 +33,7 @@ from .. import kernels
 from ..paging import HostStore, NvmeStore, PageScheduler, PageTable, SlotPool, StateFormat, page_bytes_from_mb
 from ..paging.scheduler import StepStats
 from ..quant import FORMATS, codec
-from ._base import _SIGNED, BlockwiseOptimizer, _moment_fp32, _stream_seed
+from ._base import _SIGNED, BlockwiseOptimizer, _stream_seed
 from ._update import group_hyper, step_state_
 
 STORES = ("cpu", "nvme")
@@ -336,19 +336,9 @@ class PagedOptimizer(BlockwiseOptimizer):
         self._store.close()
 
     # ---- state access -----------------------------------------------------------------------
-    @torch.no_grad()
-    def logical_state(self, param) -> dict:
-        state = self.state.get(param)
-        if not state:
-            return {}
+    def _state_arrays(self, param, state: dict) -> dict:
         key = self._key_of(param)
-        full = {**state, **self._gather([key])[key]}
-        out = {"step": state["step"].clone()}
-        for name in self._moments:
-            out[name] = _moment_fp32(full, name, param.numel()).view(param.shape).clone()
-        if "master" in full:
-            out["master"] = full["master"].view(param.shape).clone()
-        return out
+        return {**state, **self._gather([key])[key]}
 
     def state_dict(self):
         """As the unpaged optimizers' (same keys, formats and tensors), read from the pages."""
