@@ -256,9 +256,10 @@ def _train_loop(engine, optimizer, loaded, sampler, settings: JobSettings, stop,
                     step_fb += t_opt - t
                 step_s = time.perf_counter() - t_step
                 fb_s, opt_s = fb_s + step_fb, opt_s + step_opt
-                peak_rss = max(peak_rss, proc.memory_info().rss)
+                rss = proc.memory_info().rss
+                peak_rss = max(peak_rss, rss)
                 record = _metrics_record(engine, optimizer, losses, step_s, step_fb, step_opt, tokens_per_step,
-                                         device)
+                                         device, rss)
                 history.append(record)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
@@ -285,20 +286,19 @@ def _progress_bar(settings: JobSettings, first_step: int):
                 leave=True)
 
 
-def _metrics_record(engine, optimizer, losses, step_s, fb_s, opt_s, tokens, device) -> dict:
+def _metrics_record(engine, optimizer, losses, step_s, fb_s, opt_s, tokens, device, rss: int) -> dict:
     norm = engine.get_global_grad_norm()
+    stats = optimizer.paging_stats() if hasattr(optimizer, "paging_stats") else None
     record = {
         "step": engine.global_steps, "loss": sum(losses) / len(losses), "lr": engine.get_lr()[0],
         "grad_norm": None if norm is None or not math.isfinite(float(norm)) else float(norm),
         "applied": engine.was_step_applied(), "step_s": step_s, "forward_backward_s": fb_s, "optimizer_s": opt_s,
-        "tokens_per_s": tokens / step_s, "state_bytes": state_bytes_by_tier(optimizer),
-        "rss_bytes": psutil.Process().memory_info().rss,
+        "tokens_per_s": tokens / step_s, "state_bytes": state_bytes_by_tier(optimizer, stats), "rss_bytes": rss,
     }
     if device.type == "cuda":
         record["gpu_bytes"] = torch.cuda.memory_allocated(device)
-    stats = getattr(optimizer, "paging_stats", None)
     if stats is not None:
-        last = stats()["last_step"]
+        last = stats["last_step"]
         record.update({k: last[k] for k in ("fetch_s", "update_s", "writeback_s", "wait_s")})
     return record
 

@@ -9,14 +9,16 @@ TIERS = ("gpu", "host", "nvme")
 TIER_NAMES = {"gpu": "GPU pool", "host": "host RAM", "nvme": "NVMe"}
 
 
-def state_bytes_by_tier(optimizer) -> dict:
+def state_bytes_by_tier(optimizer, stats: dict | None = None) -> dict:
     """Bytes the optimizer holds for its state, by where they live. A paged optimizer: its
-    store (host RAM or an NVMe file), its host slots and pinned staging, its GPU slots. Any
-    other optimizer: its state tensors by device."""
+    store (host RAM or an NVMe file), its host slots and pinned staging, its GPU slots (from
+    `stats`, its paging_stats(), when the caller has them already). Any other optimizer: its
+    state tensors by device."""
     tiers = dict.fromkeys(TIERS, 0)
-    stats = getattr(optimizer, "paging_stats", None)
+    if stats is None and hasattr(optimizer, "paging_stats"):
+        stats = optimizer.paging_stats()
     if stats is not None:
-        s = stats()
+        s = stats
         tiers["nvme" if s["store"] == "nvme" else "host"] += s["store_bytes"]
         tiers["host"] += s["pool_bytes"] + s["pinned_host_bytes"]
         tiers["gpu"] += s["device_pool_bytes"]
