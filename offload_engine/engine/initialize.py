@@ -8,6 +8,7 @@ from .. import optim
 from ..config import ConfigError, EngineConfig, load_config
 from ..optim._base import BlockwiseOptimizer
 from ..schedulers import build_scheduler
+from . import admission, launch_env
 from .engine import OffloadEngine
 from .partition import Partition
 
@@ -30,6 +31,9 @@ def initialize(model: torch.nn.Module, config, model_parameters=None, optimizer=
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"initialize: model must be a torch.nn.Module, got {type(model).__name__}")
+    # Started by torchrun, deepspeed or mpirun with several ranks and no process group yet:
+    # start one from the launcher's environment (docs/launch.md).
+    launch_env.init_distributed(device=next(model.parameters(), torch.empty(0)).device)
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     cfg = config if isinstance(config, EngineConfig) else load_config(config, world_size=world_size)
     paging = cfg.paging_settings()
@@ -67,12 +71,16 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
     if optimizer is not None and cfg.optimizer is not None:
         raise ConfigError.single("optimizer", "the config has an optimizer section and initialize() was given an "
                                  "optimizer too; keep one")
+    built = optimizer is None or not isinstance(optimizer, torch.optim.Optimizer)
     if optimizer is None:
         spec = cfg.optimizer_spec(param_dtype_is_fp32=low is None)
         if spec is None:
             raise ConfigError.single("optimizer", "no optimizer: add an optimizer section to the config or pass "
                                      "optimizer= to initialize()")
-        optimizer = getattr(optim, spec.name)(params, **spec.kwargs)
+        kwargs = dict(spec.kwargs)
+        if kwargs.get("store") == "nvme":  # the node's ranks share its disk: [Note: node IO] in admission.py
+            kwargs["io_threads"] = admission.node_io_threads(kwargs["io_threads"])
+        optimizer = getattr(optim, spec.name)(params, **kwargs)
     elif callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer(params)
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -80,6 +88,12 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
                         f"{type(optimizer).__name__}")
     _check_optimizer(model, optimizer, low, paging.master_weights,
                      shards=partition.shards if partition is not None else ())
+    try:
+        admission.admit(optimizer)  # fails now if the node cannot hold its ranks' state ([Note: admission])
+    except BaseException:
+        if built and hasattr(optimizer, "close"):  # ours to release: an NVMe store's file goes at once
+            optimizer.close()
+        raise
 
     if lr_scheduler is not None and cfg.scheduler is not None:
         raise ConfigError.single("scheduler", "the config has a scheduler section and initialize() was given an "
