@@ -1,8 +1,10 @@
 """Checkpoint files on disk: atomic writes and validated reads.
 
 A checkpoint is a directory ``<save_dir>/<tag>/`` holding one torch file per part (model,
-optimizer, engine) and ``manifest.json``: the format version and, per file, its size and
-SHA-256. ``<save_dir>/latest`` names the newest tag.
+engine, and one optimizer file per data-parallel rank) and ``manifest.json``: the format
+version, per file its size and SHA-256, and the optimizer files' layout (reshard.py).
+``<save_dir>/latest`` names the newest tag. write_checkpoint saves from one process;
+begin_save / write_part / commit_save let several processes write one checkpoint.
 
 [Note: atomic checkpoints] A save writes every file into a hidden temporary directory, fsyncs
 each file and the directory, renames the directory to its tag, fsyncs ``save_dir``, and only
@@ -100,38 +102,70 @@ class _HashingWriter:
         self.f.flush()
 
 
-def write_checkpoint(save_dir, tag: str, parts: dict, *, save_latest: bool = True) -> Path:
+def write_checkpoint(save_dir, tag: str, parts: dict, *, save_latest: bool = True, extra: dict | None = None) -> Path:
     """Writes {file name: object} as checkpoint `tag` under `save_dir` ([Note: atomic
-    checkpoints]); returns the checkpoint's directory."""
+    checkpoints]); `extra` adds keys to the manifest. Returns the checkpoint's directory."""
+    tmp = begin_save(save_dir, tag)
+    try:
+        files = {name: write_part(tmp, name, obj) for name, obj in parts.items()}
+    except BaseException:
+        abort_save(tmp)
+        raise
+    return commit_save(save_dir, tag, tmp, files, save_latest=save_latest, extra=extra)
+
+
+# A save in steps, for several writers (data-parallel ranks): one process begins it, every
+# writer adds its files to the temporary directory, and the one process commits the manifest
+# of all of them (or aborts) once every writer has finished ([Note: saving from several ranks]
+# in engine.py).
+def begin_save(save_dir, tag: str) -> Path:
+    """Checks `tag`, creates `save_dir` if needed, removes this host's dead temporaries and
+    returns a fresh temporary directory for the checkpoint's files."""
     save_dir = Path(save_dir)
     check_tag(tag)
     if not save_dir.is_dir():
-        save_dir.mkdir(parents=True)
+        save_dir.mkdir(parents=True, exist_ok=True)
         _fsync_dir(save_dir.parent)  # the new directory's entry is durable too
     _remove_stale_temporaries(save_dir)
     tmp = save_dir / _scratch_name(tag, "tmp")
     tmp.mkdir()
-    old = None
+    return tmp
+
+
+def write_part(tmp: Path, name: str, obj) -> dict:
+    """torch.save(obj) to `tmp/name`, fsynced; returns its manifest entry (size and SHA-256)."""
+    with open(Path(tmp) / name, "wb") as f:
+        out = _HashingWriter(f)
+        torch.save(obj, out)
+        _fsync_file(f)
+    return {"bytes": out.nbytes, "sha256": out.sha.hexdigest()}
+
+
+def abort_save(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def commit_save(save_dir, tag: str, tmp: Path, files: dict, *, save_latest: bool = True,
+                extra: dict | None = None) -> Path:
+    """Writes the manifest of `files` ({name: entry}) into `tmp`, renames `tmp` to the tag and
+    then points ``latest`` at it. On failure `tmp` is removed and the tag keeps its previous
+    checkpoint."""
+    save_dir = Path(save_dir)
+    final, old = save_dir / tag, None
     try:
-        manifest = {"format": "offload_engine checkpoint", "version": CHECKPOINT_VERSION, "tag": tag, "files": {}}
-        for name, obj in parts.items():
-            with open(tmp / name, "wb") as f:
-                out = _HashingWriter(f)
-                torch.save(obj, out)
-                _fsync_file(f)
-            manifest["files"][name] = {"bytes": out.nbytes, "sha256": out.sha.hexdigest()}
+        manifest = {"format": "offload_engine checkpoint", "version": CHECKPOINT_VERSION, "tag": tag,
+                    "files": dict(files), **(extra or {})}
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
             _fsync_file(f)
-        _fsync_dir(tmp)
-        final = save_dir / tag
+        _fsync_dir(tmp)  # every writer's file entries, and the manifest's
         if final.exists():  # replacing a tag: move the old one aside first (a directory cannot be renamed over)
             old = save_dir / _scratch_name(tag, "old")
             os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(save_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        abort_save(tmp)
         if old is not None and not final.exists():
             os.rename(old, final)  # the save failed: the tag keeps its previous checkpoint
         raise
@@ -167,11 +201,9 @@ def resolve_tag(load_dir, tag=None) -> Path:
     return path
 
 
-def read_checkpoint(path: Path, names, *, pickled=()) -> dict:
-    """{file name: object} for `names` in checkpoint directory `path`, each file checked
-    against the manifest first. Files are read with torch.load(weights_only=True) (tensors
-    and plain containers only), except those in `pickled` (arbitrary client state)."""
-    manifest_path = path / MANIFEST
+def read_manifest(path: Path) -> dict:
+    """The manifest of checkpoint directory `path`, checked for its version and files table."""
+    manifest_path = Path(path) / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -184,6 +216,17 @@ def read_checkpoint(path: Path, names, *, pickled=()) -> dict:
     if version != CHECKPOINT_VERSION:
         raise CheckpointError(f"{manifest_path}: checkpoint format version {version!r} is not supported (this "
                               f"version reads {CHECKPOINT_VERSION})")
+    return manifest
+
+
+def read_checkpoint(path: Path, names, *, pickled=(), manifest: dict | None = None) -> dict:
+    """{file name: object} for `names` in checkpoint directory `path`, each file checked
+    against the manifest first. Files are read with torch.load(weights_only=True) (tensors
+    and plain containers only), except those in `pickled` (arbitrary client state)."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if manifest is None:
+        manifest = read_manifest(path)
     out = {}
     for name in names:
         entry, file = manifest["files"].get(name), path / name
