@@ -15,6 +15,8 @@ elements within a param. That is 4096, the largest quantization block, so a shar
 quantization blocks are the whole param's blocks.
 
 Every rank computes the same partition from the same param list; nothing is negotiated.
+A checkpoint records the split, and each rank's state is written with the element ranges it
+covers, so it reloads at any world size ([Note: world-size-free checkpoints] in reshard.py).
 """
 from __future__ import annotations
 
@@ -62,6 +64,8 @@ class Partition:
         lo, hi = self.points[self.rank], self.points[self.rank + 1]
         self.owned: list[tuple[torch.Tensor, int, int]] = []  # (param, start, end) within the flat param
         self.shard_of: dict[torch.Tensor, torch.nn.Parameter] = {}
+        self.range_of: dict[torch.Tensor, tuple[torch.Tensor, int, int]] = {}  # shard -> (param, start, end)
+        self.groups: list[list[torch.Tensor]] = [self.params]  # the full params per optimizer group (shard_groups)
         start = 0
         for p, n in zip(self.params, numels):
             a, b = max(lo, start) - start, min(hi, start + n) - start
@@ -69,6 +73,7 @@ class Partition:
                 shard = torch.nn.Parameter(p.detach().view(-1)[a:b], requires_grad=p.requires_grad)
                 self.owned.append((p, a, b))
                 self.shard_of[p] = shard
+                self.range_of[shard] = (p, a, b)
             start += n
 
     # ---- the optimizer's view ------------------------------------------------------------------
@@ -76,6 +81,7 @@ class Partition:
         """`groups` (param groups over the full params) with each param replaced by this rank's
         shard of it; params this rank owns nothing of are left out, groups are kept (possibly
         empty) so group indices, and the lr schedule, are the same on every rank."""
+        self.groups = [list(g["params"]) for g in groups]
         return [{**g, "params": [self.shard_of[p] for p in g["params"] if p in self.shard_of]} for g in groups]
 
     @property
@@ -160,6 +166,37 @@ class Partition:
                 out.append((p, a, b))
             start += n
         return out
+
+    def spans(self, rank: int) -> list[tuple[torch.Tensor, int, int]]:
+        """(param, start, end) of every param slice `rank` owns, in the flat order."""
+        return self._spans(self.params, rank)
+
+    # ---- agreement outside the step (checkpoints) ------------------------------------------------
+    def all_gather_object(self, obj) -> list:
+        """Every rank's `obj` (small, picklable), in rank order, on every rank."""
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def agree(self, fn, what: str, error=RuntimeError, share: bool = False):
+        """Runs ``fn()`` on this rank, then every rank learns whether all succeeded, so no rank
+        goes on (or waits in a later collective) after another failed. A rank whose ``fn``
+        raised re-raises its own error; the others raise `error` naming that rank. Returns
+        ``fn()``'s result, or with `share` every rank's results (small, picklable) in rank order."""
+        try:
+            result, failure = fn(), None
+        except Exception as err:  # noqa: BLE001 - reported to every rank, then re-raised
+            result, failure = None, err
+        report = None if failure is None else f"{type(failure).__name__}: {failure}"
+        reports = self.all_gather_object((result if share else None, report))
+        if failure is not None:
+            raise failure
+        failed = [(r, msg) for r, (_, msg) in enumerate(reports) if msg is not None]
+        if failed:
+            r, msg = failed[0]
+            more = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+            raise error(f"{what}: rank {r} of {self.world} failed{more}: {msg}")
+        return [res for res, _ in reports] if share else result
 
     def zero_grad(self) -> None:
         for p in self.params:
