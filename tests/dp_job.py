@@ -57,16 +57,11 @@ for step in range(1, args.steps + 1):
     losses.append(step_loss)
     norms.append(engine.get_global_grad_norm())
 
-refused = None
-if world > 1:
-    try:
-        engine.save_checkpoint(f"{args.out}.ckpt")
-    except RuntimeError as err:
-        refused = str(err)
+saved = str(engine.save_checkpoint(f"{args.out}.ckpt")) if world > 1 else None
 
 held = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if optimizer.state.get(p))
 result = {"rank": rank, "world": world, "losses": losses, "norms": norms, "elements_with_state": held,
-          "skipped": engine.skipped_steps, "checkpoint_refused": refused, "global_steps": engine.global_steps,
+          "skipped": engine.skipped_steps, "checkpoint": saved, "global_steps": engine.global_steps,
           "state_bytes": optimizer.paging_stats()["state_bytes"] if hasattr(optimizer, "paging_stats") else None}
 torch.save({"result": result, "params": {k: v.clone() for k, v in model.state_dict().items()}},
            f"{args.out}.rank{rank}.pt")
