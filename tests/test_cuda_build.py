@@ -108,10 +108,14 @@ def _nvcc_include_dir(tmp_path):
     return None
 
 
+CUDA_CPP = sorted(Path(p) for p in _build.cuda_sources(CSRC) if p.endswith(".cpp"))
+
+
 @needs_nvcc
-def test_cuda_registration_compiles_against_torch_headers(tmp_path):
-    """adam_cuda_op.cpp (the CUDA dispatch-key registrations) compiles as the CUDA build compiles
-    it, against this torch's headers. A CPU-only torch ships c10/cuda but not the generated
+@pytest.mark.parametrize("source", CUDA_CPP, ids=lambda p: p.name)
+def test_cuda_registration_compiles_against_torch_headers(tmp_path, source):
+    """Each host-side CUDA file (the CUDA dispatch-key registrations, the managed-memory ops)
+    compiles as the CUDA build compiles it, against this torch's headers. A CPU-only torch ships c10/cuda but not the generated
     c10/cuda/impl/cuda_cmake_macros.h, so the test supplies its one definition."""
     torch_includes = _torch_cuda_headers()
     if torch_includes is None:
@@ -130,7 +134,7 @@ def test_cuda_registration_compiles_against_torch_headers(tmp_path):
 
     cmd = [cxx, "-fsyntax-only", "-std=c++17", f"-D{_build.CUDA_DEFINE}=1", f"-I{tmp_path / 'stub'}",
            *[f"-I{p}" for p in torch_includes], f"-I{cuda_include}",
-           f"-I{sysconfig.get_paths()['include']}", str(CSRC / "cuda" / "adam_cuda_op.cpp")]
+           f"-I{sysconfig.get_paths()['include']}", str(source)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

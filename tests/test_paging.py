@@ -253,6 +253,11 @@ def test_executor_option_is_checked():
         PagedAdamW([torch.zeros(10)], executor="cuda")
     opt = PagedAdamW([torch.zeros(10)], executor="cpu")
     assert opt.paging_stats()["executor"] == "cpu"
+    # managed memory is the CUDA executor's store; with CPU params it is refused, naming both
+    with pytest.raises(ValueError, match=r"store='managed' .*executor='cpu' with params on cpu"):
+        PagedAdamW([torch.zeros(10)], store="managed")
+    with pytest.raises(ValueError, match="nvme_path is only used with store='nvme'.*'managed'"):
+        PagedAdamW([torch.zeros(10)], store="managed", nvme_path="/tmp")
 
 
 @pytest.mark.parametrize("store", ["cpu", "nvme"])

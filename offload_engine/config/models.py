@@ -98,9 +98,10 @@ class PagingConfig(Section):
     state_dtype: Literal["fp32", "int8", "int4"] | None = Field(
         None, description="Format of the optimizer state: 'fp32', 'int8' or 'int4' (block-quantized). null = "
                           "the optimizer type's own (fp32 for Adam, AdamW, CPUAdam and Lion).")
-    store: Literal["cpu", "nvme"] | None = Field(
-        None, description="Page store of the state: 'cpu' (host RAM) or 'nvme' (one file per rank under "
-                          "nvme_path). null = no page store (unless zero_optimization.offload_optimizer sets "
+    store: Literal["cpu", "nvme", "managed"] | None = Field(
+        None, description="Page store of the state: 'cpu' (host RAM), 'nvme' (one file per rank under "
+                          "nvme_path) or 'managed' (CUDA managed memory, bitsandbytes' approach; CUDA executor "
+                          "only, and never more than the GPU has free). null = no page store (unless zero_optimization.offload_optimizer sets "
                           "one, or the type is a Paged* class, whose default store is 'cpu').")
     nvme_path: NonEmptyStr | None = Field(
         None, description="Directory of the state file; required with store 'nvme', not allowed otherwise.")
@@ -116,7 +117,9 @@ class PagingConfig(Section):
     master_weights: bool = Field(
         True, description="Keep fp32 master weights for bf16/fp16 params (fp32 params are their own master).")
     overlap_backward: bool = Field(
-        False, description="Start paging state in while the backward pass still runs.")
+        False, description="Update each page during backward as soon as its params' grads are final, on the "
+                           "micro-batch that ends an accumulation window (docs/paging.md). Needs gradient_clipping "
+                           "0, no fp16 and one process; bit for bit the step after backward.")
     pin_memory: bool = Field(
         True, description="Accepted for DeepSpeed compatibility; it changes nothing. Host pages are pinned "
                           "(page-locked) exactly when the CUDA executor copies them, since asynchronous copies "

@@ -89,7 +89,7 @@ def scheduler_problems(cfg) -> list[Problem]:
 class PagingSettings:
     """The paging section with zero_optimization.offload_optimizer merged in."""
 
-    store: str | None          # "cpu" | "nvme" | None: no page store configured
+    store: str | None          # "cpu" | "nvme" | "managed" | None: no page store configured
     nvme_path: str | None      # set exactly when store == "nvme"
     state_dtype: str | None    # "fp32" | "int8" | "int4" | None: the optimizer type's
     page_size_mb: float

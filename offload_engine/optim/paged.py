@@ -2,14 +2,15 @@
 a page at a time through a bounded slot pool to the update kernels and back: the SIMD CPU
 kernels for CPU params (or, with ``executor="cpu"``, for CUDA params through pinned copies:
 paging/cpu_offload.py), the CUDA kernels through device slots for CUDA params
-(paging/cuda_pipeline.py).
+(paging/cuda_pipeline.py: from pinned host pages, from the NVMe file through pinned
+staging, or prefetched by the driver from CUDA managed memory with ``store="managed"``).
 
     PagedAdam, PagedAdamW                 fp32 moments
     PagedAdam8bit, PagedAdamW8bit         8-bit block-quantized moments
     PagedLion, PagedLion8bit              Lion, fp32 or 8-bit momentum
 
 Constructors as bitsandbytes' (``params, lr, betas, eps, weight_decay, amsgrad=False,
-min_8bit_size=4096``), plus keyword options ``store="cpu"|"nvme"``, ``nvme_path``,
+min_8bit_size=4096``), plus keyword options ``store="cpu"|"nvme"|"managed"``, ``nvme_path``,
 ``page_size_mb``, ``prefetch_depth`` (and ``block_size``, ``io_threads``, ``executor``). Results
 are bit for bit those of the unpaged optimizers (Adam8bit, AdamW8bit, Lion, ...), whatever the
 page size, store or executor.
@@ -36,7 +37,7 @@ from ..quant import FORMATS, codec
 from ._base import _SIGNED, BlockwiseOptimizer, _stream_seed
 from ._update import group_hyper, step_state_
 
-STORES = ("cpu", "nvme")
+STORES = ("cpu", "nvme", "managed")
 EXECUTORS = ("auto", "cpu", "cuda")  # auto: the params' device
 DEFAULT_PAGE_SIZE_MB = 16
 DEFAULT_PREFETCH_DEPTH = 2
@@ -54,8 +55,8 @@ class PagedOptimizer(BlockwiseOptimizer):
         for option, value in (("prefetch_depth", prefetch_depth), ("io_threads", io_threads)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: {option} must be an int >= 1, got {option}={value!r}")
-        if store == "cpu" and nvme_path is not None:
-            raise ValueError(f"{name}: nvme_path is only used with store='nvme' (got store='cpu', "
+        if store != "nvme" and nvme_path is not None:
+            raise ValueError(f"{name}: nvme_path is only used with store='nvme' (got store={store!r}, "
                              f"nvme_path={nvme_path!r})")
         super().__init__(params, **settings)
         # By default the executor follows the params: CPU params are updated by the SIMD kernels,
@@ -69,16 +70,21 @@ class PagedOptimizer(BlockwiseOptimizer):
         if executor == "cuda" and self._device.type != "cuda":
             raise ValueError(f"{name}: executor='cuda' updates CUDA params; the params are on {self._device}")
         self._executor = executor
-        if executor == "cuda" and store == "nvme":
-            raise ValueError(f"{name}: store='nvme' with the CUDA executor is not supported yet (NVMe -> pinned "
-                             "staging -> GPU is planned); use store='cpu', or executor='cpu'")
+        if store == "managed" and executor != "cuda":
+            raise ValueError(f"{name}: store='managed' (CUDA managed memory) is updated by the CUDA executor; got "
+                             f"executor={executor!r} with params on {self._device}. Use store='cpu' or 'nvme'")
         # CUDA params updated by the CPU kernels: copies through pinned host buffers.
         self._offload = None
         if executor == "cpu" and self._device.type == "cuda":
             from ..paging.cpu_offload import CudaParamsOnCpu
             self._offload = CudaParamsOnCpu(self._device)
-        self._store = NvmeStore(page_bytes, nvme_path, io_threads=io_threads) if store == "nvme" \
-            else HostStore(page_bytes, pin_memory=executor == "cuda")  # pinned: async H2D/D2H copies
+        if store == "nvme":
+            self._store = NvmeStore(page_bytes, nvme_path, io_threads=io_threads)
+        elif store == "managed":
+            from ..paging.managed_store import ManagedStore
+            self._store = ManagedStore(page_bytes, self._device)
+        else:
+            self._store = HostStore(page_bytes, pin_memory=executor == "cuda")  # pinned: async H2D/D2H copies
         self._table = PageTable(page_bytes)
         self._prefetch_depth = prefetch_depth
         self._pool: SlotPool | None = None
@@ -124,15 +130,7 @@ class PagedOptimizer(BlockwiseOptimizer):
                 new_pages += table.add_group(gi, entries)
         self._store.allocate(table.num_pages)  # raises PageIOError (disk full) before anything changes
         if self._scheduler is None:
-            # prefetch_depth fetching + one updating + one writing back: a step allocates nothing
-            # more. The host store is updated in place and needs no slot.
-            if self._executor == "cuda":
-                from ..paging.cuda_pipeline import CudaPagePipeline
-                self._scheduler = CudaPagePipeline(self._store, self._device, self._prefetch_depth)
-            else:
-                if not self._store.in_place:
-                    self._pool = SlotPool(self._prefetch_depth + 2, table.page_bytes)
-                self._scheduler = PageScheduler(self._store, self._pool, self._prefetch_depth)
+            self._scheduler = self._make_scheduler(table.page_bytes)
         # The new pages get their initial state before the layout is adopted: if a write fails,
         # the optimizer keeps the old layout (the extra room reserved in the store is unused).
         params = {key: p for p, key in keys.items()}
@@ -144,6 +142,24 @@ class PagedOptimizer(BlockwiseOptimizer):
         self._write_pages(new_pages, fill, read_first=False)
         self._table, self._keys = table, keys
         return new_pages
+
+    def _make_scheduler(self, page_bytes: int):
+        """The step's pipeline for this store and executor. Slots: prefetch_depth fetching + one
+        updating + one writing back, so a step allocates nothing more; an in-place store (host
+        memory with the CPU executor, managed memory) needs none on the host."""
+        if not self._store.in_place:
+            # The NVMe store's host slots; the CUDA executor copies from them, so they are pinned
+            # and one more lets a write to the file overlap the next reads.
+            cuda = self._executor == "cuda"
+            self._pool = SlotPool(self._prefetch_depth + (3 if cuda else 2), page_bytes, pin_memory=cuda)
+        if self._executor != "cuda":
+            return PageScheduler(self._store, self._pool, self._prefetch_depth)
+        from ..paging import cuda_pipeline
+        if self._store.kind == "nvme":
+            return cuda_pipeline.NvmePagePipeline(self._store, self._device, self._prefetch_depth, self._pool)
+        if self._store.kind == "managed":
+            return cuda_pipeline.ManagedPagePipeline(self._store, self._device, self._prefetch_depth)
+        return cuda_pipeline.CudaPagePipeline(self._store, self._device, self._prefetch_depth)
 
     def _key_of(self, param) -> int:
         try:
@@ -224,6 +240,25 @@ class PagedOptimizer(BlockwiseOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_can_step(grad_scale)
+        with_grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self._ensure_layout(with_grads)
+        run = _PagedStep(self, grad_scale)
+        run.ready(with_grads)
+        run.close()
+        return loss
+
+    def begin_overlapped_step(self, grad_scale: float = 1.0) -> "_PagedStep | None":
+        """Opens a step whose pages are updated while backward still runs ([Note: overlapped
+        step]): call ``ready(params)`` when their grads are final (post-accumulate-grad hooks)
+        and ``close()`` after backward. Returns None when this optimizer cannot overlap (no
+        pages laid out yet, or the CPU executor with CUDA params); step() then does it all."""
+        if self._scheduler is None or self._offload is not None:
+            return None
+        self._check_can_step(grad_scale)
+        return _PagedStep(self, grad_scale, pager_thread=self._executor == "cuda")
+
+    def _check_can_step(self, grad_scale: float) -> None:
         if self._failed:
             raise RuntimeError(f"{type(self).__name__}: {self._failed}; params and state no longer match, so the "
                                "optimizer refuses to step: restore a checkpoint with load_state_dict()")
@@ -233,69 +268,6 @@ class PagedOptimizer(BlockwiseOptimizer):
                 if p.grad is not None and p.device != self._device:
                     raise ValueError(f"{type(self).__name__} pages state to one device's executor ({self._device}); "
                                      f"a param of shape {list(p.shape)} is on {p.device}")
-        self._ensure_layout([p for g in self.param_groups for p in g["params"] if p.grad is not None])
-        self._store.check()  # a deleted or truncated state file is reported before anything changes
-        adam_step_ = kernels.adam_step_impl()
-        work, strided = {}, []
-        for gi, group in enumerate(self.param_groups):
-            hyper = group_hyper(group, grad_scale)
-            for index, p in enumerate(group["params"]):
-                if p.grad is None or p.numel() == 0:
-                    continue
-                state = self.state[p]
-                if not state:
-                    fmt = self._format_for(group, p)
-                    state.update({"step": torch.tensor(0.0), "format": fmt})
-                    if fmt != "fp32":
-                        state["block_size"] = group["block_size"]
-                step = int(state["step"]) + 1
-                seed = kernels.as_int64(_stream_seed(self._seed_base, gi, index, step))
-                p_work = p if p.is_contiguous() else p.contiguous()  # kernels need contiguous memory
-                if p_work is not p:
-                    strided.append((p, p_work))
-                work[self._keys[p]] = (p_work.view(-1), p.grad.contiguous().view(-1), step, seed, hyper)
-        table, algorithm, offload = self._table, self._algorithm, self._offload
-        if offload is not None:  # CUDA params, CPU kernels ([Note: CPU executor for CUDA params])
-            on_gpu = {self._keys[p]: p for g in self.param_groups for p in g["params"] if self._keys.get(p) in work}
-            if strided:
-                raise ValueError(f"{type(self).__name__}(executor='cpu') needs contiguous CUDA params; a param of "
-                                 f"shape {list(strided[0][0].shape)} is strided")
-            host = offload.begin_step(on_gpu)  # pinned host copies of each param and grad
-            work = {key: (*host[key], *job[2:]) for key, job in work.items()}
-
-        def update(page, buf):
-            if offload is not None:
-                offload.before_update(table.pages[page])
-            for seg in table.pages[page].segments:
-                job = work.get(seg.key)
-                if job is None:
-                    continue
-                p_flat, g_flat, step, seed, hyper = job
-                end = seg.start + seg.length
-                step_state_(algorithm, p_flat[seg.start:end], g_flat[seg.start:end], seg.views(buf), seg.fmt.name,
-                            seg.fmt.block, step, seed, hyper, adam_step_, index_offset=seg.start)
-            if offload is not None:
-                offload.after_update(table.pages[page])
-
-        pages = sorted({seg.page for key in work for seg in table.segments_of[key]})
-        try:
-            stats = self._scheduler.run(pages, update)
-        except BaseException as err:
-            if self._scheduler.pages_updated:
-                self._failed = (f"a step failed after updating {self._scheduler.pages_updated} of {len(pages)} "
-                                f"pages ({type(err).__name__}: {err})")
-            raise
-        finally:
-            for p, p_work in strided:
-                p.copy_(p_work)
-            if offload is not None:
-                offload.end_step()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if self._keys.get(p) in work:
-                    self.state[p]["step"].fill_(work[self._keys[p]][2])
-        self._record(stats)
-        return loss
 
     def _record(self, stats: StepStats) -> None:
         self._last_stats = stats
@@ -387,6 +359,231 @@ class PagedOptimizer(BlockwiseOptimizer):
                 for name, _, _ in self._table.fmt_of[key].arrays(p.numel()):
                     state.pop(name, None)
         self._failed = None
+
+
+class _PagedStep:
+    """One paged step: params join with ready() once their grads are final, a page is updated
+    as soon as every param on it has joined, and close() updates the rest and records the step.
+
+    [Note: overlapped step] step() joins every param at once. With overlap_backward the engine
+    opens the step before the backward of an accumulation window's last micro-batch and joins
+    each param from its post-accumulate-grad hook, so pages are paged in, updated and written
+    back while backward goes on. A page's update reads only its own params' grads and the
+    step's fixed grad_scale, so the result is bit for bit step()'s. A param that gets no grad
+    in this backward keeps its pages waiting until close(), which updates them for the params
+    that did get one (as step() would). A param that has no pages yet is laid out in close(),
+    after the pages already in flight are done, and its pages run then.
+    """
+
+    def __init__(self, opt: PagedOptimizer, grad_scale: float, pager_thread: bool = False):
+        self.opt = opt
+        self.grad_scale = grad_scale
+        self.work = {}                 # key -> (flat param, flat grad, step, seed, hyper)
+        self.strided = []              # (param, contiguous copy updated in its place)
+        self.joined = set()            # keys whose grads are final
+        self.fed = set()               # pages already handed to the scheduler
+        self.waiting = {}              # page -> keys on it that have not joined
+        for key, page_list in ((k, opt._table.segments_of[k]) for k in opt._keys.values()):
+            for seg in page_list:
+                self.waiting.setdefault(seg.page, set()).add(key)
+        self.late = []                 # params that joined without pages
+        self.where = {p: (gi, index, group) for gi, group in enumerate(opt.param_groups)
+                      for index, p in enumerate(group["params"])}
+        # The CPU executor for CUDA params copies every param and grad to the host first
+        # (close()), so its pages all run there.
+        self.deferred = opt._offload is not None
+        self.adam_step_ = kernels.adam_step_impl()
+        self.pages_before_close = 0
+        self.opt._store.check()  # a deleted or truncated state file is reported before anything changes
+        self.opt._scheduler.start(self._update)
+        self.pager = _PagerThread(opt._scheduler, opt._device) if pager_thread else None
+
+    def ready(self, params) -> None:
+        """Params whose grads are final: builds their jobs and updates every page that now has
+        all its params."""
+        opt = self.opt
+        now = []
+        for p in params:
+            if p.grad is None or p.numel() == 0:
+                continue
+            key = opt._keys.get(p)
+            if key is None:
+                self.late.append(p)
+                continue
+            if key in self.joined:
+                continue
+            self.joined.add(key)
+            self.work[key] = self._job(p)
+            for seg in opt._table.segments_of[key]:
+                keys = self.waiting.get(seg.page)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del self.waiting[seg.page]
+                        now.append(seg.page)
+        self._feed(sorted(set(now)))
+
+    def _job(self, p):
+        opt = self.opt
+        gi, index, group = self.where[p]
+        state = opt.state[p]
+        if not state:
+            fmt = opt._format_for(group, p)
+            state.update({"step": torch.tensor(0.0), "format": fmt})
+            if fmt != "fp32":
+                state["block_size"] = group["block_size"]
+        step = int(state["step"]) + 1
+        seed = kernels.as_int64(_stream_seed(opt._seed_base, gi, index, step))
+        p_work = p if p.is_contiguous() else p.contiguous()  # kernels need contiguous memory
+        if p_work is not p:
+            if opt._offload is not None:
+                raise ValueError(f"{type(opt).__name__}(executor='cpu') needs contiguous CUDA params; a param of "
+                                 f"shape {list(p.shape)} is strided")
+            self.strided.append((p, p_work))
+        return (p_work.view(-1), p.grad.contiguous().view(-1), step, seed, group_hyper(group, self.grad_scale))
+
+    def _update(self, page, buf):
+        opt = self.opt
+        table, offload = opt._table, opt._offload
+        if offload is not None:
+            offload.before_update(table.pages[page])
+        for seg in table.pages[page].segments:
+            job = self.work.get(seg.key)
+            if job is None:
+                continue
+            p_flat, g_flat, step, seed, hyper = job
+            end = seg.start + seg.length
+            step_state_(opt._algorithm, p_flat[seg.start:end], g_flat[seg.start:end], seg.views(buf), seg.fmt.name,
+                        seg.fmt.block, step, seed, hyper, self.adam_step_, index_offset=seg.start)
+        if offload is not None:
+            offload.after_update(table.pages[page])
+
+    def _feed(self, pages) -> None:
+        pages = [q for q in pages if q not in self.fed]
+        if not pages or self.deferred:
+            return
+        self.fed.update(pages)
+        if self.pager is not None:
+            self.pager.post(pages)  # raises the pager thread's error, if it had one
+            return
+        try:
+            with torch.no_grad():  # from a backward hook too: the updates write params in place, untracked
+                self.opt._scheduler.feed(pages)
+        except BaseException as err:
+            self._fail(err)
+            raise
+
+    def stop_pager(self) -> None:
+        """Waits for the pager thread to have enqueued every page posted to it; raises its error."""
+        pager, self.pager = self.pager, None
+        if pager is not None:
+            try:
+                pager.join()
+            except BaseException as err:
+                self._fail(err)
+                raise
+
+    def _fail(self, err) -> None:
+        done = self.opt._scheduler.pages_updated + self.pages_before_close
+        if done:
+            total = len({seg.page for key in self.work for seg in self.opt._table.segments_of[key]})
+            self.opt._failed = (f"a step failed after updating {done} of {max(total, done)} pages "
+                                f"({type(err).__name__}: {err})")
+
+    def close(self) -> None:
+        """Updates the pages still waiting for the params that have grads, lays out and updates
+        params that joined without pages, waits for the write-backs and records the step."""
+        opt = self.opt
+        stats = None
+        self.stop_pager()
+        try:
+            if opt._offload is not None:  # CUDA params, CPU kernels ([Note: CPU executor for CUDA params])
+                on_gpu = {key: p for p, key in opt._keys.items() if key in self.work}
+                host = opt._offload.begin_step(on_gpu)  # pinned host copies of each param and grad
+                self.work = {key: (*host[key], *job[2:]) for key, job in self.work.items()}
+                self.deferred = False
+            rest = sorted({seg.page for key in self.work for seg in opt._table.segments_of[key]} - self.fed)
+            self._feed(rest)
+            stats = opt._scheduler.finish()
+            if self.late:
+                # New params: laid out once the pages in flight are stored, then run as a second pass.
+                self.pages_before_close = opt._scheduler.pages_updated
+                opt._ensure_layout(self.late)
+                late, self.late = self.late, []
+                keys_before = set(self.work)
+                opt._scheduler.start(self._update)
+                self.ready(late)
+                new_pages = sorted({seg.page for key in set(self.work) - keys_before
+                                    for seg in opt._table.segments_of[key]} - self.fed)
+                self._feed(new_pages)
+                stats = _merged(stats, opt._scheduler.finish())
+        except BaseException as err:
+            self._fail(err)
+            raise
+        finally:
+            for p, p_work in self.strided:
+                p.copy_(p_work)
+            if opt._offload is not None:
+                opt._offload.end_step()
+        for p, key in opt._keys.items():
+            if key in self.work:
+                opt.state[p]["step"].fill_(self.work[key][2])
+        opt._record(stats)
+
+
+class _PagerThread:
+    """Feeds an overlapped step's pages to the CUDA pipeline from its own thread.
+
+    Why a thread: the backward hooks run on the autograd thread, which also issues the backward
+    kernels. Enqueuing a page's copies and update takes that thread some tens of microseconds,
+    and once the GPU's launch queues are full each enqueue waits for the GPU; done in the hook,
+    both would hold back backward's own kernels. The hook only records an event on backward's
+    stream (the grads of these pages are enqueued before it) and posts the pages here; this
+    thread makes the update stream wait for that event ([Note: CUDA page pipeline])."""
+
+    def __init__(self, scheduler, device: torch.device):
+        import queue
+        import threading
+
+        self.scheduler = scheduler
+        self.device = device
+        self.error: BaseException | None = None
+        self._queue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="oe-pager", daemon=True)
+        self._thread.start()
+
+    def post(self, pages) -> None:
+        if self.error is not None:
+            raise self.error
+        self._queue.put((pages, torch.cuda.current_stream(self.device).record_event()))
+
+    @torch.no_grad()  # grad mode is per thread: the updates write params in place, untracked
+    def _run(self) -> None:
+        torch.cuda.set_device(self.device)
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.scheduler.feed(*item)
+                except BaseException as err:  # reported by the next post() or by join()
+                    self.error = err
+
+    def join(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _merged(a: StepStats, b: StepStats) -> StepStats:
+    out = StepStats(slots=a.slots)
+    for field in ("pages", "bytes_read", "bytes_written", "fetch_s", "update_s", "writeback_s", "wait_s", "step_s"):
+        setattr(out, field, getattr(a, field) + getattr(b, field))
+    out.peak_slots_in_use = max(a.peak_slots_in_use, b.peak_slots_in_use)
+    out.mean_slots_in_use = max(a.mean_slots_in_use, b.mean_slots_in_use)
+    return out
 
 
 def _params_device(param_groups, name: str) -> torch.device:

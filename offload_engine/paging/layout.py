@@ -112,7 +112,7 @@ class PageTable:
         """Lays out the params of one group; `entries` is ``[(key, numel, StateFormat), ...]``.
         Returns the indices of the new pages. Raises ValueError, changing nothing, when one
         alignment unit of some param does not fit in an empty page."""
-        for key, numel, fmt in entries:
+        for _key, numel, fmt in entries:
             unit_bytes = fmt.nbytes(min(fmt.unit, max(numel, 1)))
             if unit_bytes > self.page_bytes:
                 raise ValueError(

@@ -16,6 +16,7 @@ class SlotPool:
         if num_slots < 1:
             raise ValueError(f"a slot pool needs at least one slot, got {num_slots}")
         self.slot_bytes = slot_bytes
+        self.pinned = pin_memory
         raw = torch.empty(num_slots * slot_bytes + SLOT_ALIGN, dtype=torch.uint8, pin_memory=pin_memory)
         skip = (-raw.data_ptr()) % SLOT_ALIGN
         self._raw = raw

@@ -60,15 +60,38 @@ class PageScheduler:
         self.pages_updated = 0  # of the step in progress (or the last one): how far it got
 
     def run(self, pages, update) -> StepStats:
-        t0 = time.perf_counter()
+        self.start(update)
+        self.feed(pages)
+        return self.finish()
+
+    def start(self, update) -> None:
+        """Opens a step whose pages arrive through feed() (all at once from step(), or from
+        backward hooks as grads become final); finish() closes it."""
+        self._t0 = time.perf_counter()
         self.pages_updated = 0
-        stats = StepStats(pages=len(pages), slots=self.pool.num_slots if self.pool else 0)
+        self._update = update
+        self._pages = []
+        self._stats = StepStats(slots=self.pool.num_slots if self.pool else 0)
+
+    def feed(self, pages) -> None:
+        """An in-place store updates `pages` now; a store read through slots queues them for
+        finish(), whose pipeline reads ahead over the whole list (the result is the same)."""
+        self._pages.extend(pages)
         if self.store.in_place:
-            self._run_in_place(pages, update, stats)
-        else:
+            self._run_in_place(pages, self._update, self._stats)
+
+    def abandon(self) -> None:
+        """Drops an open step: queued pages are not run, nothing more is stored."""
+        self._pages, self._update = [], None
+
+    def finish(self) -> StepStats:
+        stats = self._stats
+        if not self.store.in_place:
             with _torch_threads(max(1, torch.get_num_threads() - 1)):  # [Note: update threads]
-                self._run_pipelined(pages, update, stats)
-        stats.step_s = time.perf_counter() - t0
+                self._run_pipelined(self._pages, self._update, stats)
+        stats.pages = len(self._pages)
+        stats.step_s = time.perf_counter() - self._t0
+        self._update = None
         return stats
 
     def _run_in_place(self, pages, update, stats: StepStats) -> None:
