@@ -63,6 +63,7 @@ class OffloadEngine:
         self._last_grad_norm = None
         self._last_step_skipped = False
         self._param_names = {p: name for name, p in module.named_parameters()}
+        self._overlap = None  # a BackwardOverlap with paging.overlap_backward (initialize sets it)
 
     # ---- the training loop ------------------------------------------------------------------
     def __call__(self, *inputs, **kwargs):
@@ -93,7 +94,15 @@ class OffloadEngine:
         scaled = loss / self.gradient_accumulation_steps if self.gradient_accumulation_steps > 1 else loss
         if self.loss_scaler is not None:
             scaled = scaled.float() * self.loss_scaler.scale
-        scaled.backward(retain_graph=retain_graph)
+        overlap = self._overlap if self._overlap is not None and self.is_gradient_accumulation_boundary() else None
+        if overlap is not None:
+            overlap.arm()  # pages update as their grads become final ([Note: overlap with backward])
+        try:
+            scaled.backward(retain_graph=retain_graph)
+        except BaseException as err:
+            if overlap is not None:
+                overlap.abort(f"backward failed ({type(err).__name__}: {err})")
+            raise
         return loss
 
     def step(self) -> None:
@@ -124,6 +133,16 @@ class OffloadEngine:
             if self.partition is not None:
                 norm = self.partition.agree_on(norm)  # one skip/clip decision for all ranks
         overflow = norm is not None and not bool(torch.isfinite(norm))
+        overlapped = self._overlap is not None and self._overlap.is_open
+        if overflow and overlapped:
+            done = self._overlap.pages_done()
+            self._overlap.abort(f"non-finite gradients (norm {float(norm)}) at step {self.global_steps + 1}")
+            if done:
+                self.zero_grad()
+                raise FloatingPointError(
+                    f"non-finite gradients (norm {float(norm)}) at step {self.global_steps + 1}, found after backward "
+                    f"had already updated {done} pages (paging.overlap_backward), so the step cannot be skipped; "
+                    "the optimizer refuses to step until a checkpoint is loaded")
         if overflow:
             # The optimizer never sees these grads: params and state stay exactly as they were.
             self.skipped_steps += 1
@@ -145,7 +164,9 @@ class OffloadEngine:
                 coef = clip_coefficient(norm, self.gradient_clipping)
                 factor = coef if factor is None else factor * coef.to(factor.device)
             self._last_grad_norm = float(norm) if norm is not None else None
-            if isinstance(self.optimizer, BlockwiseOptimizer):
+            if overlapped:  # factor is None: initialize allows overlap without clipping or fp16 only
+                self._overlap.close()
+            elif isinstance(self.optimizer, BlockwiseOptimizer):
                 self.optimizer.step(grad_scale=1.0 if factor is None else float(factor))
             else:
                 if factor is not None:

@@ -7,9 +7,11 @@ import torch
 from .. import optim
 from ..config import ConfigError, EngineConfig, load_config
 from ..optim._base import BlockwiseOptimizer
+from ..optim.paged import PagedOptimizer
 from ..schedulers import build_scheduler
 from . import admission, launch_env
 from .engine import OffloadEngine
+from .overlap import BackwardOverlap
 from .partition import Partition
 
 _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,8 +40,7 @@ def initialize(model: torch.nn.Module, config, model_parameters=None, optimizer=
     cfg = config if isinstance(config, EngineConfig) else load_config(config, world_size=world_size)
     paging = cfg.paging_settings()
     if paging.overlap_backward:
-        raise ConfigError.single("paging.overlap_backward", "true is not implemented yet (paging state in during "
-                                 "the backward pass comes with the CUDA pipeline's overlap work); set it to false")
+        _check_overlap_config(cfg, world_size)
 
     low = _LOW_PRECISION.get(cfg.precision)
     dtypes = {name: t.dtype for name, t in (*model.named_parameters(), *model.named_buffers())}
@@ -110,8 +111,46 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
                    else None)
         dataloader = torch.utils.data.DataLoader(training_data, batch_size=cfg.train_micro_batch_size_per_gpu,
                                                  shuffle=sampler is None, sampler=sampler)
+    if paging.overlap_backward:
+        try:
+            _check_overlap_optimizer(optimizer)
+        except ConfigError:
+            if built and hasattr(optimizer, "close"):
+                optimizer.close()
+            raise
     engine = OffloadEngine(model, cfg, optimizer, lr_scheduler, partition=partition)
+    if paging.overlap_backward:
+        engine._overlap = BackwardOverlap([p for g in optimizer.param_groups for p in g["params"]], optimizer)
     return engine, optimizer, dataloader, lr_scheduler
+
+
+_OVERLAP = "paging.overlap_backward"
+
+
+def _check_overlap_config(cfg, world_size: int) -> None:
+    """[Note: overlap with backward]: pages updated before backward ends must not depend on
+    anything computed from every grad."""
+    if cfg.gradient_clipping > 0:
+        raise ConfigError.single(_OVERLAP, f"true needs gradient_clipping 0 (got {cfg.gradient_clipping:g}): pages are "
+                                 "updated during backward, before the global grad norm that clipping scales by is "
+                                 "known; set gradient_clipping to 0 or overlap_backward to false")
+    if cfg.precision == "fp16":
+        raise ConfigError.single(_OVERLAP, "true does not combine with fp16: a loss-scale overflow anywhere must "
+                                 "skip the whole step, which pages updated during backward cannot; use bf16, or set "
+                                 "overlap_backward to false")
+    if world_size > 1:
+        raise ConfigError.single(_OVERLAP, f"true needs one process (world size is {world_size}): data-parallel "
+                                 "grads are averaged across ranks only after backward; set overlap_backward to false")
+
+
+def _check_overlap_optimizer(optimizer) -> None:
+    if not isinstance(optimizer, PagedOptimizer):
+        raise ConfigError.single(_OVERLAP, f"true needs a paged optimizer (a Paged* type, or paging.store set); "
+                                 f"the optimizer is {type(optimizer).__name__}")
+    if optimizer.paging_stats()["executor"] == "cpu" and optimizer.paging_stats()["device"].startswith("cuda"):
+        raise ConfigError.single(_OVERLAP, "true is not supported with paging.executor 'cpu' for CUDA params (the "
+                                 "grads are copied to the host after backward); use executor 'cuda' or set "
+                                 "overlap_backward to false")
 
 
 def _trainable(model, model_parameters):
