@@ -246,6 +246,21 @@ def test_every_paged_optimizer_is_a_paged_optimizer():
         assert issubclass(paged_cls, PagedOptimizer) and paged_cls.__name__.startswith("Paged")
 
 
+def test_a_step_with_no_grads_changes_nothing():
+    """A data-parallel rank whose partition is empty, or a model whose params got no grad yet,
+    steps without error and without laying out state."""
+    p = torch.randn(100)
+    start = p.clone()
+    opt = PagedAdamW8bit([p], min_8bit_size=0)
+    opt.step()  # crashed before: no pages, so no scheduler
+    assert opt.paging_stats()["num_pages"] == 0 and opt.state_dict()["state"] == {}
+    assert opt.paging_stats()["steps"] == 0 and torch.equal(p, start)
+    p.grad = torch.ones_like(p)
+    before = p.clone()
+    opt.step()  # the first grad lays out the state and steps as usual
+    assert opt.paging_stats()["num_pages"] == 1 and not torch.equal(p, before)
+
+
 def test_executor_option_is_checked():
     with pytest.raises(ValueError, match="executor"):
         PagedAdamW([torch.zeros(10)], executor="tpu")

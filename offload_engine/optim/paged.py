@@ -243,6 +243,8 @@ class PagedOptimizer(BlockwiseOptimizer):
         self._check_can_step(grad_scale)
         with_grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         self._ensure_layout(with_grads)
+        if self._scheduler is None:  # no param has state yet (none has had a grad): nothing to update
+            return loss
         run = _PagedStep(self, grad_scale)
         run.ready(with_grads)
         run.close()
