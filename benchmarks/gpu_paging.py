@@ -31,6 +31,7 @@ Run:
     python benchmarks/gpu_paging.py                                     # 0.5B and 2B params
     python benchmarks/gpu_paging.py --sizes 5e8 --contenders ours8,nvme8,managed8,bnb8,torchao
     python benchmarks/gpu_paging.py --sizes 5e8,2e9,8e9 --nvme-dir /tmp/state --json out.json
+    python benchmarks/gpu_paging.py --sizes 16e9 --param-dtype bf16 --contenders ours8,torchao  # host RAM bound
 """
 import argparse
 import datetime
@@ -160,11 +161,11 @@ def make_contenders(args, nvme_dir):
     return found
 
 
-def bench(key, name, make, numel, steps, warmup):
+def bench(key, name, make, numel, steps, warmup, dtype=torch.float32):
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(numel, device=dev) * 0.1)
-    w = torch.randn(numel, device=dev) * 0.01  # the grad each backward produces
+    p = torch.nn.Parameter((torch.randn(numel, device=dev) * 0.1).to(dtype))
+    w = (torch.randn(numel, device=dev) * 0.01).to(dtype)  # the grad each backward produces
     torch.cuda.synchronize()
     free_before = torch.cuda.mem_get_info()[0]
     need = managed_bytes(key, numel)
@@ -220,6 +221,8 @@ def main():
     ap.add_argument("--page-size-mb", type=float, default=16)
     ap.add_argument("--depth", type=int, default=2, help="prefetch depth")
     ap.add_argument("--nvme-dir", default=None, help="directory for the NVMe state files (default: a temp dir)")
+    ap.add_argument("--param-dtype", default="fp32", choices=("fp32", "bf16"),
+                    help="params and grads (bf16 halves their GPU memory: the largest sizes need it)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     wanted = [c.strip() for c in args.contenders.split(",") if c.strip()]
@@ -230,7 +233,8 @@ def main():
     os.makedirs(nvme_dir, exist_ok=True)
 
     header = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "page_size_mb": args.page_size_mb, "prefetch_depth": args.depth}
+              "torch": torch.__version__, "page_size_mb": args.page_size_mb, "prefetch_depth": args.depth,
+              "param_dtype": args.param_dtype}
     print(json.dumps(header))
     link = pcie(2 * 2**30)
     print(f"pinned copies: H2D {link['h2d_GBps']:.1f} GB/s, D2H {link['d2h_GBps']:.1f} GB/s, both at once "
@@ -250,7 +254,8 @@ def main():
             name, make = contenders[key]
             steps = args.nvme_steps if key.startswith("nvme") else args.steps
             warmup = 1 if key.startswith("nvme") else args.warmup
-            row = bench(key, name, make, size, steps, warmup)
+            row = bench(key, name, make, size, steps, warmup,
+                        torch.bfloat16 if args.param_dtype == "bf16" else torch.float32)
             rows.append(row)
             if "skipped" in row:
                 print(f"{size / 1e9:5.2f}B {name:40s} skipped: {row['skipped']}", flush=True)
