@@ -116,7 +116,7 @@ def test_failed_write_back_keeps_the_pre_step_state_and_refuses_until_reload(tmp
         monkeypatch.setattr(opt._store, "_write", write)
         expected = PageIOError
     else:
-        import offload_engine.optim.paged as paged_mod
+        import offload_engine.optim.paged_step as paged_mod  # where the page update calls the kernels
         real_step, calls = paged_mod.step_state_, []
 
         def step_state_(*args, **kw):

@@ -4,7 +4,7 @@
 opens a paged step before backward (PagedOptimizer.begin_overlapped_step) and every trainable
 param's post-accumulate-grad hook joins it the moment its grad is final; a page whose params
 have all joined is paged in, updated and written back while backward computes the grads of the
-layers below ([Note: overlapped step] in optim/paged.py). engine.step() then updates the pages
+layers below ([Note: overlapped step] in optim/paged_step.py). engine.step() then updates the pages
 still waiting (params that got no grad, or share a page with one that came late) and waits for
 the write-backs. On the other micro-batches the hooks do nothing: grads keep accumulating.
 
@@ -72,8 +72,8 @@ class BackwardOverlap:
             return
         try:
             step.stop_pager()  # every page already posted is enqueued: then nothing is in flight unseen
-        except Exception:
-            pass  # the step is dropped anyway; its failure is recorded below through pages_updated
+        except Exception as err:  # the step is dropped either way; the pager's own error joins the reason
+            why = f"{why}; the pager failed too ({type(err).__name__}: {err})"
         scheduler = self.optimizer._scheduler
         done = scheduler.pages_updated
         scheduler.abandon()

@@ -49,6 +49,14 @@ class StepStats:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def accumulate(self, other: "StepStats") -> None:
+        """Adds `other`'s bytes and seconds (totals over steps, or a step run in two passes)."""
+        for field in ("pages", "bytes_read", "bytes_written", "fetch_s", "update_s", "writeback_s", "wait_s",
+                      "step_s"):
+            setattr(self, field, getattr(self, field) + getattr(other, field))
+        self.peak_slots_in_use = max(self.peak_slots_in_use, other.peak_slots_in_use)
+        self.mean_slots_in_use = max(self.mean_slots_in_use, other.mean_slots_in_use)
+
 
 class PageScheduler:
     """Runs `update(page, buf)` over pages through a store; one per optimizer (per rank)."""
