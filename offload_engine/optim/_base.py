@@ -10,6 +10,9 @@ State of a param (``self.state[p]``):
              each moment's codes and absmax are contiguous, so a pager can move them by block)
   master     float32, the param's shape: with ``master_weights=True``, for bf16/fp16 params
              ([Note: master weights] in _update.py)
+For a param sharded across ranks (FSDP2's DTensors, FSDP1's flat params) "the param" is the
+rank's local shard, and state_dict() shows the state sharded like the param ([Note: sharded
+params] and [Note: sharded state dict] in sharded.py).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from torch.optim import Optimizer
 
 from .. import kernels, reference
 from ..quant import FORMATS, codec
+from . import sharded
 from ._update import group_hyper, step_state_
 
 STATE_FORMAT_VERSION = 1
@@ -81,13 +85,30 @@ class BlockwiseOptimizer(Optimizer):
             if isinstance(p, torch.Tensor) and p.dtype not in reference.PARAM_DTYPES:
                 raise TypeError(f"{type(self).__name__}: params must be float32, bfloat16 or float16; got {p.dtype} "
                                 f"for a param of shape {list(p.shape)}")
+        if settings["state_format"] != "fp32" and settings["min_8bit_size"] > 0:
+            unknown = sum(1 for p in params if isinstance(p, torch.Tensor) and sharded.full_numel(p) is None)
+            if unknown:
+                raise ValueError(self._unknown_size_message(unknown, settings["min_8bit_size"]))
         super().add_param_group({**param_group, "params": params})
 
+    def _unknown_size_message(self, count: int, min_8bit_size: int) -> str:
+        return (f"{type(self).__name__}: min_8bit_size={min_8bit_size} is decided on each param's full size, and "
+                f"{count} params are FSDP1 shards (use_orig_params=True) whose full size is not recorded: call "
+                "offload_engine.optim.record_full_sizes(model) before building the optimizer, or pass "
+                "min_8bit_size=0")
+
     # ---- state --------------------------------------------------------------------------
-    @staticmethod
-    def _format_for(group, p) -> str:
-        fmt = group["state_format"]
-        return "fp32" if fmt == "fp32" or p.numel() < group["min_8bit_size"] else fmt
+    def _format_for(self, group, p) -> str:
+        """The state format of `p`: the group's, but fp32 for params smaller than
+        min_8bit_size, counted on the whole param (not a rank's shard of it), so every rank
+        decides alike at any world size ([Note: sharded params] in sharded.py)."""
+        fmt, minimum = group["state_format"], group["min_8bit_size"]
+        if fmt == "fp32" or minimum == 0:
+            return fmt
+        numel = sharded.full_numel(p)
+        if numel is None:
+            raise ValueError(self._unknown_size_message(1, minimum))
+        return "fp32" if numel < minimum else fmt
 
     @staticmethod
     def _wants_master(group, p) -> bool:
@@ -95,6 +116,7 @@ class BlockwiseOptimizer(Optimizer):
 
     def _new_state(self, p, fmt: str, block: int, master: bool = False) -> dict:
         # The moments live on the param's device (the kernel runs there); step stays a CPU scalar.
+        p = sharded.local(p)
         state = {"step": torch.tensor(0.0), "format": fmt}
         if master:
             state["master"] = p.detach().float().clone()
@@ -113,16 +135,18 @@ class BlockwiseOptimizer(Optimizer):
     def logical_state(self, param) -> dict:
         """The state of `param` as fp32 tensors under torch.optim's names (``step``,
         ``exp_avg``, ``exp_avg_sq``; Lion: ``step``, ``exp_avg``), dequantized when stored in
-        8 or 4 bits. Empty before the param's first step."""
+        8 or 4 bits. Empty before the param's first step. For a sharded param, the state of
+        this rank's local shard, in the local shard's shape."""
         state = self.state.get(param)
         if not state:
             return {}
         full = self._state_arrays(param, state)
+        shard = sharded.local(param)
         out = {"step": state["step"].clone()}
         for name in self._moments:
-            out[name] = _moment_fp32(full, name, param.numel()).view(param.shape).clone()
+            out[name] = _moment_fp32(full, name, shard.numel()).view(shard.shape).clone()
         if "master" in full:
-            out["master"] = full["master"].view(param.shape).clone()
+            out["master"] = full["master"].view(shard.shape).clone()
         return out
 
     def _state_arrays(self, param, state: dict) -> dict:
@@ -152,12 +176,14 @@ class BlockwiseOptimizer(Optimizer):
                                                  self._wants_master(group, p)))
                 step = int(state["step"]) + 1
                 seed = kernels.as_int64(_stream_seed(self._seed_base, group_index, index, step))
-                # The kernels need contiguous tensors; a strided param is updated in a copy.
-                p_work = p if p.is_contiguous() else p.contiguous()
-                step_state_(self._algorithm, p_work, p.grad.contiguous(), state, state["format"],
-                            state.get("block_size", 0), step, seed, hyper, adam_step_)
-                if p_work is not p:
-                    p.copy_(p_work)
+                p_local = sharded.local(p)  # this rank's shard of a sharded param ([Note: sharded params])
+                if p_local.numel():
+                    # The kernels need contiguous tensors; a strided param is updated in a copy.
+                    p_work = p_local if p_local.is_contiguous() else p_local.contiguous()
+                    step_state_(self._algorithm, p_work, sharded.local(p.grad).contiguous(), state, state["format"],
+                                state.get("block_size", 0), step, seed, hyper, adam_step_)
+                    if p_work is not p_local:
+                        p_local.copy_(p_work)
                 state["step"].fill_(step)
         return loss
 
@@ -171,13 +197,30 @@ class BlockwiseOptimizer(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise TypeError(f"{type(self).__name__}: sparse gradients are not supported")
+                if sharded.is_dtensor(p) != sharded.is_dtensor(p.grad):
+                    kinds = ["DTensor" if sharded.is_dtensor(t) else "torch.Tensor" for t in (p, p.grad)]
+                    raise TypeError(f"{type(self).__name__}: a param of shape {list(p.shape)} is a {kinds[0]} but its "
+                                    f"grad is a {kinds[1]}; both must be sharded alike")
+                if sharded.local(p.grad).shape != sharded.local(p).shape:
+                    raise ValueError(f"{type(self).__name__}: a param's local shard has shape "
+                                     f"{list(sharded.local(p).shape)}, its grad's {list(sharded.local(p.grad).shape)}")
                 if p.device.type != "cpu" and not (p.device.type == "cuda" and kernels.cuda_ops_built()):
                     raise ValueError(f"{type(self).__name__} updates CPU tensors (and CUDA tensors when the ops are "
                                      f"built with CUDA); a param of shape {list(p.shape)} is on {p.device}")
 
     # ---- checkpoints --------------------------------------------------------------------
     def state_dict(self):
+        """As torch.optim's, plus the seed, format version, algorithm and the code maps of the
+        quantized formats used. A sharded param's state is shown as fp32 tensors sharded like
+        the param ([Note: sharded state dict] in sharded.py)."""
         sd = super().state_dict()
+        # torch's dict shares each param's state dict with self.state: copy before adding arrays.
+        sd["state"] = {key: dict(state) for key, state in sd["state"].items()}
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._add_state_arrays(sd["state"], params)
+        for key, state in sd["state"].items():
+            if "format" in state and sharded.presents_logical(params[key]):
+                sd["state"][key] = self._logical_view(state, params[key])
         sd["seed_base"] = self._seed_base
         sd["state_format_version"] = STATE_FORMAT_VERSION
         sd["algorithm"] = self._algorithm
@@ -185,6 +228,22 @@ class BlockwiseOptimizer(Optimizer):
         sd["quant_maps"] = {fmt: {"signed": FORMATS[fmt].code_map(True), "unsigned": FORMATS[fmt].code_map(False)}
                             for fmt in sorted(used)}
         return sd
+
+    def _add_state_arrays(self, states: dict, params: list) -> None:
+        """Puts each param's state arrays into `states` ({position: state}) where they are not
+        there already (the paged optimizers keep them in pages)."""
+
+    def _logical_view(self, state: dict, p) -> dict:
+        """A sharded param's state as the state_dict shows it: fp32 moments (decoded when
+        quantized) and master, shaped and sharded like `p`."""
+        shard = sharded.local(p)
+        out = {k: v for k, v in state.items() if k not in _moment_keys()}
+        out["format"] = "fp32"
+        for name in self._moments:
+            out[name] = sharded.present(p, _moment_fp32(state, name, shard.numel()).view(shard.shape))
+        if "master" in state:
+            out["master"] = sharded.present(p, state["master"].view(shard.shape))
+        return out
 
     def load_state_dict(self, state_dict):
         """As torch.optim, plus: the moments keep their own dtypes (torch would cast them to
@@ -227,20 +286,42 @@ class BlockwiseOptimizer(Optimizer):
         master for `p` (a saved master is then dropped: the param holds its rounded value)."""
         if not self._wants_master(group, p):
             return None
+        shard = sharded.local(p)
         value = saved.get("master")
         if value is None:
-            return p.detach().float().clone()
-        if value.numel() != p.numel():
-            raise ValueError(f"{where}: state 'master' has {value.numel()} elements, the param {p.numel()}")
-        return value.detach().to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
+            return shard.detach().float().clone()
+        if value.numel() != shard.numel():
+            raise ValueError(f"{where}: state 'master' has {value.numel()} elements, the param {shard.numel()}")
+        return value.detach().to(device=shard.device, dtype=torch.float32).reshape(shard.shape).clone()
+
+    def _local_part(self, saved: dict, p, saved_maps, where: str) -> dict:
+        """The saved state of the DTensor param `p` (DTensors sharded any way, or the whole
+        param's tensors in any format) as this rank's shard of it, in fp32."""
+        saved_fmt = saved.get("format", "fp32")
+        if saved_fmt not in ("fp32", *FORMATS):
+            raise ValueError(f"{where}: unknown state format {saved_fmt!r}")
+        out = {k: v for k, v in saved.items() if k not in _moment_keys()}
+        out["format"] = "fp32"
+        for name in self._moments:
+            if saved_fmt == "fp32" and name in saved:
+                out[name] = sharded.localize(saved[name], p, f"{where}: state {name!r}")
+            elif saved_fmt != "fp32" and f"{name}_codes" in saved:
+                whole = _decode_saved(saved, name, saved_fmt, p.numel(), saved_maps, where)
+                out[name] = sharded.localize(whole.view(p.shape), p, f"{where}: state {name!r}")
+        if "master" in saved:
+            out["master"] = sharded.localize(saved["master"], p, f"{where}: state 'master'")
+        return out
 
     def _convert_saved_state(self, saved: dict, p, group, saved_maps) -> dict:
         """The saved state of `p` in the format this optimizer uses for it (fresh tensors)."""
         where = f"{type(self).__name__}.load_state_dict: param of shape {list(p.shape)}"
+        if sharded.is_dtensor(p):
+            saved = self._local_part(saved, p, saved_maps, where)
+        shard = sharded.local(p)  # the tensor the state is for ([Note: sharded params] in sharded.py)
         saved_fmt = saved.get("format", "fp32")
         if saved_fmt not in ("fp32", *FORMATS):
             raise ValueError(f"{where}: unknown state format {saved_fmt!r}")
-        n = p.numel()
+        n = shard.numel()
         target_fmt, target_block = self._format_for(group, p), group["block_size"]
         same = saved_fmt == target_fmt and (target_fmt == "fp32" or int(saved.get("block_size", 0)) == target_block)
         moments = {}
@@ -251,21 +332,13 @@ class BlockwiseOptimizer(Optimizer):
         for name in present:
             if saved_fmt == "fp32":
                 value = saved[name]
-                if tuple(value.shape) != tuple(p.shape):
+                if tuple(value.shape) != tuple(shard.shape):
                     raise ValueError(f"{where}: state {name!r} has shape {list(value.shape)}")
-                moments[name] = value.detach().to(device=p.device, dtype=torch.float32).reshape(-1)
+                moments[name] = value.detach().to(device=shard.device, dtype=torch.float32).reshape(-1)
+            elif not same:  # decoded only when it must be re-quantized (large checkpoints)
+                moments[name] = _decode_saved(saved, name, saved_fmt, n, saved_maps, where).to(shard.device)
             else:
-                f, block = FORMATS[saved_fmt], int(saved.get("block_size", 0))
-                codec.check_block(block)
-                codes, absmax = saved[f"{name}_codes"].to(p.device), saved[f"{name}_absmax"].to(p.device)
-                if codes.numel() != f.code_bytes(n, block) or absmax.numel() != -(-n // block):
-                    raise ValueError(f"{where}: {name} holds {codes.numel()} code bytes and {absmax.numel()} absmax "
-                                     f"values; a {saved_fmt} state of {n} elements in blocks of {block} needs "
-                                     f"{f.code_bytes(n, block)} and {-(-n // block)}")
-                if not same:  # decoded only when it must be re-quantized (large checkpoints)
-                    code_map = saved_maps.get(saved_fmt, {}).get("signed" if _SIGNED[name] else "unsigned")
-                    moments[name] = codec.dequantize_blockwise(codes, absmax.float(), f, _SIGNED[name], block, n,
-                                                               code_map)
+                _decode_saved(saved, name, saved_fmt, n, saved_maps, where, check_only=True)
         master = self._saved_master(saved, p, group, where)
         state = {k: v for k, v in saved.items() if k not in _moment_keys()}
         state["step"] = torch.as_tensor(saved.get("step", 0.0), dtype=torch.float32).clone()
@@ -280,18 +353,34 @@ class BlockwiseOptimizer(Optimizer):
             return fresh
         if target_fmt == "fp32":
             for name in self._moments:
-                state[name] = moments[name].clone().view(p.shape).contiguous()
+                state[name] = moments[name].clone().view(shard.shape).contiguous()
             return state
         state["block_size"] = target_block
         for name in self._moments:
             if same:  # round-trip the raw codes exactly
                 codes, absmax = saved[f"{name}_codes"].detach(), saved[f"{name}_absmax"].detach()
-                state[f"{name}_codes"] = codes.to(p.device, torch.uint8).clone().contiguous()
-                state[f"{name}_absmax"] = absmax.to(p.device, torch.float32).clone().contiguous()
+                state[f"{name}_codes"] = codes.to(shard.device, torch.uint8).clone().contiguous()
+                state[f"{name}_absmax"] = absmax.to(shard.device, torch.float32).clone().contiguous()
             else:
                 codes, absmax = codec.quantize_blockwise(moments[name], FORMATS[target_fmt], _SIGNED[name], target_block)
                 state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
         return state
+
+
+def _decode_saved(saved: dict, name: str, fmt_name: str, n: int, saved_maps, where: str, check_only=False):
+    """The fp32 values of moment `name` of a saved quantized state of `n` elements, decoded
+    with the code maps saved beside it; with `check_only`, only checks the sizes."""
+    f, block = FORMATS[fmt_name], int(saved.get("block_size", 0))
+    codec.check_block(block)
+    codes, absmax = saved[f"{name}_codes"], saved[f"{name}_absmax"]
+    if codes.numel() != f.code_bytes(n, block) or absmax.numel() != -(-n // block):
+        raise ValueError(f"{where}: {name} holds {codes.numel()} code bytes and {absmax.numel()} absmax "
+                         f"values; a {fmt_name} state of {n} elements in blocks of {block} needs "
+                         f"{f.code_bytes(n, block)} and {-(-n // block)}")
+    if check_only:
+        return None
+    code_map = saved_maps.get(fmt_name, {}).get("signed" if _SIGNED[name] else "unsigned")
+    return codec.dequantize_blockwise(codes, absmax.float(), f, _SIGNED[name], block, n, code_map)
 
 
 def _moment_keys():

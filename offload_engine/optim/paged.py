@@ -33,6 +33,7 @@ import torch
 from ..paging import HostStore, NvmeStore, PageScheduler, PageTable, SlotPool, StateFormat, page_bytes_from_mb
 from ..paging.scheduler import StepStats
 from ..quant import FORMATS, codec
+from . import sharded
 from ._base import _SIGNED, BlockwiseOptimizer
 from .paged_step import _PagedStep
 
@@ -123,7 +124,8 @@ class PagedOptimizer(BlockwiseOptimizer):
             for p in group["params"]:
                 if id(p) in wanted_ids:
                     keys[p] = flat_index
-                    entries.append((flat_index, p.numel(), self._state_format(group, p)))
+                    # A sharded param's pages hold its local shard ([Note: sharded params] in sharded.py).
+                    entries.append((flat_index, sharded.local_numel(p), self._state_format(group, p)))
                 flat_index += 1
             if entries:
                 new_pages += table.add_group(gi, entries)
@@ -310,17 +312,16 @@ class PagedOptimizer(BlockwiseOptimizer):
         key = self._key_of(param)
         return {**state, **self._gather([key])[key]}
 
-    def state_dict(self):
-        """As the unpaged optimizers' (same keys, formats and tensors), read from the pages."""
-        sd = super().state_dict()
-        params = [p for g in self.param_groups for p in g["params"]]
+    def _add_state_arrays(self, states: dict, params: list) -> None:
+        """state_dict() as the unpaged optimizers' (same keys, formats and tensors): the arrays
+        are read from the pages."""
         with_state = [key for key, p in enumerate(params) if self.state.get(p) and p in self._keys]
         for key, arrays in self._gather(with_state).items():
-            fp32 = sd["state"][key]["format"] == "fp32"
+            fp32 = states[key]["format"] == "fp32"
+            shape = sharded.local(params[key]).shape
             for name, tensor in arrays.items():
                 as_param = fp32 or name == "master"  # full-size arrays take the param's shape
-                sd["state"][key][name] = tensor.view(params[key].shape) if as_param else tensor
-        return sd
+                states[key][name] = tensor.view(shape) if as_param else tensor
 
     def load_state_dict(self, state_dict):
         before = {p: dict(s) for p, s in self.state.items()}
@@ -336,7 +337,7 @@ class PagedOptimizer(BlockwiseOptimizer):
                     fresh.append(key)  # laid out, but the checkpoint has no state for it: zero state
                 continue
             fmt = self._state_format(group, p)
-            states[key] = {name: state[name].reshape(-1) for name, _, _ in fmt.arrays(p.numel())}
+            states[key] = {name: state[name].reshape(-1) for name, _, _ in fmt.arrays(sharded.local_numel(p))}
         table, keys = self._table, self._keys
         try:
             # Params without pages get them now, written once with their loaded state
@@ -354,7 +355,7 @@ class PagedOptimizer(BlockwiseOptimizer):
         for key, p in enumerate(params):  # the moments now live in the pages: keep only metadata
             state = self.state.get(p)
             if state:
-                for name, _, _ in self._table.fmt_of[key].arrays(p.numel()):
+                for name, _, _ in self._table.fmt_of[key].arrays(sharded.local_numel(p)):
                     state.pop(name, None)
         self._failed = None
 
@@ -406,7 +407,8 @@ def _fill_initial(page, buf: torch.Tensor, only=None, params=None) -> None:
             continue
         for name, piece in seg.views(buf).items():
             if name == "master":
-                piece.copy_(params[seg.key].detach().reshape(-1)[seg.start:seg.start + seg.length])
+                shard = sharded.local(params[seg.key]).detach()
+                piece.copy_(shard.reshape(-1)[seg.start:seg.start + seg.length])
             elif name.endswith("_codes"):
                 moment = name[: -len("_codes")]
                 piece.fill_(_zero_code_byte(seg.fmt.name, _SIGNED[moment]))

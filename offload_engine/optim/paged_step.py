@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from . import sharded
 from ._base import _stream_seed
 from ._update import group_hyper, step_state_
 
@@ -29,7 +30,7 @@ class _PagedStep:
         self.opt = opt  # a PagedOptimizer (paged.py imports this module, not the reverse)
         self.grad_scale = grad_scale
         self.work = {}                 # key -> (flat param, flat grad, step, seed, hyper)
-        self.strided = []              # (param, contiguous copy updated in its place)
+        self.strided = []              # (param's local tensor, contiguous copy updated in its place)
         self.joined = set()            # keys whose grads are final
         self.fed = set()               # pages already handed to the scheduler
         self.waiting = {}              # page -> keys on it that have not joined
@@ -84,13 +85,15 @@ class _PagedStep:
                 state["block_size"] = group["block_size"]
         step = int(state["step"]) + 1
         seed = kernels.as_int64(_stream_seed(opt._seed_base, gi, index, step))
-        p_work = p if p.is_contiguous() else p.contiguous()  # kernels need contiguous memory
-        if p_work is not p:
+        p_local = sharded.local(p)  # this rank's shard of a sharded param ([Note: sharded params])
+        p_work = p_local if p_local.is_contiguous() else p_local.contiguous()  # kernels need contiguous memory
+        if p_work is not p_local:
             if opt._offload is not None:
                 raise ValueError(f"{type(opt).__name__}(executor='cpu') needs contiguous CUDA params; a param of "
                                  f"shape {list(p.shape)} is strided")
-            self.strided.append((p, p_work))
-        return (p_work.view(-1), p.grad.contiguous().view(-1), step, seed, group_hyper(group, self.grad_scale))
+            self.strided.append((p_local, p_work))
+        grad = sharded.local(p.grad).contiguous()
+        return (p_work.view(-1), grad.view(-1), step, seed, group_hyper(group, self.grad_scale))
 
     def _update(self, page, buf):
         opt = self.opt
@@ -148,7 +151,7 @@ class _PagedStep:
         self.stop_pager()
         try:
             if opt._offload is not None:  # CUDA params, CPU kernels ([Note: CPU executor for CUDA params])
-                on_gpu = {key: p for p, key in opt._keys.items() if key in self.work}
+                on_gpu = {key: job[:2] for key, job in self.work.items()}  # flat param and grad
                 host = opt._offload.begin_step(on_gpu)  # pinned host copies of each param and grad
                 self.work = {key: (*host[key], *job[2:]) for key, job in self.work.items()}
                 self.deferred = False

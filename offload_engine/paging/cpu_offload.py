@@ -40,20 +40,20 @@ class CudaParamsOnCpu:
         return buf
 
     def begin_step(self, params: dict) -> dict:
-        """Starts the copies of {key: cuda param (with grad)} to the host; returns {key: (host
-        param, host grad)} flat views for the kernels."""
+        """Starts the copies of {key: (flat cuda param, flat cuda grad)} to the host (a sharded
+        param's local shard); returns {key: (host param, host grad)} flat views for the kernels."""
         self.h2d.synchronize()  # the last step's copies back have left the host buffers
         self.d2h.wait_stream(torch.cuda.current_stream(self.device))  # after backward wrote the grads
         host = {}
         with torch.cuda.stream(self.d2h):
-            for key, p in params.items():
+            for key, (p, grad) in params.items():
                 p_host = self._buffer(self._p_host, key, p)
-                g_host = self._buffer(self._g_host, key, p.grad)
+                g_host = self._buffer(self._g_host, key, grad)
                 p_host.copy_(p.detach().reshape(-1), non_blocking=True)
-                g_host.copy_(p.grad.reshape(-1), non_blocking=True)
+                g_host.copy_(grad.reshape(-1), non_blocking=True)
                 self._ready[key] = self.d2h.record_event()
                 host[key] = (p_host, g_host)
-        self._params = params
+        self._params = {key: p for key, (p, _) in params.items()}
         return host
 
     def before_update(self, page) -> None:
