@@ -203,7 +203,7 @@ def test_8bit_state_loads_bit_exact_with_the_same_block_size(int8):
 
 def test_8bit_state_loads_at_three_ranks_with_another_block_and_page_size(int8, fp32):
     """Each new rank's state is the saved state re-quantized in blocks of 128, exactly as the
-    codec does it (shards smaller than min_8bit_size are held in fp32: the saved values). The
+    codec does it (params smaller than min_8bit_size are held in fp32: the saved values). The
     continued run then stays closer to the uninterrupted one than 8-bit state itself is to
     fp32 state."""
     saved = stitched(int8["w2"], "saved")
@@ -280,8 +280,9 @@ def test_any_partition_reloads_into_any_other_bit_for_bit(cls, kw, worlds):
     """Optimizers stepped at one partition, saved and loaded into fresh optimizers at another,
     hold exactly the state of optimizers stepped at that other partition all along: every
     state tensor, fp32 (also torch's AdamW), 8-bit and 4-bit codes and absmax, Lion's, the
-    fp32 masters of bf16 params, paged or not. (min_8bit_size=0: with the
-    default, a shard's format can differ from its param's; the engine tests cover that.)"""
+    fp32 masters of bf16 params, paged or not. (min_8bit_size=0: these shards are not marked
+    with their param's size, as the engine's are, so with the default a shard's format could
+    differ from its param's.)"""
     saved, straight = _stepped(cls, worlds[0], **kw), _stepped(cls, worlds[1], **kw)
     fresh = _stepped(cls, worlds[1], steps=0, **kw)
     _reshard(saved, fresh)

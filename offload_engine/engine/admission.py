@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from ..optim._base import BlockwiseOptimizer
+from ..optim.sharded import local_numel
 from ..paging.layout import PageTable, StateFormat
 from ..paging.pool import SLOT_ALIGN
 
@@ -153,7 +154,7 @@ def state_bytes(optimizer) -> tuple[int, int, str | None]:
         for gi, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 if p.requires_grad:
-                    by_group.setdefault(gi, []).append((flat, p.numel(), optimizer._state_format(group, p)))
+                    by_group.setdefault(gi, []).append((flat, local_numel(p), optimizer._state_format(group, p)))
                 flat += 1
         for gi, entries in by_group.items():
             table.add_group(gi, entries)
@@ -170,7 +171,7 @@ def state_bytes(optimizer) -> tuple[int, int, str | None]:
                 continue
             fmt = optimizer._format_for(group, p)
             total += StateFormat(fmt, tuple(optimizer._moments), 0 if fmt == "fp32" else group["block_size"],
-                                 master=optimizer._wants_master(group, p)).logical_bytes(p.numel())
+                                 master=optimizer._wants_master(group, p)).logical_bytes(local_numel(p))
         return total, 0, None
     if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
         total = 0

@@ -12,7 +12,8 @@ The optimizer's params are *shards*: leaf tensors that alias a slice of a model 
 storage (``p.view(-1)[a:b]``), so an update writes the model param directly, and a shard's
 grad is a view of the reduced full grad. Partition boundaries fall on multiples of ALIGN
 elements within a param. That is 4096, the largest quantization block, so a shard's
-quantization blocks are the whole param's blocks.
+quantization blocks are the whole param's blocks. Each shard records its param's size, on
+which the optimizer decides min_8bit_size, so all shards of a param have its state format.
 
 Every rank computes the same partition from the same param list; nothing is negotiated.
 A checkpoint records the split, and each rank's state is written with the element ranges it
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from ..optim.sharded import mark_full_numel
 
 ALIGN = 4096
 _BUCKET_ELEMENTS = 16 << 20  # fp32 elements per all-reduce bucket (64 MiB)
@@ -71,6 +74,8 @@ class Partition:
             a, b = max(lo, start) - start, min(hi, start + n) - start
             if a < b:
                 shard = torch.nn.Parameter(p.detach().view(-1)[a:b], requires_grad=p.requires_grad)
+                # min_8bit_size is decided on the whole param, so a param's shards share one format.
+                mark_full_numel(shard, n)
                 self.owned.append((p, a, b))
                 self.shard_of[p] = shard
                 self.range_of[shard] = (p, a, b)

@@ -18,8 +18,9 @@ and assembles each of its params' state from the overlapping pieces:
 - pieces in one quantized format and block size, cut on block boundaries (partition points
   are multiples of 4096 elements and blocks divide 4096, so they are): the codes and absmax
   of the blocks concatenated, bit for bit;
-- otherwise (fp32 state, or pieces in different formats, e.g. a small shard kept in fp32 by
-  ``min_8bit_size``): per-element fp32 values, dequantized where quantized, concatenated.
+- otherwise (fp32 state, or pieces in different formats, as in checkpoints written while
+  ``min_8bit_size`` still counted each shard's elements rather than its param's): per-element
+  fp32 values, dequantized where quantized, concatenated.
 The optimizer's load_state_dict then converts the assembled state into its own format and
 block size (re-quantizing only when those differ). fp32 state therefore reloads exactly at
 any world size; quantized state reloads exactly while the format and block size stay, and
