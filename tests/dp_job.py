@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 import offload_engine
+import offload_engine.optim  # noqa: F401 - before init_process_group ([Note: import torch.distributed.nn early])
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--optimizer", default="PagedAdamW")
@@ -63,8 +64,27 @@ held = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if opt
 result = {"rank": rank, "world": world, "losses": losses, "norms": norms, "elements_with_state": held,
           "skipped": engine.skipped_steps, "checkpoint": saved, "global_steps": engine.global_steps,
           "state_bytes": optimizer.paging_stats()["state_bytes"] if hasattr(optimizer, "paging_stats") else None}
-torch.save({"result": result, "params": {k: v.clone() for k, v in model.state_dict().items()}},
-           f"{args.out}.rank{rank}.pt")
 if world > 1:
     dist.barrier()
     dist.destroy_process_group()
+
+
+def native_threads() -> list[str] | None:
+    """The names of this process's threads (Linux), to see what outlives the process group."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    names = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass  # a thread that ended meanwhile
+    return sorted(names)
+
+
+result["threads_after_destroy"] = native_threads()
+torch.save({"result": result, "params": {k: v.clone() for k, v in model.state_dict().items()}},
+           f"{args.out}.rank{rank}.pt")

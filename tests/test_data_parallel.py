@@ -57,6 +57,12 @@ def test_two_ranks_match_one_process(tmp_path, name, eight_bit):
             assert (ranks[0]["params"][key] - value).abs().mean() < 6e-5, key
         else:
             torch.testing.assert_close(ranks[0]["params"][key], value, rtol=1e-5, atol=1e-6)
+    # destroy_process_group freed the group: no gloo or TCPStore thread outlives it to exit
+    # ([Note: import torch.distributed.nn early] in offload_engine/optim/sharded.py).
+    for r in ranks:
+        threads = r["result"]["threads_after_destroy"]
+        if threads is not None:
+            assert not [t for t in threads if t.startswith(("gloo", "pt_gloo", "pt_tcpstore"))], threads
     # The state is partitioned: each rank holds about half, together all of it, nothing twice.
     held = [r["result"]["elements_with_state"] for r in ranks]
     assert sum(held) == one["elements_with_state"] == sum(p.numel() for p in single["params"].values())

@@ -228,5 +228,6 @@ def init_distributed(device=None, backend: str | None = None) -> LaunchEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL binds this rank's communicator to the current device
+    import torch.distributed.nn.functional  # noqa: F401 - first: [Note: import torch.distributed.nn early]
     dist.init_process_group(backend, init_method="env://", timeout=timeout())
     return env

@@ -37,6 +37,17 @@ try:  # builds of torch without torch.distributed have no DTensor (and no FSDP)
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # pragma: no cover
     DTensor = distribute_tensor = None
+else:
+    # [Note: import torch.distributed.nn early] torch.distributed.nn.functional binds
+    # ``group.WORLD`` as a default argument of its functions when it is first imported, and
+    # torch.optim.Optimizer's constructor imports torch._dynamo, which imports it. Imported
+    # after init_process_group (a script that starts its group, then builds its first
+    # optimizer), it holds the default group for good: destroy_process_group cannot free it,
+    # and its gloo threads and TCPStore server run until the process exits, as if the group
+    # had never been destroyed (which can abort at exit with "terminate called without an
+    # active exception"). Imported here, with the optimizers, before the script starts its
+    # group, it binds None instead.
+    import torch.distributed.nn.functional  # noqa: F401
 
 FULL_NUMEL_ATTR = "_offload_engine_full_numel"
 _FSDP1_FLATTENED = "_fsdp_flattened"           # FSDP1 marks the params it flattened
