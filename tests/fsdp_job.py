@@ -151,6 +151,14 @@ def run_fsdp(ckpt_dir: str) -> dict:
                     results[f"{label}/AdamW->{into}/resumed"] = resume(wrap, into, ckpt, other_class=True)
     model, opt = build(fsdp2, "PagedAdamW8bit", widths="aligned")
     results["fsdp2-aligned/PagedAdamW8bit"] = {"params": train(model, opt, 1, STEPS), "formats": formats(model, opt)}
+    for name in ("PagedAdamW", "PagedAdamW8bit"):  # an unsharded optimizer's state_dict, into FSDP2's
+        model, opt = build(plain, name)
+        train(model, opt, 1, SAVE_AT)
+        saved = {n: opt.logical_state(p) for n, p in model.named_parameters()}
+        sharded_model, sharded_opt = build(fsdp2, name, seed=1)
+        sharded_opt.load_state_dict(opt.state_dict())
+        results[f"plain->fsdp2/{name}"] = {"saved_state": saved, "loaded_state": full_state(sharded_model, sharded_opt),
+                                           "formats": formats(sharded_model, sharded_opt)}
     return results
 
 

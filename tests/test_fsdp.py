@@ -206,6 +206,16 @@ def test_torch_adamw_and_paged_optimizers_load_each_others_dcp_checkpoints(runs)
     assert_requantized(eight["loaded_state"], rank0["fsdp2/AdamW"]["saved_state"], eight["formats"], 2)
 
 
+def test_an_unsharded_optimizers_state_dict_loads_into_fsdp2_ranks(runs):
+    """optimizer.load_state_dict() of a whole-param state (8-bit codes included): each rank
+    takes its shard, fp32 exactly, 8-bit re-quantized into its own blocks."""
+    rank0 = runs[0][0]
+    fp32 = rank0["plain->fsdp2/PagedAdamW"]
+    _state_equal(fp32["loaded_state"], fp32["saved_state"], "PagedAdamW")
+    eight = rank0["plain->fsdp2/PagedAdamW8bit"]
+    assert_requantized(eight["loaded_state"], eight["saved_state"], eight["formats"], 2)
+
+
 @pytest.mark.parametrize("label", ["fsdp1", "fsdp1-orig"])
 def test_8bit_state_under_fsdp1_reloads_within_one_requantization(runs, label):
     straight = runs[0][0][f"{label}/PagedAdamW8bit"]
