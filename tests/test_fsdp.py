@@ -85,6 +85,8 @@ def test_paged_adamw_tracks_torch_adamw(runs, label):
             torch.testing.assert_close(ours["state"][name][key], state[key], rtol=1e-5, atol=1e-5 * scale,
                                        msg=f"{name} {key}")
         assert float(ours["state"][name]["step"]) == float(state["step"]) == 6
+    for rank in runs[0]:  # also where the rank's shard is empty (FSDP2: the last layer on rank 1)
+        assert {float(s["step"]) for s in rank[f"{label}/PagedAdamW"]["state"].values()} == {6.0}
 
 
 @pytest.mark.parametrize("label", LABELS)
