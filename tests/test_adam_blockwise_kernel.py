@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from offload_engine import kernels, reference
-from offload_engine.quant import FORMATS, codec
+from offload_engine.quant import FORMATS, codec, maps
 from conftest import bits
 
 
@@ -124,3 +124,44 @@ def test_block_decaying_to_subnormal_absmax(native, fmt):
         for a, b in zip(state, state_ref):
             assert torch.equal(a, b), f"step {step}, absmax {float(state_ref[1][0]):.3g}"
     assert float(state[1][0]) < 2.0 ** -126  # the run did reach the subnormal range
+
+
+def _with_unit_absmax(values: torch.Tensor, block: int) -> torch.Tensor:
+    """values laid out so that every block starts with 1.0: with beta1 = 0 (m = g) and
+    beta2 = 0 (v = g * g) each block's absmax is 1 and the kernel quantizes m = g and v = g*g
+    exactly as given, so values can sit on a threshold or one ulp from it."""
+    per_block = block - 1
+    pad = (-len(values)) % per_block
+    body = torch.cat([values, torch.zeros(pad)]).view(-1, per_block)
+    return torch.cat([torch.ones(len(body), 1), body], dim=1).reshape(-1).contiguous()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_codes_at_every_threshold(simd_path, fmt):
+    """The codec's hardest inputs, through the public step: every threshold of both maps, one
+    ulp either side, every map value, signed zeros, tiny, subnormal, |x| >= 1 and NaN of both
+    signs. Codes and absmax equal the reference's on every path (nearest code, no tie slack)."""
+    f = FORMATS[fmt]
+    block = 256
+    m_map, v_map = f.code_map(True), f.code_map(False)
+    m_mid, v_mid = maps.midpoints(m_map)[:-1], maps.midpoints(v_map)[:-1]
+    near = lambda t: torch.cat([t, torch.nextafter(t, torch.tensor(2.0)), torch.nextafter(t, torch.tensor(-2.0))])  # noqa: E731
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-40, -1e-40, 1.0, -1.0, 0.999999, -0.999999,
+                            float("nan"), -float("nan")])
+    # m = g: the signed map's thresholds directly. v = g * g: g = sqrt of the unsigned map's.
+    targets = ((0, torch.cat([near(m_mid), m_map, special])), (2, torch.cat([near(v_mid.sqrt()), v_map.sqrt(), special])))
+    for target, g_values in targets:
+        g = _with_unit_absmax(g_values, block)
+        n = len(g)
+        p = torch.zeros(n)
+        state = [torch.zeros(f.code_bytes(n, block), dtype=torch.uint8), torch.zeros(n // block),
+                 torch.zeros(f.code_bytes(n, block), dtype=torch.uint8), torch.zeros(n // block)]
+        p_ref, state_ref = p.clone(), [t.clone() for t in state]
+        hyper = dict(lr=1e-3, beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0, step=1)
+        kernels.adam_step_blockwise_(p, g, *state, fmt=fmt, block=block, **hyper)
+        reference.adam_step_blockwise_(p_ref, g, *state_ref, fmt=f, block=block, **hyper)
+        for name, a, b in zip(("m_codes", "m_absmax", "v_codes", "v_absmax"), state, state_ref):
+            assert torch.equal(a, b), f"{name} path={simd_path} fmt={fmt}"
+        assert torch.equal(state[1], torch.ones_like(state[1]))  # the unit absmax the inputs rely on
+        # The inputs reach every code of the map they target.
+        assert len(torch.unique(codec.unpack(state[target], f.bits))) == 2 ** f.bits, f"path={simd_path}"
