@@ -165,3 +165,52 @@ def test_codes_at_every_threshold(simd_path, fmt):
         assert torch.equal(state[1], torch.ones_like(state[1]))  # the unit absmax the inputs rely on
         # The inputs reach every code of the map they target.
         assert len(torch.unique(codec.unpack(state[target], f.bits))) == 2 ** f.bits, f"path={simd_path}"
+
+
+def _custom_maps():
+    gen = torch.Generator().manual_seed(5)
+    jitter = torch.linspace(-1, 1, 256) + torch.rand(256, generator=gen) * 1e-3
+    # (signed, unsigned) maps; the avx512vbmi byte tables hold the first and last pair, not the
+    # jittered (thresholds too close) nor the wide ones (thresholds >= 1), nor a threshold at 0.
+    return {
+        "linear-256": (torch.linspace(-1, 1, 257)[1:], torch.linspace(0, 1, 256)),
+        "jittered-256": (jitter.sort().values.clamp(-1, 1), jitter.abs().sort().values),
+        "wide-256": (torch.linspace(-3, 3, 256), torch.linspace(0, 3, 256)),
+        "symmetric-256": (torch.linspace(-1, 1, 256), torch.linspace(0, 1, 256) ** 2),
+        "cubic-16": (torch.linspace(-1, 1, 17)[1:] ** 3, torch.linspace(0, 1, 16) ** 3),
+    }
+
+
+@pytest.mark.parametrize("name", list(_custom_maps()))
+def test_any_map_gives_the_same_codes_on_every_path(native, monkeypatch, name):
+    """The op takes its maps as arguments: maps other than the formats' (including ones the
+    avx512vbmi byte tables cannot hold, which keep the gathers there) code alike everywhere."""
+    from offload_engine import kernels as k
+    m_map, v_map = (t.float().contiguous() for t in _custom_maps()[name])
+    bits_ = 8 if len(m_map) == 256 else 4
+    tables = []
+    for code_map in (m_map, v_map):
+        lookup = maps.build_lookup(code_map)
+        tables.append((code_map, lookup.packed.contiguous(), lookup.min_exponent, lookup.mantissa_bits))
+    n, block = 3001, 64
+    gen = torch.Generator().manual_seed(11)
+    p0 = torch.randn(n, generator=gen)
+    grads = [torch.randn(n, generator=gen) * 1e-2 for _ in range(3)]
+    code_bytes = (n + block - 1) // block * block * bits_ // 8
+    results = {}
+    for path in native.supported_simd_paths():
+        monkeypatch.setenv("OFFLOAD_ENGINE_SIMD", path)
+        p = p0.clone()
+        state = [torch.zeros(code_bytes, dtype=torch.uint8), torch.zeros((n + block - 1) // block),
+                 torch.zeros(code_bytes, dtype=torch.uint8), torch.zeros((n + block - 1) // block)]
+        for step, g in enumerate(grads, start=1):
+            torch.ops.offload_engine.adam_step_blockwise_(
+                p, g, *state, tables[0][0], tables[0][1], tables[1][0], tables[1][1],
+                [tables[0][2], tables[0][3], tables[1][2], tables[1][3]], bits=bits_, block=block,
+                **k._adam_kwargs(1e-3, 0.9, 0.999, 1e-8, 0.0, step, True, True, False, 1.0, False, 0, 0))
+        results[path] = [p] + state
+    first = next(iter(results.values()))
+    assert len(torch.unique(first[1])) > 2 ** bits_ // 4  # the run spread over the map
+    for path, got in results.items():
+        for a, b in zip(got, first):
+            assert torch.equal(bits(a) if a.is_floating_point() else a, bits(b) if b.is_floating_point() else b), path
