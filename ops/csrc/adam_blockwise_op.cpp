@@ -23,7 +23,8 @@ void run_blocks(AdamBlockwiseArgs args) {
   const AdamBlockwiseFn blocks_fn = adam_blocks_for(path);
   if (path == SimdPath::kAvx512Vbmi) {  // built once per map, before the threads start
     args.m_planes = plane_code_tables(args.m_tables.map, 1 << args.bits);
-    if (!args.coeffs.lion) args.v_planes = plane_code_tables(args.v_tables.map, 1 << args.bits);
+    // Lion has no exp_avg_sq: its v tables repeat the m tables (never read), and so do these.
+    args.v_planes = args.coeffs.lion ? args.m_planes : plane_code_tables(args.v_tables.map, 1 << args.bits);
   }
   const int64_t n_blocks = (args.numel + args.block - 1) / args.block;
   // Blocks are disjoint (codes, absmax and params), so the threads of torch's pool write

@@ -94,7 +94,8 @@ struct AdamBlockwiseArgs {
   uint8_t* v_codes;
   float* v_absmax;
   CodeTables m_tables, v_tables;
-  // The same maps for in-register lookups, set only for the avx512vbmi path (null otherwise).
+  // The same maps for in-register lookups, set only for the avx512vbmi path (null otherwise;
+  // also null for a map they cannot hold, and then that path keeps the gathers).
   const PlaneCodeTables* m_planes;
   const PlaneCodeTables* v_planes;
   int bits;       // 8 or 4

@@ -18,7 +18,7 @@ namespace offload_engine {
 
 void adam_blocks_avx512vbmi(const AdamBlockwiseArgs& a, int64_t block_begin, int64_t block_end) {
   // A map without plane tables (one that does not fit their layout) keeps the gathers.
-  if (a.m_planes != nullptr && (a.coeffs.lion || a.v_planes != nullptr)) {
+  if (a.m_planes != nullptr && a.v_planes != nullptr) {
     adam_blocks<simd_avx512::Vec, quant_vbmi::Codec>(a, block_begin, block_end);
   } else {
     adam_blocks<simd_avx512::Vec>(a, block_begin, block_end);
