@@ -99,10 +99,12 @@ struct QuantizeTables {
   Planes mid;
   __m512i shift, offset, keys_per_sign;
   bool negative_codes;
+  bool over_256_keys;  // false (the 4-bit maps): bit 8 of every key is 0, its lookups are skipped
   explicit QuantizeTables(const PlaneCodeTables& t)
       : candidate_low(t.candidate), candidate_high(t.candidate + 256), mid(t.mid_planes),
         shift(_mm512_load_si512(t.shift)), offset(_mm512_load_si512(t.offset)),
-        keys_per_sign(_mm512_set1_epi16(int16_t(t.keys_per_sign))), negative_codes(t.negative_codes) {}
+        keys_per_sign(_mm512_set1_epi16(int16_t(t.keys_per_sign))), negative_codes(t.negative_codes),
+        over_256_keys(t.keys_per_sign * (t.negative_codes ? 2 : 1) > 256) {}
 };
 
 // The lookup keys (see PlaneCodeTables) of 32 floats given by their top 16 bits.
@@ -136,10 +138,12 @@ inline __m512i quantize64(const float* values, __m512 inv, const QuantizeTables&
   const __m512i k0 = lookup_keys(top[0], t), k1 = lookup_keys(top[1], t);
   const __m512i key_byte = load_index(kKeyByte);
   const __m512i low = _mm512_permutex2var_epi8(k0, key_byte, k1);
-  const __m512i high = _mm512_permutex2var_epi8(k0, _mm512_add_epi8(key_byte, _mm512_set1_epi8(1)), k1);
   const __mmask64 bit7 = _mm512_movepi8_mask(low);
-  const __m512i candidate = _mm512_mask_blend_epi8(_mm512_test_epi8_mask(high, high), t.candidate_low.lookup(low, bit7),
-                                                   t.candidate_high.lookup(low, bit7));
+  __m512i candidate = t.candidate_low.lookup(low, bit7);
+  if (t.over_256_keys) {
+    const __m512i high = _mm512_permutex2var_epi8(k0, _mm512_add_epi8(key_byte, _mm512_set1_epi8(1)), k1);
+    candidate = _mm512_mask_blend_epi8(_mm512_test_epi8_mask(high, high), candidate, t.candidate_high.lookup(low, bit7));
+  }
   __m512 mid[4];
   t.mid.lookup(candidate, mid);
   // Up one code where x lies above the bucket's threshold (NaN never does).
