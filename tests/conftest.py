@@ -5,7 +5,7 @@ import torch
 
 from offload_engine._native import native_ops
 
-SIMD_PATHS = ("avx512", "avx2", "scalar")
+SIMD_PATHS = ("avx512vbmi", "avx512", "avx2", "scalar")
 
 
 def pytest_configure(config):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from offload_engine import kernels, reference
-from offload_engine.quant import FORMATS, codec
+from offload_engine.quant import FORMATS, codec, maps
 from conftest import bits
 
 
@@ -124,3 +124,93 @@ def test_block_decaying_to_subnormal_absmax(native, fmt):
         for a, b in zip(state, state_ref):
             assert torch.equal(a, b), f"step {step}, absmax {float(state_ref[1][0]):.3g}"
     assert float(state[1][0]) < 2.0 ** -126  # the run did reach the subnormal range
+
+
+def _with_unit_absmax(values: torch.Tensor, block: int) -> torch.Tensor:
+    """values laid out so that every block starts with 1.0: with beta1 = 0 (m = g) and
+    beta2 = 0 (v = g * g) each block's absmax is 1 and the kernel quantizes m = g and v = g*g
+    exactly as given, so values can sit on a threshold or one ulp from it."""
+    per_block = block - 1
+    pad = (-len(values)) % per_block
+    body = torch.cat([values, torch.zeros(pad)]).view(-1, per_block)
+    return torch.cat([torch.ones(len(body), 1), body], dim=1).reshape(-1).contiguous()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_codes_at_every_threshold(simd_path, fmt):
+    """The codec's hardest inputs, through the public step: every threshold of both maps, one
+    ulp either side, every map value, signed zeros, tiny, subnormal, |x| >= 1 and NaN of both
+    signs. Codes and absmax equal the reference's on every path (nearest code, no tie slack)."""
+    f = FORMATS[fmt]
+    block = 256
+    m_map, v_map = f.code_map(True), f.code_map(False)
+    m_mid, v_mid = maps.midpoints(m_map)[:-1], maps.midpoints(v_map)[:-1]
+    near = lambda t: torch.cat([t, torch.nextafter(t, torch.tensor(2.0)), torch.nextafter(t, torch.tensor(-2.0))])  # noqa: E731
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-40, -1e-40, 1.0, -1.0, 0.999999, -0.999999,
+                            float("nan"), -float("nan")])
+    # m = g: the signed map's thresholds directly. v = g * g: g = sqrt of the unsigned map's.
+    targets = ((0, torch.cat([near(m_mid), m_map, special])), (2, torch.cat([near(v_mid.sqrt()), v_map.sqrt(), special])))
+    for target, g_values in targets:
+        g = _with_unit_absmax(g_values, block)
+        n = len(g)
+        p = torch.zeros(n)
+        state = [torch.zeros(f.code_bytes(n, block), dtype=torch.uint8), torch.zeros(n // block),
+                 torch.zeros(f.code_bytes(n, block), dtype=torch.uint8), torch.zeros(n // block)]
+        p_ref, state_ref = p.clone(), [t.clone() for t in state]
+        hyper = dict(lr=1e-3, beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0, step=1)
+        kernels.adam_step_blockwise_(p, g, *state, fmt=fmt, block=block, **hyper)
+        reference.adam_step_blockwise_(p_ref, g, *state_ref, fmt=f, block=block, **hyper)
+        for name, a, b in zip(("m_codes", "m_absmax", "v_codes", "v_absmax"), state, state_ref):
+            assert torch.equal(a, b), f"{name} path={simd_path} fmt={fmt}"
+        assert torch.equal(state[1], torch.ones_like(state[1]))  # the unit absmax the inputs rely on
+        # The inputs reach every code of the map they target.
+        assert len(torch.unique(codec.unpack(state[target], f.bits))) == 2 ** f.bits, f"path={simd_path}"
+
+
+def _custom_maps():
+    gen = torch.Generator().manual_seed(5)
+    jitter = torch.linspace(-1, 1, 256) + torch.rand(256, generator=gen) * 1e-3
+    # (signed, unsigned) maps; the avx512vbmi byte tables hold the first and last pair, not the
+    # jittered (thresholds too close) nor the wide ones (thresholds >= 1), nor a threshold at 0.
+    return {
+        "linear-256": (torch.linspace(-1, 1, 257)[1:], torch.linspace(0, 1, 256)),
+        "jittered-256": (jitter.sort().values.clamp(-1, 1), jitter.abs().sort().values),
+        "wide-256": (torch.linspace(-3, 3, 256), torch.linspace(0, 3, 256)),
+        "symmetric-256": (torch.linspace(-1, 1, 256), torch.linspace(0, 1, 256) ** 2),
+        "cubic-16": (torch.linspace(-1, 1, 17)[1:] ** 3, torch.linspace(0, 1, 16) ** 3),
+    }
+
+
+@pytest.mark.parametrize("name", list(_custom_maps()))
+def test_any_map_gives_the_same_codes_on_every_path(native, monkeypatch, name):
+    """The op takes its maps as arguments: maps other than the formats' (including ones the
+    avx512vbmi byte tables cannot hold, which keep the gathers there) code alike everywhere."""
+    from offload_engine import kernels as k
+    m_map, v_map = (t.float().contiguous() for t in _custom_maps()[name])
+    bits_ = 8 if len(m_map) == 256 else 4
+    tables = []
+    for code_map in (m_map, v_map):
+        lookup = maps.build_lookup(code_map)
+        tables.append((code_map, lookup.packed.contiguous(), lookup.min_exponent, lookup.mantissa_bits))
+    n, block = 3001, 64
+    gen = torch.Generator().manual_seed(11)
+    p0 = torch.randn(n, generator=gen)
+    grads = [torch.randn(n, generator=gen) * 1e-2 for _ in range(3)]
+    code_bytes = (n + block - 1) // block * block * bits_ // 8
+    results = {}
+    for path in native.supported_simd_paths():
+        monkeypatch.setenv("OFFLOAD_ENGINE_SIMD", path)
+        p = p0.clone()
+        state = [torch.zeros(code_bytes, dtype=torch.uint8), torch.zeros((n + block - 1) // block),
+                 torch.zeros(code_bytes, dtype=torch.uint8), torch.zeros((n + block - 1) // block)]
+        for step, g in enumerate(grads, start=1):
+            torch.ops.offload_engine.adam_step_blockwise_(
+                p, g, *state, tables[0][0], tables[0][1], tables[1][0], tables[1][1],
+                [tables[0][2], tables[0][3], tables[1][2], tables[1][3]], bits=bits_, block=block,
+                **k._adam_kwargs(1e-3, 0.9, 0.999, 1e-8, 0.0, step, True, True, False, 1.0, False, 0, 0))
+        results[path] = [p] + state
+    first = next(iter(results.values()))
+    assert len(torch.unique(first[1])) > 2 ** bits_ // 4  # the run spread over the map
+    for path, got in results.items():
+        for a, b in zip(got, first):
+            assert torch.equal(bits(a) if a.is_floating_point() else a, bits(b) if b.is_floating_point() else b), path

@@ -16,7 +16,7 @@ DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
        eps=st.floats(1e-12, 1e-2), weight_decay=st.floats(0, 1), step=st.integers(1, 10**6),
        adamw_mode=st.booleans(), bias_correction=st.booleans(), maximize=st.booleans(),
        grad_scale=st.floats(1e-4, 1e4), stochastic=st.booleans(), seed=st.integers(-2**63, 2**63 - 1),
-       simd=st.sampled_from(["avx512", "avx2", "scalar"]), data_seed=st.integers(0, 2**31))
+       simd=st.sampled_from(["avx512vbmi", "avx512", "avx2", "scalar"]), data_seed=st.integers(0, 2**31))
 def test_kernel_equals_reference(native, n, param_dtype, grad_dtype, lr, beta1, beta2, eps, weight_decay, step,
                                  adamw_mode, bias_correction, maximize, grad_scale, stochastic, seed, simd, data_seed):
     if simd not in native.supported_simd_paths():

@@ -105,7 +105,8 @@ AdamBlockwiseArgs adam_blockwise_args(const at::Tensor& param, const at::Tensor&
                            elem_type(grad, kOp, "grad"), m_codes.data_ptr<uint8_t>(), m_absmax.data_ptr<float>(),
                            v_codes.data_ptr<uint8_t>(), v_absmax.data_ptr<float>(),
                            tables(m_map, m_lut, lut_params[0], lut_params[1]),
-                           tables(v_map, v_lut, lut_params[2], lut_params[3]), int(bits), block, param.numel(),
+                           tables(v_map, v_lut, lut_params[2], lut_params[3]), nullptr, nullptr, int(bits), block,
+                           param.numel(),
                            coeffs};
 }
 
@@ -116,7 +117,7 @@ AdamBlockwiseArgs lion_blockwise_args(const at::Tensor& param, const at::Tensor&
   const CodeTables m_tables = tables(m_map, m_lut, lut_params[0], lut_params[1]);
   return AdamBlockwiseArgs{param.data_ptr(), grad.const_data_ptr(), elem_type(param, kLionBlockwiseOp, "param"),
                            elem_type(grad, kLionBlockwiseOp, "grad"), m_codes.data_ptr<uint8_t>(),
-                           m_absmax.data_ptr<float>(), nullptr, nullptr, m_tables, m_tables, int(bits), block,
+                           m_absmax.data_ptr<float>(), nullptr, nullptr, m_tables, m_tables, nullptr, nullptr, int(bits), block,
                            param.numel(), coeffs};
 }
 

@@ -8,6 +8,7 @@
 #include "adam_blockwise_common.h"
 #include "adam_op_common.h"
 #include "cpu/adam_args.h"
+#include "cpu/plane_tables.h"
 #include "cpu/simd_dispatch.h"
 
 namespace offload_engine {
@@ -17,8 +18,14 @@ constexpr const char* kOp = kBlockwiseOp;
 constexpr const char* kLionOp = kLionBlockwiseOp;
 constexpr int64_t kElemsPerTask = 65536;  // at::parallel_for grain, in elements (whole blocks)
 
-void run_blocks(const AdamBlockwiseArgs& args) {
-  const AdamBlockwiseFn blocks_fn = adam_blocks_for(selected_simd_path());
+void run_blocks(AdamBlockwiseArgs args) {
+  const SimdPath path = selected_simd_path();
+  const AdamBlockwiseFn blocks_fn = adam_blocks_for(path);
+  if (path == SimdPath::kAvx512Vbmi) {  // built once per map, before the threads start
+    args.m_planes = plane_code_tables(args.m_tables.map, 1 << args.bits);
+    // Lion has no exp_avg_sq: its v tables repeat the m tables (never read), and so do these.
+    args.v_planes = args.coeffs.lion ? args.m_planes : plane_code_tables(args.v_tables.map, 1 << args.bits);
+  }
   const int64_t n_blocks = (args.numel + args.block - 1) / args.block;
   // Blocks are disjoint (codes, absmax and params), so the threads of torch's pool write
   // without synchronisation; parallel_for joins before returning.

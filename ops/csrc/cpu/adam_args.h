@@ -56,6 +56,33 @@ struct CodeTables {
   int32_t keys_per_sign;
 };
 
+// A code map laid out for in-register lookups (the avx512vbmi path; plane_tables.cpp builds
+// it). Every table is indexed by a byte, so a 64-byte vector of indices is looked up with
+// `vpermi2b` on table registers instead of a gather:
+//  - value_planes[k][c]: byte k of the float32 map[c] (maps of 16 codes are padded with 0);
+//  - mid_planes[k][c]: byte k of the threshold above code c, (map[c] + map[c+1]) / 2 in
+//    float32 as quant/maps.py's midpoints, +inf for the last code;
+//  - candidate[key]: the code of the smallest value in the key's bucket of magnitudes. A
+//    bucket holds at most one threshold, so the nearest code of x is
+//    candidate + (x > mid[candidate]), exactly the count of thresholds below x that the
+//    reference defines (NaN and |x| >= 1 land in the last bucket of their sign, as there).
+//  - key(x), from the top 16 bits of x (sign, exponent, 7 mantissa bits) so that a vector
+//    computes 32 keys: binade i = clamp(exponent - kPlaneFirstExponent, 0, 31) picks
+//    shift[i] and offset[i]; key = (|x| top bits >> shift[i]) - offset[i], plus
+//    keys_per_sign when x is negative and the map has negative codes. Each binade gets as
+//    many mantissa bits (at most 7) as its thresholds need, so all keys fit 512 byte entries
+//    where one split for every binade would need thousands.
+struct PlaneCodeTables {
+  alignas(64) uint8_t value_planes[4][256];
+  alignas(64) uint8_t mid_planes[4][256];
+  alignas(64) uint8_t candidate[512];
+  alignas(64) int16_t shift[32];
+  alignas(64) int16_t offset[32];
+  int32_t keys_per_sign;
+  bool negative_codes;  // false: every threshold is > 0, so a negative x (or NaN) gets code 0
+};
+constexpr int32_t kPlaneFirstExponent = 96;  // binade 0 holds every |x| < 2^(97-127), binade 31 |x| >= 1
+
 // One tensor with block-quantized moments: codes (one byte each, or two per byte for 4-bit,
 // padded to whole blocks) and one fp32 absmax per block for each of exp_avg and exp_avg_sq.
 struct AdamBlockwiseArgs {
@@ -67,6 +94,10 @@ struct AdamBlockwiseArgs {
   uint8_t* v_codes;
   float* v_absmax;
   CodeTables m_tables, v_tables;
+  // The same maps for in-register lookups, set only for the avx512vbmi path (null otherwise;
+  // also null for a map they cannot hold, and then that path keeps the gathers).
+  const PlaneCodeTables* m_planes;
+  const PlaneCodeTables* v_planes;
   int bits;       // 8 or 4
   int64_t block;  // elements per block: a power of two, 64 .. kMaxBlock
   int64_t numel;

@@ -14,8 +14,8 @@
 
 namespace offload_engine {
 
-// fp32 moments, stored as they are. The 8-bit block-quantized state replaces this piece:
-// a StateIO loads W moments as fp32 vectors and stores them back.
+// fp32 moments, stored as they are: a StateIO loads W moments as fp32 vectors and stores them
+// back. Block-quantized state uses it too, on the fp32 block buffers a codec fills and empties.
 template <class V>
 struct Fp32StateIO {
   float* m;
@@ -102,88 +102,116 @@ void adam_range_fp32_state(const AdamTensorArgs& a, int64_t begin, int64_t end) 
   }
 }
 
-// Block-quantized moments of one block, as the StateIO of adam_vector: loads dequantize codes
-// (value = map[code] * absmax), stores go to fp32 block buffers that are requantized once the
-// whole block is updated (the new absmax needs every element first).
+// The block codec of every ISA: codes are looked up in the map with gathers and found with
+// the CodeLookup table (one gather per vector each way). The avx512vbmi path replaces it with
+// in-register byte-table lookups (quant_vbmi.h) that produce the same bits.
 template <class V>
-struct QuantBlockIO {
-  const uint8_t* m_codes;  // unpacked codes of this block
-  const uint8_t* v_codes;
-  typename V::F m_absmax, v_absmax;
-  const float* m_map;
-  const float* v_map;
-  float* m_out;
-  float* v_out;
-  typename V::F load_m(int64_t i) const { return V::mul(V::gather(m_map, V::load_u8(m_codes + i)), m_absmax); }
-  typename V::F load_v(int64_t i) const { return V::mul(V::gather(v_map, V::load_u8(v_codes + i)), v_absmax); }
-  void store(int64_t i, typename V::F mv, typename V::F vv) const { V::store(m_out + i, mv); V::store(v_out + i, vv); }
-  void store_m(int64_t i, typename V::F mv) const { V::store(m_out + i, mv); }
+struct GatherCodec {
+  static constexpr int64_t kChunk = 64;  // elements per quantize call (every codec's)
+  // out[0, B) = map[code] * absmax for the block's B codes (4-bit: B/2 bytes, two per byte).
+  static void dequantize(const uint8_t* codes, int bits, int64_t B, float absmax, const CodeTables& t,
+                         const PlaneCodeTables*, float* out) {
+    constexpr int W = V::W;
+    alignas(64) uint8_t unpacked[kMaxBlock];
+    if (bits == 4) {
+      simd_scalar::unpack_nibbles(codes, unpacked, B);
+      codes = unpacked;
+    }
+    const typename V::F scale = V::set1(absmax);
+    for (int64_t i = 0; i < B; i += W) V::store(out + i, V::mul(V::gather(t.map, V::load_u8(codes + i)), scale));
+  }
+  // Finds the codes of kChunk values, each multiplied by inv (1 / the block's absmax).
+  class Quantizer {
+   public:
+    Quantizer(const CodeTables& t, const PlaneCodeTables*) : t_(t) {}
+    void operator()(const float* values, float inv, int bits, uint8_t* codes) const {
+      constexpr int W = V::W;
+      alignas(64) uint8_t unpacked[kChunk];
+      uint8_t* out = bits == 4 ? unpacked : codes;
+      const typename V::F scale = V::set1(inv);
+      for (int64_t i = 0; i < kChunk; i += W) V::store_u8(out + i, V::quantize(V::mul(V::load(values + i), scale), t_));
+      if (bits == 4) simd_scalar::pack_nibbles(unpacked, codes, kChunk);
+    }
+
+   private:
+    const CodeTables& t_;
+  };
 };
 
-// Requantizes `len` fp32 values of one block into codes[0, round_up(len, W)) (the caller
-// zeroes the codes past len). A block whose absmax is zero or subnormal is flushed to the
-// zero code (1 / absmax would overflow); reference.py's codec does the same.
-template <class V>
-inline void quantize_block(const float* values, int64_t len, float absmax, const CodeTables& t, uint8_t* codes) {
-  constexpr int W = V::W;
-  const typename V::F inv = V::set1(absmax >= 0x1p-126f ? 1.0f / absmax : 0.0f);
-  for (int64_t i = 0; i < len; i += W) V::store_u8(codes + i, V::quantize(V::mul(V::load(values + i), inv), t));
+// Codes past the tensor's end (in its last block) are 0 in storage, whatever they quantized to.
+inline void zero_code_padding(uint8_t* codes, int bits, int64_t len, int64_t B) {
+  if (bits == 8) {
+    std::memset(codes + len, 0, size_t(B - len));
+    return;
+  }
+  if (len % 2) codes[len / 2] &= 0x0F;  // element len-1 keeps the low nibble
+  std::memset(codes + (len + 1) / 2, 0, size_t((B - len) / 2));
 }
 
-// [Note: blockwise step] Per block: dequantize m and v, run the same Adam math as the fp32
-// kernel (adam_vector), track the new absmax, then requantize, all in one pass over memory
-// (the block's fp32 moments live in L1-resident stack buffers between the two halves).
-template <class V, class P, class G>
+// 1 / absmax, or 0 for a block whose absmax is zero or subnormal (1 / absmax would overflow):
+// such a block is flushed to the zero code, as reference.py's codec does.
+inline float inverse_absmax(float absmax) { return absmax >= 0x1p-126f ? 1.0f / absmax : 0.0f; }
+
+// [Note: blockwise step] Per block, three passes over L1-resident buffers: dequantize m and v
+// into fp32, run the same Adam math as the fp32 kernel (adam_vector) on them in place while
+// tracking the new absmax, then requantize (the new absmax needs every element first).
+// (Interleaving one block's requantize with the next block's math, so that the divider and
+// the shuffle units overlap, measured no faster on Zen 4.)
+template <class V, class Codec, class P, class G>
 void adam_blocks_typed(const AdamBlockwiseArgs& a, int64_t block_begin, int64_t block_end) {
   constexpr int W = V::W;
+  constexpr int64_t kChunk = Codec::kChunk;
   using F = typename V::F;
   alignas(64) float m_buf[kMaxBlock], v_buf[kMaxBlock];
-  alignas(64) uint8_t m_cb[kMaxBlock], v_cb[kMaxBlock];
   P* p = static_cast<P*>(a.param);
   const G* g = static_cast<const G*>(a.grad);
   const AdamConsts<V> c(a.coeffs);
   const int64_t B = a.block;
+  const int64_t block_bytes = B * a.bits / 8, chunk_bytes = kChunk * a.bits / 8;
+  // Lion keeps only exp_avg: every exp_avg_sq access below is skipped (its pointers are null).
+  const bool has_v = !c.lion;
+  const typename Codec::Quantizer quantize_m(a.m_tables, a.m_planes);
+  const typename Codec::Quantizer quantize_v(a.v_tables, a.v_planes);
+  const Fp32StateIO<V> buffers{m_buf, v_buf};
   for (int64_t blk = block_begin; blk < block_end; ++blk) {
     const int64_t start = blk * B, len = std::min(B, a.numel - start);
-    uint8_t* m_codes = a.bits == 8 ? a.m_codes + start : m_cb;  // 8-bit: codes used in place
-    // Lion keeps only exp_avg: every exp_avg_sq access below is skipped (its pointers are null).
-    const bool has_v = !c.lion;
-    uint8_t* v_codes = a.bits == 8 && has_v ? a.v_codes + start : v_cb;
-    if (a.bits == 4) {
-      simd_scalar::unpack_nibbles(a.m_codes + start / 2, m_cb, B);
-      if (has_v) simd_scalar::unpack_nibbles(a.v_codes + start / 2, v_cb, B);
-    }
-    const QuantBlockIO<V> io{m_codes, v_codes, V::set1(a.m_absmax[blk]), V::set1(has_v ? a.v_absmax[blk] : 0.0f),
-                             a.m_tables.map, has_v ? a.v_tables.map : a.m_tables.map, m_buf, v_buf};
+    uint8_t* m_codes = a.m_codes + blk * block_bytes;
+    uint8_t* v_codes = has_v ? a.v_codes + blk * block_bytes : nullptr;
+    Codec::dequantize(m_codes, a.bits, B, a.m_absmax[blk], a.m_tables, a.m_planes, m_buf);
+    if (has_v) Codec::dequantize(v_codes, a.bits, B, a.v_absmax[blk], a.v_tables, a.v_planes, v_buf);
     F m_max = V::set1(0.0f), v_max = V::set1(0.0f);
     int64_t i = 0;
     for (; i + W <= len; i += W) {
-      adam_vector<V>(p + start + i, g + start + i, io, i, start + i, c);
+      adam_vector<V>(p + start + i, g + start + i, buffers, i, start + i, c);
       m_max = V::max(V::abs(V::load(m_buf + i)), m_max);  // new value first: a NaN is ignored
       if (has_v) v_max = V::max(V::load(v_buf + i), v_max);
     }
-    if (i < len) {  // tail of the last block: zero-padded param/grad copies, padded lanes zeroed
+    if (i < len) {  // tail of the last block: zero-padded param/grad copies
       const int64_t rest = len - i;
       P p_buf[W] = {}; G g_buf[W] = {};
       std::memcpy(p_buf, p + start + i, rest * sizeof(P));
       std::memcpy(g_buf, g + start + i, rest * sizeof(G));
-      adam_vector<V>(p_buf, g_buf, io, i, start + i, c);
+      adam_vector<V>(p_buf, g_buf, buffers, i, start + i, c);
       std::memcpy(p + start + i, p_buf, rest * sizeof(P));
       std::memset(m_buf + i + rest, 0, (W - rest) * sizeof(float));
       std::memset(v_buf + i + rest, 0, (W - rest) * sizeof(float));
       m_max = V::max(V::abs(V::load(m_buf + i)), m_max);  // new value first: a NaN is ignored
       if (has_v) v_max = V::max(V::load(v_buf + i), v_max);
+      i += W;
+    }
+    if (i < B) {  // past the tensor's end: zeros, so the codec sees whole chunks
+      std::memset(m_buf + i, 0, (B - i) * sizeof(float));
+      std::memset(v_buf + i, 0, (B - i) * sizeof(float));
     }
     const float m_absmax = V::reduce_max(m_max), v_absmax = V::reduce_max(v_max);
-    quantize_block<V>(m_buf, len, m_absmax, a.m_tables, m_codes);
-    if (has_v) quantize_block<V>(v_buf, len, v_absmax, a.v_tables, v_codes);
-    if (len < B) {  // padding codes past the tensor's end are 0 in storage
-      std::memset(m_codes + len, 0, size_t(B - len));
-      if (has_v) std::memset(v_codes + len, 0, size_t(B - len));
+    const float m_inv = inverse_absmax(m_absmax), v_inv = inverse_absmax(v_absmax);
+    for (int64_t j = 0; j < B; j += kChunk) {
+      quantize_m(m_buf + j, m_inv, a.bits, m_codes + j / kChunk * chunk_bytes);
+      if (has_v) quantize_v(v_buf + j, v_inv, a.bits, v_codes + j / kChunk * chunk_bytes);
     }
-    if (a.bits == 4) {
-      simd_scalar::pack_nibbles(m_cb, a.m_codes + start / 2, B);
-      if (has_v) simd_scalar::pack_nibbles(v_cb, a.v_codes + start / 2, B);
+    if (len < B) {
+      zero_code_padding(m_codes, a.bits, len, B);
+      if (has_v) zero_code_padding(v_codes, a.bits, len, B);
     }
     a.m_absmax[blk] = m_absmax;
     if (has_v) a.v_absmax[blk] = v_absmax;
@@ -208,11 +236,11 @@ inline void with_elem_types(ElemType param_type, ElemType grad_type, Fn&& fn) {
   }
 }
 
-template <class V>
+template <class V, class Codec = GatherCodec<V>>
 void adam_blocks(const AdamBlockwiseArgs& a, int64_t block_begin, int64_t block_end) {
   with_elem_types(a.param_type, a.grad_type, [&](auto* p, auto* g) {
-    adam_blocks_typed<V, std::remove_pointer_t<decltype(p)>, std::remove_pointer_t<decltype(g)>>(a, block_begin,
-                                                                                                block_end);
+    adam_blocks_typed<V, Codec, std::remove_pointer_t<decltype(p)>, std::remove_pointer_t<decltype(g)>>(
+        a, block_begin, block_end);
   });
 }
 

@@ -1,5 +1,5 @@
 // Run-time choice of the CPU kernel: the widest path this CPU supports, unless the
-// OFFLOAD_ENGINE_SIMD environment variable forces one (auto|avx512|avx2|scalar).
+// OFFLOAD_ENGINE_SIMD environment variable forces one (auto|avx512vbmi|avx512|avx2|scalar).
 #pragma once
 #include <string>
 #include <vector>
@@ -7,7 +7,7 @@
 
 namespace offload_engine {
 
-enum class SimdPath : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class SimdPath : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vbmi = 3 };
 
 const char* simd_path_name(SimdPath path);
 bool cpu_supports(SimdPath path);

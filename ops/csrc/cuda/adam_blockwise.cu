@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) blockwise_kernel(const AdamBlo
     if (has_v) v_max = group_max(v_max, L.group_threads, red_v);
     if (active) {
       // A block whose absmax is zero or subnormal is flushed to the zero code (1 / absmax would
-      // overflow), as quantize_block() does on the CPU. Codes past the tensor's end are 0.
+      // overflow), as inverse_absmax() does on the CPU. Codes past the tensor's end are 0.
       // x * inv is NaN only for a NaN x or inf * 0 (an infinite absmax): then the NaN's sign,
       // as x86 makes it, picks the code (X86Arith).
       const bool x86 = nan_seen || is_inf(m_max) || is_inf(v_max);
