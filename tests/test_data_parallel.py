@@ -2,40 +2,19 @@
 separate processes (as torchrun starts them) against one process on the same global batch."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from offload_engine.engine.partition import ALIGN, split_points
+from multirank import launch_ranks
 
 JOB = Path(__file__).with_name("dp_job.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_job(tmp_path, world: int, *args) -> list[dict]:
-    out = tmp_path / f"w{world}"
-    base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    procs = []
-    for rank in range(world):
-        env = dict(base)
-        if world > 1:
-            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-        procs.append(subprocess.Popen([sys.executable, str(JOB), "--out", str(out), *map(str, args)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
-    return [torch.load(f"{out}.rank{r}.pt") for r in range(world)]
+    return launch_ranks(JOB, world, tmp_path / f"w{world}", *args, rank_env=world > 1)
 
 
 @pytest.mark.parametrize("name, eight_bit", [("PagedAdamW", False), ("AdamW", False), ("PagedAdamW8bit", True)])

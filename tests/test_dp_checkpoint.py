@@ -5,9 +5,6 @@ load is compared, element by element, with the state the saving ranks held; the 
 with the uninterrupted one."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from offload_engine.engine import reshard
 from offload_engine.engine.partition import split_points
 from offload_engine.optim import AdamW4bit, AdamW8bit, CPUAdam, Lion8bit, PagedAdamW8bit
 from offload_engine.quant import FORMATS, codec
+from multirank import launch_ranks
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -29,25 +27,9 @@ JOB = HERE / "dp_ckpt_job.py"
 SAVE_AT, STEPS = 3, 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, out: Path, *args) -> list[dict]:
     """The job at `world` ranks (separate processes, as torchrun starts them); each rank's result."""
-    base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    procs = []
-    for rank in range(world):
-        env = {**base, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
-        procs.append(subprocess.Popen([sys.executable, str(JOB), "--out", str(out), *map(str, args)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
-    return [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in range(world)]
+    return launch_ranks(JOB, world, out, *args)
 
 
 def alone(*args) -> dict:

@@ -7,10 +7,6 @@ same at any world size and the optimizers alone make the differences.
 [Note: sharded params] and [Note: sharded state dict] in offload_engine/optim/sharded.py."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,30 +15,15 @@ import torch
 from offload_engine.optim import PagedAdamW, PagedAdamW8bit, record_full_sizes
 from offload_engine.optim.sharded import full_numel, mark_full_numel
 from offload_engine.quant import FORMATS, codec
+from multirank import launch_ranks
 
 HERE = Path(__file__).parent
 JOB = HERE / "fsdp_job.py"
 LABELS = ("fsdp2", "fsdp1", "fsdp1-orig")  # fully_shard; FSDP1 flat params; FSDP1 use_orig_params=True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, out: Path, *args) -> list[dict]:
-    base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    procs = []
-    for rank in range(world):
-        env = {**base, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
-        procs.append(subprocess.Popen([sys.executable, "-W", "ignore", str(JOB), "--out", str(out), *args], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
-    return [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in range(world)]
+    return launch_ranks(JOB, world, out, *args, python_args=("-W", "ignore"))
 
 
 @pytest.fixture(scope="module")

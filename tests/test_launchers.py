@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,11 @@ import torch
 import offload_engine
 from offload_engine.engine import admission, launch_env
 from offload_engine.engine.admission import AdmissionError, Demand
+from multirank import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "train_dp.py"
 STEPS = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tool(name: str) -> str | None:
@@ -42,7 +36,7 @@ def _tool(name: str) -> str | None:
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
-    env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()), **extra)
+    env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()), **extra)
     return env
 
 
