@@ -146,40 +146,36 @@ def _exit_within(proc: subprocess.Popen, bound: float) -> tuple[int, float]:
     return code, time.monotonic() - start
 
 
-def test_sigkilled_rank_makes_the_other_exit_with_an_error(tmp_path):
-    """SIGKILL closes rank 1's sockets; rank 0's next collective raises (gloo: connection closed
-    or reset by peer) and it exits non-zero, well before the collective timeout (600 s)."""
-    (p0, _, err0), (p1, out1, _) = ranks = _start_ranks(tmp_path)
+def _signal_rank1_mid_run(tmp_path, sig, **env) -> tuple[int, float, str]:
+    """Starts 2 ranks, sends `sig` to rank 1 at step 3; rank 0's exit code, the seconds it took
+    to exit after the signal (at most 60), and its stderr. Both ranks are gone on return."""
+    (p0, _, err0), (p1, out1, _) = ranks = _start_ranks(tmp_path, **env)
     try:
         _wait_for(out1, "step 3 ", [p0, p1])
-        p1.send_signal(signal.SIGKILL)
-        code, waited = _exit_within(p0, 60)
-    finally:
-        for p, _, _ in ranks:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert code != 0 and waited < 60
-    err = err0.read_text()
-    assert "peer" in err and "RuntimeError" in err, err[-2000:]
-
-
-def test_hung_rank_makes_the_other_exit_after_the_collective_timeout(tmp_path):
-    """SIGSTOP keeps rank 1's sockets open: only the collective timeout
-    (OFFLOAD_ENGINE_DIST_TIMEOUT_S, here 5 s) ends rank 0's wait."""
-    (p0, _, err0), (p1, out1, _) = ranks = _start_ranks(tmp_path, OFFLOAD_ENGINE_DIST_TIMEOUT_S="5")
-    try:
-        _wait_for(out1, "step 3 ", [p0, p1])
-        p1.send_signal(signal.SIGSTOP)
+        p1.send_signal(sig)
         code, waited = _exit_within(p0, 60)
     finally:
         for p, _, _ in ranks:
             if p.poll() is None:
                 p.kill()  # SIGKILL ends a stopped process too
                 p.wait()
+    return code, waited, err0.read_text()
+
+
+def test_sigkilled_rank_makes_the_other_exit_with_an_error(tmp_path):
+    """SIGKILL closes rank 1's sockets; rank 0's next collective raises (gloo: connection closed
+    or reset by peer) and it exits non-zero, well before the collective timeout (600 s)."""
+    code, waited, err = _signal_rank1_mid_run(tmp_path, signal.SIGKILL)
+    assert code != 0 and waited < 60
+    assert "peer" in err and "RuntimeError" in err, err[-2000:]
+
+
+def test_hung_rank_makes_the_other_exit_after_the_collective_timeout(tmp_path):
+    """SIGSTOP keeps rank 1's sockets open: only the collective timeout
+    (OFFLOAD_ENGINE_DIST_TIMEOUT_S, here 5 s) ends rank 0's wait."""
+    code, waited, err = _signal_rank1_mid_run(tmp_path, signal.SIGSTOP, OFFLOAD_ENGINE_DIST_TIMEOUT_S="5")
     assert code != 0
     assert waited >= 4, f"rank 0 exited {waited:.1f} s after the stop: something else than the timeout ended it"
-    err = err0.read_text()
     assert "Timed out" in err and "5000ms" in err, err[-2000:]
 
 
