@@ -8,8 +8,12 @@ sees the same grads bit for bit and any difference comes from the optimizer.
 ``--mode fsdp`` (2 ranks): FSDP2 and FSDP1 (use_orig_params both ways) models trained with
 torch's AdamW, PagedAdamW and PagedAdamW8bit, the paged ones (and torch's under FSDP2) saved
 with torch.distributed.checkpoint at step SAVE_AT and then loaded into fresh models and
-optimizers (also torch's state into ours and the reverse) that continue to STEPS. ``--mode resume`` (1 rank): the FSDP2 checkpoints loaded at world 1,
-into FSDP2 and (fp32 state) into a plain model, and plain single-process runs to compare with.
+optimizers (also torch's state into ours and the reverse) that continue to STEPS.
+``--mode resume`` (1 rank): the FSDP2 checkpoints loaded at world 1, into FSDP2 and (fp32
+state) into a plain model, and plain single-process runs to compare with. ``--mode cuda`` (1
+rank, NCCL, one GPU): FSDP2 and FSDP1 models on the GPU, whose optimizers page the shards'
+state through device slots (paging/cuda_pipeline.py), saved and resumed the same way, beside
+the plain GPU runs.
 Each rank writes {run name: {"params": [full params after each step], "formats", "state",
 ...}} to ``<out>.rank<r>.pt``."""
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch.distributed.fsdp import fully_shard
 from offload_engine.optim import PagedAdamW, PagedAdamW8bit, record_full_sizes
 
 STEPS, SAVE_AT = 6, 3
+DEVICE = torch.device("cpu")  # the models' device: cuda in --mode cuda
 FULL = StateDictOptions(full_state_dict=True)
 
 
@@ -49,7 +54,7 @@ def make_model(seed: int = 0, widths: str = "odd") -> torch.nn.Module:
     layers = []
     for a, b in zip(sizes, sizes[1:]):
         layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
-    return torch.nn.Sequential(*layers[:-1])
+    return torch.nn.Sequential(*layers[:-1]).to(DEVICE)
 
 
 OPTIMIZERS = {
@@ -67,7 +72,7 @@ def fsdp2(model):
 
 
 def fsdp1(use_orig_params: bool):
-    return lambda model: FSDP(model, use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+    return lambda model: FSDP(model, use_orig_params=use_orig_params, device_id=DEVICE)
 
 
 def plain(model):
@@ -83,17 +88,17 @@ def build(wrap, name: str, seed: int = 0, widths: str = "odd"):
 
 def batch(step: int):
     g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(16, 37, generator=g), torch.randn(16, 1, generator=g)
+    return torch.randn(16, 37, generator=g).to(DEVICE), torch.randn(16, 1, generator=g).to(DEVICE)
 
 
 def full_params(model) -> dict:
-    return {k: v.detach().clone() for k, v in get_model_state_dict(model, options=FULL).items()}
+    return {k: v.detach().cpu().clone() for k, v in get_model_state_dict(model, options=FULL).items()}
 
 
 def full_state(model, opt) -> dict:
     """The optimizer state per param name, gathered whole (a collective)."""
     _, osd = get_state_dict(model, opt, options=FULL)
-    return {name: {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    return {name: {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
             for name, state in osd["state"].items()}
 
 
@@ -116,9 +121,9 @@ def train(model, opt, first: int, last: int, ckpt: str | None = None, record: di
     return params
 
 
-def resume(wrap, name: str, ckpt: str, other_class: bool = False) -> dict:
+def resume(wrap, name: str, ckpt: str, other_class: bool = False, widths: str = "odd") -> dict:
     """A fresh model (other init) and optimizer (no state yet) loaded from `ckpt`, continued."""
-    model, opt = build(wrap, name, seed=1)
+    model, opt = build(wrap, name, seed=1, widths=widths)
     msd, osd = get_state_dict(model, opt)  # creates the optimizer's state: the tensors DCP loads into
     # FSDP1's sharded state dicts leave out the params of which a rank holds no element (the
     # last layer, on rank 1), model and optimizer alike; DCP's default load refuses that. The
@@ -150,7 +155,9 @@ def run_fsdp(ckpt_dir: str) -> dict:
                 for into in ("PagedAdamW", "PagedAdamW8bit"):
                     results[f"{label}/AdamW->{into}/resumed"] = resume(wrap, into, ckpt, other_class=True)
     model, opt = build(fsdp2, "PagedAdamW8bit", widths="aligned")
-    results["fsdp2-aligned/PagedAdamW8bit"] = {"params": train(model, opt, 1, STEPS), "formats": formats(model, opt)}
+    run = results["fsdp2-aligned/PagedAdamW8bit"] = {}
+    run["params"] = train(model, opt, 1, STEPS, os.path.join(ckpt_dir, "fsdp2-aligned-PagedAdamW8bit"), run)
+    run["formats"] = formats(model, opt)
     for name in ("PagedAdamW", "PagedAdamW8bit"):  # an unsharded optimizer's state_dict, into FSDP2's
         model, opt = build(plain, name)
         train(model, opt, 1, SAVE_AT)
@@ -177,7 +184,9 @@ def mixed_grad_error() -> str:
 def run_resume(ckpt_dir: str) -> dict:
     model, opt = build(plain, "PagedAdamW8bit", widths="aligned")
     results = {"plain-aligned/PagedAdamW8bit": {"params": train(model, opt, 1, STEPS), "formats": formats(model, opt)},
-               "mixed_grad_error": mixed_grad_error()}
+               "mixed_grad_error": mixed_grad_error(),
+               "fsdp2-aligned/PagedAdamW8bit/resumed": resume(fsdp2, "PagedAdamW8bit", os.path.join(
+                   ckpt_dir, "fsdp2-aligned-PagedAdamW8bit"), widths="aligned")}
     for name in ("PagedAdamW", "PagedAdamW8bit"):
         model, opt = build(plain, name)
         results[f"plain/{name}"] = {"params": train(model, opt, 1, STEPS), "formats": formats(model, opt)}
@@ -188,16 +197,41 @@ def run_resume(ckpt_dir: str) -> dict:
     return results
 
 
+def run_cuda(ckpt_dir: str) -> dict:
+    """FSDP2 and FSDP1 on the GPU (one rank: each shard is its whole param, so the blocks are
+    the plain run's), checkpointed at SAVE_AT and resumed into fresh models, and the plain runs."""
+    results = {}
+    for label, wrap in (("fsdp2", fsdp2), ("fsdp1-orig", fsdp1(True)), ("plain", plain)):
+        for name in OPTIMIZERS:
+            model, opt = build(wrap, name)
+            run = results[f"{label}/{name}"] = {}
+            ckpt = os.path.join(ckpt_dir, f"cuda-{label}-{name}") if label != "plain" and name != "AdamW" else None
+            run["params"] = train(model, opt, 1, STEPS, ckpt, run)
+            run["formats"] = formats(model, opt)
+            if hasattr(opt, "paging_stats"):  # where the pages were updated and where they rest
+                stats = opt.paging_stats()
+                run["paging"] = {k: stats[k] for k in ("store", "device", "executor", "device_pool_bytes")}
+                run["paging"]["bytes_read"] = stats["last_step"]["bytes_read"]
+            if ckpt is not None:
+                results[f"{label}/{name}/resumed"] = resume(wrap, name, ckpt)
+    return results
+
+
 def main() -> None:
+    global DEVICE
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=("fsdp", "resume"), required=True)
+    ap.add_argument("--mode", choices=("fsdp", "resume", "cuda"), required=True)
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)  # the same kernels and reduction order at every world size
-    dist.init_process_group("gloo")
+    if args.mode == "cuda":
+        DEVICE = torch.device("cuda", 0)
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group("nccl" if args.mode == "cuda" else "gloo")
     try:
-        results = run_fsdp(args.ckpt) if args.mode == "fsdp" else run_resume(args.ckpt)
+        run = {"fsdp": run_fsdp, "resume": run_resume, "cuda": run_cuda}[args.mode]
+        results = run(args.ckpt)
         torch.save(results, f"{args.out}.rank{dist.get_rank()}.pt")
         dist.barrier()
     finally:

@@ -96,3 +96,39 @@ def test_zero_block_round_trips_to_zero():
 def test_bad_block_size_is_refused(block):
     with pytest.raises(ValueError, match="block_size must be a power of two from 64 to 4096"):
         codec.check_block(block)
+
+
+@pytest.mark.parametrize("fmt,signed", list(MAP_SHA256))
+@pytest.mark.parametrize("n,block", [(1, 64), (255, 256), (256, 256), (257, 256), (4097, 256), (100_003, 2048)])
+def test_encode_decoded_gets_back_the_codes_that_decoded_to_the_values(fmt, signed, n, block):
+    """A state decoded to fp32 (as a sharded state_dict holds it) and encoded into the same
+    blocks gets back its codes, and an absmax that decodes them to the same values bit for bit
+    (the saved one, or where a block's few elements cannot tell, a neighbouring float), also
+    for blocks whose largest magnitude is negative (the signed maps have no -1.0: plain
+    re-quantization shrinks their absmax, which this test checks happens in the data)."""
+    f = FORMATS[fmt]
+    g = torch.Generator().manual_seed(n + block)
+    x = torch.randn(n, generator=g) * torch.rand(n, generator=g) ** 3 * 1e-3
+    x = x if signed else x * x
+    if signed:
+        x[0] = -x.abs().max() * 1.5  # the first block's largest magnitude is negative
+    codes, absmax = codec.quantize_blockwise(x, f, signed, block)
+    decoded = codec.dequantize_blockwise(codes, absmax, f, signed, block, n)
+    got_codes, got_absmax = codec.encode_decoded(decoded, f, signed, block)
+    assert torch.equal(got_codes, codes)
+    assert (got_absmax != absmax).sum() <= (1 if n < 8 else 0)
+    again = codec.dequantize_blockwise(got_codes, got_absmax, f, signed, block, n)
+    assert torch.equal(again.view(torch.int32), decoded.view(torch.int32))
+    plain_codes, plain_absmax = codec.quantize_blockwise(decoded, f, signed, block)
+    assert torch.equal(plain_absmax, absmax) != signed  # what encode_decoded is for
+
+
+@pytest.mark.parametrize("fmt,signed", list(MAP_SHA256))
+def test_encode_decoded_of_values_no_codes_decode_to_is_the_plain_quantization(fmt, signed):
+    """Blocks of values that are not a decoded state (random fp32, 256 per block) are quantized
+    as quantize_blockwise does."""
+    f = FORMATS[fmt]
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(7))
+    x = x if signed else x * x
+    for got, want in zip(codec.encode_decoded(x, f, signed, 256), codec.quantize_blockwise(x, f, signed, 256)):
+        assert torch.equal(got, want)

@@ -361,8 +361,8 @@ class BlockwiseOptimizer(Optimizer):
                 codes, absmax = saved[f"{name}_codes"].detach(), saved[f"{name}_absmax"].detach()
                 state[f"{name}_codes"] = codes.to(shard.device, torch.uint8).clone().contiguous()
                 state[f"{name}_absmax"] = absmax.to(shard.device, torch.float32).clone().contiguous()
-            else:
-                codes, absmax = codec.quantize_blockwise(moments[name], FORMATS[target_fmt], _SIGNED[name], target_block)
+            else:  # blocks that hold decoded codes (a sharded state_dict, same layout) get them back exactly
+                codes, absmax = codec.encode_decoded(moments[name], FORMATS[target_fmt], _SIGNED[name], target_block)
                 state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
         return state
 

@@ -22,12 +22,12 @@ state as torch.optim.AdamW's would be under FSDP: ``step`` (a scalar tensor) and
 the param (FSDP2), or the local shard's tensors (FSDP1, whose own optim_state_dict gathers and
 reshards them); ``format`` is "fp32", the encoding of those tensors. 8-/4-bit state is
 decoded to fp32 there, because its blocks start at each rank's shard boundary: codes and
-absmax cannot be cut and rejoined at another world size, the per-element values can. ``load_state_dict`` re-quantizes into the loading optimizer's blocks.
-So torch.distributed.checkpoint can save, reshard and load the state like torch.optim's, fp32
-state reloads exactly at any world size, and quantized state reloads within one
-re-quantization (the 8-bit bounds), even at the same world size (the signed 8-bit map has no
--1.0, so a decoded block whose largest magnitude is negative re-quantizes with a smaller
-absmax). The state in memory stays 8-bit; only the state_dict holds fp32.
+absmax cannot be cut and rejoined at another world size, the per-element values can.
+``load_state_dict`` encodes them into the loading optimizer's blocks (codec.encode_decoded), so
+torch.distributed.checkpoint can save, reshard and load the state like torch.optim's; fp32
+state reloads exactly at any world size, quantized state exactly wherever the loading blocks
+are the saving ones (same world size and block size, or shard boundaries on block boundaries)
+and within one re-quantization elsewhere. The state in memory stays 8-bit; only the state_dict holds fp32.
 """
 from __future__ import annotations
 

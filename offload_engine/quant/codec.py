@@ -58,12 +58,15 @@ def _midpoints(fmt_name: str, signed: bool) -> torch.Tensor:
     return maps.midpoints(FORMATS[fmt_name].code_map(signed))
 
 
-def quantize_blockwise(x: torch.Tensor, fmt: BlockFormat, signed: bool, block: int):
-    """Reference quantization of float32 x: (codes uint8 [padded, packed], absmax float32)."""
+def quantize_blockwise(x: torch.Tensor, fmt: BlockFormat, signed: bool, block: int,
+                       absmax: torch.Tensor | None = None):
+    """Reference quantization of float32 x: (codes uint8 [padded, packed], absmax float32).
+    ``absmax`` (one per block) replaces each block's max |x| as its scale (encode_decoded)."""
     n = x.numel()
     pad = -n % block
     xb = torch.nn.functional.pad(x.reshape(-1).to(torch.float32), (0, pad)).view(-1, block)
-    absmax = torch.where(torch.isnan(xb), torch.zeros_like(xb), xb.abs()).amax(dim=1)
+    if absmax is None:
+        absmax = torch.where(torch.isnan(xb), torch.zeros_like(xb), xb.abs()).amax(dim=1)
     inv = torch.where(absmax >= 2.0 ** -126, 1.0 / absmax, torch.zeros_like(absmax))
     normalised = xb * inv[:, None]
     normalised = torch.where(torch.isnan(normalised), torch.full_like(normalised, float("inf")).copysign(normalised),
@@ -82,6 +85,53 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, fmt: BlockFo
     code_map = fmt.code_map(signed) if code_map is None else torch.as_tensor(code_map, dtype=torch.float32)
     values = code_map.to(codes.device)[unpack(codes, fmt.bits).long()].view(-1, block)
     return (values * absmax[:, None]).reshape(-1)[:numel]
+
+
+def encode_decoded(x: torch.Tensor, fmt: BlockFormat, signed: bool, block: int):
+    """quantize_blockwise(x), except that each block of x which is some codes' decoded values
+    (map[code] * absmax, in these blocks) gets those codes and an absmax that decode to x bit
+    for bit. So a state decoded to fp32 (a sharded state_dict) and loaded into the same blocks
+    continues exactly.
+
+    The plain quantization finds them when the block's largest magnitude decoded from the map's
+    1.0 (its absmax is then that magnitude). When it decoded from the map's most negative value
+    m (the signed maps have no -1.0), the absmax was |x| / |m| to within rounding: the
+    candidates are that quotient and its float32 neighbours, each kept for the blocks it
+    reproduces exactly. Other blocks keep the plain quantization."""
+    codes, absmax = quantize_blockwise(x, fmt, signed, block)
+    n = x.numel()
+    xb = torch.nn.functional.pad(x.reshape(-1).to(torch.float32), (0, -n % block)).view(-1, block)
+    real = (torch.arange(xb.numel(), device=xb.device) < n).view(-1, block)  # padding is never decoded
+    code_map = fmt.code_map(signed).to(xb.device)
+    done = _decodes_to(codes, absmax, xb, real, code_map, fmt.bits)
+    edges = {abs(v) for v in (code_map[0].item(), code_map[-1].item())} - {0.0, 1.0}
+    if bool(done.all()) or not edges:
+        return codes, absmax
+    codes_b = codes.view(absmax.numel(), -1).clone()  # whole blocks: block * bits is a multiple of 8
+    absmax = absmax.clone()
+    for edge in sorted(edges):
+        quotient = absmax / edge
+        for a in (quotient, torch.nextafter(quotient, torch.zeros_like(quotient)),
+                  torch.nextafter(quotient, torch.full_like(quotient, float("inf")))):
+            rows = (~done).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                break
+            c, _ = quantize_blockwise(xb[rows].reshape(-1), fmt, signed, block, absmax=a[rows])
+            ok = _decodes_to(c, a[rows], xb[rows], real[rows], code_map, fmt.bits)
+            codes_b[rows[ok]] = c.view(rows.numel(), -1)[ok]
+            absmax[rows[ok]] = a[rows[ok]]
+            done[rows[ok]] = True
+    if n % block:  # as quantize_blockwise: padding codes are 0
+        last = unpack(codes_b[-1], fmt.bits).clone()
+        last[n % block:] = 0
+        codes_b[-1] = pack(last, fmt.bits)
+    return codes_b.view(-1), absmax
+
+
+def _decodes_to(codes, absmax, xb, real, code_map, bits) -> torch.Tensor:
+    """Per block (row of xb): whether codes and absmax decode to xb's real elements bit for bit."""
+    decoded = code_map[unpack(codes, bits).long()].view(xb.shape) * absmax[:, None]
+    return ((decoded.view(torch.int32) == xb.view(torch.int32)) | ~real).all(dim=1)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
