@@ -275,3 +275,29 @@ def test_failed_initial_write_keeps_the_old_layout(tmp_path, monkeypatch):
         ref.step()
     assert torch.equal(params[0], twins[0])
     assert torch.equal(opt.logical_state(params[0])["exp_avg"], ref.logical_state(twins[0])["exp_avg"])
+
+
+def test_host_store_chunks_hold_whole_pages_and_keep_them_as_they_grow(monkeypatch):
+    """[Note: pinned chunks]: pages in chunks of at most HOST_CHUNK_BYTES, none straddling two;
+    growing keeps every page's bytes (the partial last chunk grows, new chunks are added)."""
+    from offload_engine.paging import stores
+
+    page = 4096
+    monkeypatch.setattr(stores, "HOST_CHUNK_BYTES", 3 * page + 100)  # 3 pages a chunk
+    store = stores.HostStore(page)
+    filled = 0
+    for num_pages in (2, 3, 4, 8, 8, 10):
+        store.allocate(num_pages)
+        assert store.num_pages == num_pages and store.nbytes == num_pages * page
+        for k in range(filled, num_pages):
+            store.page_view(k).fill_(k + 1)
+        filled = num_pages
+        for k in range(num_pages):
+            view = store.page_view(k)
+            assert view.numel() == page and bool((view == k + 1).all()), (num_pages, k)
+    assert [c.numel() for c in store._chunks] == [3 * page, 3 * page, 3 * page, page]
+    buf = torch.arange(page, dtype=torch.int64).to(torch.uint8)
+    store.write(7, buf).result()
+    out = torch.empty(page, dtype=torch.uint8)
+    store.read(7, out).result()
+    assert torch.equal(out, buf) and bool((store.page_view(6) == 7).all()) and bool((store.page_view(8) == 9).all())

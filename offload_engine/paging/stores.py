@@ -5,7 +5,7 @@ Every store moves whole pages (``page_bytes``) between its storage and a caller'
 makes the pages written in a step the current ones. A store whose ``in_place`` is true also
 hands out ``page_view(page)``: the CPU executor then updates the stored bytes directly.
 
-HostStore keeps all pages in one host arena (pinned when a GPU executor will copy from it).
+HostStore keeps all pages in host memory (pinned when a GPU executor will copy from it).
 NvmeStore (nvme_store.py) keeps them in one file per rank.
 """
 from __future__ import annotations
@@ -34,8 +34,17 @@ def done_future(result=None) -> concurrent.futures.Future:
     return future
 
 
+# [Note: pinned chunks] torch's pinned host allocator rounds every request up to a power of
+# two: one 96 GB pinned arena asks the driver for 128 GiB (and fails on a 125 GiB host), one of
+# 40 GB pins 64 GiB. So the arena is chunks of at most HOST_CHUNK_BYTES, each a whole number of
+# pages (a page never straddles two chunks): with power-of-two pages every chunk but the last
+# is exactly a power of two, and the rounding costs at most the last chunk's size.
+HOST_CHUNK_BYTES = 1 << 30
+
+
 class HostStore:
-    """All pages in one host-memory arena; the CPU executor updates them in place."""
+    """All pages in host memory (chunks of whole pages, [Note: pinned chunks]); the CPU
+    executor updates them in place."""
 
     kind = "cpu"
     in_place = True
@@ -44,7 +53,8 @@ class HostStore:
         self.page_bytes = page_bytes
         self.pin_memory = pin_memory
         self.num_pages = 0
-        self._arena = torch.empty(0, dtype=torch.uint8)
+        self.pages_per_chunk = max(1, HOST_CHUNK_BYTES // page_bytes)
+        self._chunks: list[torch.Tensor] = []
 
     def describe(self) -> str:
         return "host memory"
@@ -52,19 +62,28 @@ class HostStore:
     @property
     def nbytes(self) -> int:
         """Bytes the store holds at rest."""
-        return self._arena.numel()
+        return sum(c.numel() for c in self._chunks)
 
     def allocate(self, num_pages: int) -> None:
-        """Grows the arena to `num_pages` pages; existing pages keep their bytes. On failure
-        (out of memory) the old arena is kept."""
+        """Grows the store to `num_pages` pages; existing pages keep their bytes. On failure
+        (out of memory) the old chunks are kept."""
         if num_pages <= self.num_pages:
             return
-        arena = torch.empty(num_pages * self.page_bytes, dtype=torch.uint8, pin_memory=self.pin_memory)
-        arena[: self._arena.numel()].copy_(self._arena)
-        self._arena, self.num_pages = arena, num_pages
+        per = self.pages_per_chunk
+        chunks = list(self._chunks)
+        if chunks and chunks[-1].numel() < per * self.page_bytes:  # the partial last chunk grows
+            last_pages = min(per, num_pages - (len(chunks) - 1) * per)
+            grown = torch.empty(last_pages * self.page_bytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+            grown[: chunks[-1].numel()].copy_(chunks[-1])
+            chunks[-1] = grown
+        while len(chunks) * per < num_pages:
+            pages = min(per, num_pages - len(chunks) * per)
+            chunks.append(torch.empty(pages * self.page_bytes, dtype=torch.uint8, pin_memory=self.pin_memory))
+        self._chunks, self.num_pages = chunks, num_pages
 
     def page_view(self, page: int) -> torch.Tensor:
-        return self._arena[page * self.page_bytes:(page + 1) * self.page_bytes]
+        chunk, first = divmod(page, self.pages_per_chunk)
+        return self._chunks[chunk][first * self.page_bytes:(first + 1) * self.page_bytes]
 
     def read(self, page: int, buf: torch.Tensor) -> concurrent.futures.Future:
         buf.copy_(self.page_view(page))
@@ -81,5 +100,5 @@ class HostStore:
         """Host memory cannot go missing between steps."""
 
     def close(self) -> None:
-        self._arena = torch.empty(0, dtype=torch.uint8)
+        self._chunks = []
         self.num_pages = 0
