@@ -14,15 +14,15 @@ void check_tables(const char* name, const at::Tensor& map, const at::Tensor& lut
   const int64_t codes = int64_t(1) << bits;
   TORCH_CHECK_TYPE(map.scalar_type() == at::kFloat, kOp, ": ", name, "_map must be float32, got ", map.scalar_type());
   TORCH_CHECK_VALUE(map.dim() == 1 && map.sym_numel() == codes && map.is_contiguous(), kOp, ": ", name,
-                    "_map must be a contiguous 1-D tensor of ", codes, " values for ", bits, "-bit codes, got shape ",
+                    "_map must be a contiguous 1-D tensor of ", num(codes), " values for ", num(bits), "-bit codes, got shape ",
                     map.sym_sizes());
   TORCH_CHECK_VALUE(mantissa_bits >= 0 && mantissa_bits <= 11 && min_exponent >= 1 && min_exponent <= 127, kOp, ": ",
-                    name, " lookup parameters out of range (min_exponent ", min_exponent, ", mantissa_bits ",
-                    mantissa_bits, ")");
+                    name, " lookup parameters out of range (min_exponent ", num(min_exponent), ", mantissa_bits ",
+                    num(mantissa_bits), ")");
   const int64_t keys = 2 * (1 + ((128 - min_exponent) << mantissa_bits));
   TORCH_CHECK_TYPE(lut.scalar_type() == at::kInt, kOp, ": ", name, "_lut must be int32, got ", lut.scalar_type());
   TORCH_CHECK_VALUE(lut.dim() == 1 && lut.is_contiguous() && lut.sym_numel() == keys, kOp, ": ", name,
-                    "_lut must be a contiguous 1-D int32 tensor of ", keys, " entries, got ", lut.sym_sizes());
+                    "_lut must be a contiguous 1-D int32 tensor of ", num(keys), " entries, got ", lut.sym_sizes());
   // The kernel reads the tables where it runs: a CUDA param needs them on its GPU.
   TORCH_CHECK_VALUE(map.device() == param.device() && lut.device() == param.device(), kOp, ": ", name,
                     "_map and ", name, "_lut are on ", map.device(), " and ", lut.device(), " but param is on ",
@@ -37,8 +37,8 @@ void check_state(const char* name, const at::Tensor& codes, const at::Tensor& ab
   const c10::SymInt code_bytes = blocks * block * bits / 8;
   TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, kOp, ": ", name, "_codes must be uint8, got ", codes.scalar_type());
   TORCH_CHECK_VALUE(codes.dim() == 1 && codes.sym_numel() == code_bytes && codes.is_contiguous(), kOp, ": ", name,
-                    "_codes must be a contiguous 1-D tensor of ", code_bytes, " bytes (", blocks, " blocks of ", block,
-                    " ", bits, "-bit codes), got shape ", codes.sym_sizes());
+                    "_codes must be a contiguous 1-D tensor of ", code_bytes, " bytes (", blocks, " blocks of ", num(block),
+                    " ", num(bits), "-bit codes), got shape ", codes.sym_sizes());
   TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, kOp, ": ", name, "_absmax must be float32, got ",
                    absmax.scalar_type());
   TORCH_CHECK_VALUE(absmax.dim() == 1 && absmax.sym_numel() == blocks && absmax.is_contiguous(), kOp, ": ", name,
@@ -50,10 +50,10 @@ void check_state(const char* name, const at::Tensor& codes, const at::Tensor& ab
 }
 
 void check_format(int64_t bits, int64_t block, c10::IntArrayRef lut_params, size_t n_params) {
-  TORCH_CHECK_VALUE(bits == 8 || bits == 4, kOp, ": bits must be 8 or 4, got ", bits);
+  TORCH_CHECK_VALUE(bits == 8 || bits == 4, kOp, ": bits must be 8 or 4, got ", num(bits));
   TORCH_CHECK_VALUE(block >= 64 && block <= kMaxBlock && (block & (block - 1)) == 0, kOp,
-                    ": block must be a power of two from 64 to ", kMaxBlock, ", got ", block);
-  TORCH_CHECK_VALUE(lut_params.size() == n_params, kOp, ": lut_params must hold ", n_params,
+                    ": block must be a power of two from 64 to ", num(kMaxBlock), ", got ", num(block));
+  TORCH_CHECK_VALUE(lut_params.size() == n_params, kOp, ": lut_params must hold ", num(int64_t(n_params)),
                     " values (min_exponent, mantissa_bits per map)");
 }
 

@@ -2,9 +2,23 @@
 
 #include <c10/util/Exception.h>
 
+#include <cinttypes>
 #include <cmath>
+#include <cstdio>
 
 namespace offload_engine {
+
+std::string num(double x) {  // see [Note: numbers in messages]; %g reads as ostream's default
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", x);
+  return buf;
+}
+
+std::string num(int64_t x) {
+  char buf[24];
+  std::snprintf(buf, sizeof(buf), "%" PRId64, x);
+  return buf;
+}
 
 ElemType elem_type(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
@@ -18,16 +32,16 @@ ElemType elem_type(const at::Tensor& t, const char* op, const char* name) {
 
 void check_hyperparameters(const char* op, double lr, double beta1, double beta2, double eps, double weight_decay,
                            int64_t step, double grad_scale, int64_t index_offset) {
-  TORCH_CHECK_VALUE(lr >= 0.0 && std::isfinite(lr), op, ": lr must be finite and >= 0, got ", lr);
-  TORCH_CHECK_VALUE(eps >= 0.0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", eps);
-  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, op, ": beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, op, ": beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK_VALUE(lr >= 0.0 && std::isfinite(lr), op, ": lr must be finite and >= 0, got ", num(lr));
+  TORCH_CHECK_VALUE(eps >= 0.0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", num(eps));
+  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, op, ": beta1 must be in [0, 1), got ", num(beta1));
+  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, op, ": beta2 must be in [0, 1), got ", num(beta2));
   TORCH_CHECK_VALUE(weight_decay >= 0.0 && std::isfinite(weight_decay), op,
-                    ": weight_decay must be finite and >= 0, got ", weight_decay);
-  TORCH_CHECK_VALUE(step >= 1, op, ": step must be >= 1 (the count including this step), got ", step);
-  TORCH_CHECK_VALUE(std::isfinite(grad_scale), op, ": grad_scale must be finite, got ", grad_scale);
+                    ": weight_decay must be finite and >= 0, got ", num(weight_decay));
+  TORCH_CHECK_VALUE(step >= 1, op, ": step must be >= 1 (the count including this step), got ", num(step));
+  TORCH_CHECK_VALUE(std::isfinite(grad_scale), op, ": grad_scale must be finite, got ", num(grad_scale));
   TORCH_CHECK_VALUE(index_offset >= 0, op, ": index_offset must be >= 0 (the index of element 0 in the stochastic-",
-                    "rounding stream), got ", index_offset);
+                    "rounding stream), got ", num(index_offset));
 }
 
 void check_param_grad(const char* op, const at::Tensor& param, const at::Tensor& grad) {

@@ -9,6 +9,15 @@
 
 namespace offload_engine {
 
+// [Note: numbers in messages] The numbers in our error messages are formatted by num() (with
+// snprintf), never by writing them to a std::ostream here (TORCH_CHECK's c10::str). Built with
+// a newer GCC than the torch wheel's (g++ 13.3 against torch 2.11+cu130, seen on the H100
+// machine), an extension's own ostream number formatting crashes the process, so a bad
+// argument would end in a segfault instead of its ValueError. Sizes, devices and dtypes are
+// formatted inside torch's libraries and are safe.
+std::string num(double x);
+std::string num(int64_t x);
+
 ElemType elem_type(const at::Tensor& t, const char* op, const char* name);
 void check_hyperparameters(const char* op, double lr, double beta1, double beta2, double eps, double weight_decay,
                            int64_t step, double grad_scale, int64_t index_offset);

@@ -17,6 +17,8 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include "../adam_op_common.h"
+
 namespace offload_engine {
 namespace {
 
@@ -30,7 +32,7 @@ bool managed_supported(int64_t device) {
 }
 
 at::Tensor managed_empty(int64_t nbytes, int64_t device) {
-  TORCH_CHECK(nbytes >= 0, "managed_empty: nbytes must be >= 0, got ", nbytes);
+  TORCH_CHECK(nbytes >= 0, "managed_empty: nbytes must be >= 0, got ", num(nbytes));
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   void* ptr = nullptr;
   if (nbytes > 0) {
