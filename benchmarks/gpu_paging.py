@@ -35,6 +35,7 @@ Run:
 """
 import argparse
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -164,8 +165,10 @@ def make_contenders(args, nvme_dir):
 def bench(key, name, make, numel, steps, warmup, dtype=torch.float32):
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    p = torch.nn.Parameter((torch.randn(numel, device=dev) * 0.1).to(dtype))
-    w = (torch.randn(numel, device=dev) * 0.01).to(dtype)  # the grad each backward produces
+    # Drawn in the param dtype and scaled in place: at the largest sizes an fp32 draw and its
+    # scaled copy alone would not fit beside the bf16 tensors.
+    p = torch.nn.Parameter(torch.randn(numel, device=dev, dtype=dtype).mul_(0.1))
+    w = torch.randn(numel, device=dev, dtype=dtype).mul_(0.01)  # the grad each backward produces
     torch.cuda.synchronize()
     free_before = torch.cuda.mem_get_info()[0]
     need = managed_bytes(key, numel)
@@ -195,7 +198,7 @@ def bench(key, name, make, numel, steps, warmup, dtype=torch.float32):
     except torch.cuda.OutOfMemoryError as e:
         row = {"contender": name, "params": numel, "skipped": f"out of GPU memory: {str(e).splitlines()[0]}"}
         opt = None
-        torch.cuda.empty_cache()
+        empty_caches()
         return row
     row = {"contender": name, "params": numel, "step_s": statistics.median(step_times), "step_s_min": min(step_times),
            "iter_s": statistics.median(iter_times), "gpu_peak_GB": torch.cuda.max_memory_allocated() / 1e9,
@@ -207,8 +210,19 @@ def bench(key, name, make, numel, steps, warmup, dtype=torch.float32):
                    direct_io=s["direct_io"], executor=s["executor"], wait_s=s["last_step"]["wait_s"])
         opt.close()
     del opt, p, w
-    torch.cuda.empty_cache()
+    empty_caches()
     return row
+
+
+def empty_caches():
+    """Frees cached device memory and cached pinned host memory (torch keeps pinned blocks for
+    reuse; at the largest sizes one contender's would leave no room for the next one's). The
+    collection first: an optimizer whose grad hooks its params hold lives in a reference cycle."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    host_empty_cache = getattr(torch._C, "_host_emptyCache", None)
+    if host_empty_cache is not None:
+        host_empty_cache()
 
 
 def main():
