@@ -111,23 +111,30 @@ class _Plain:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+def n_params(model) -> int:
+    """Parameters counted once (the GPTs tie their embedding and output layer)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
 def _start(contender, workload, state_dir):
-    """(engine-like, state_tiers(), device) for `contender`, its process group started."""
+    """(engine-like, state_tiers(), device, param count) for `contender`, its process group
+    started."""
     import torch
     import torch.distributed as dist
     model = workload.build()
+    count = n_params(model)  # before DeepSpeed's ZeRO-3 partitions the params away
     if contender.startswith("ds-"):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=deepspeed_config(contender, workload, state_dir))
-        return engine, lambda: deepspeed_state_tiers(engine, state_dir), "cpu"
+        return engine, lambda: deepspeed_state_tiers(engine, state_dir), "cpu", count
     if contender in ("ours-host", "ours-nvme", "ours-8bit", "ours-nvme-8bit"):
         import offload_engine
         engine, _, _, _ = offload_engine.initialize(model, ours_config(contender, workload, state_dir,
                                                                        workload.micro_batch))
-        return engine, lambda: ours_state_tiers(engine), "cpu"
+        return engine, lambda: ours_state_tiers(engine), "cpu", count
     if not torch.cuda.is_available():
         raise RuntimeError(f"{contender} needs a CUDA GPU")
     model = model.cuda()
@@ -135,7 +142,7 @@ def _start(contender, workload, state_dir):
     if contender.startswith("gpu-ours"):
         import offload_engine
         engine, _, _, _ = offload_engine.initialize(model, ours_config(contender, workload, state_dir, global_batch))
-        return engine, lambda: ours_state_tiers(engine), "cuda"
+        return engine, lambda: ours_state_tiers(engine), "cuda", count
     hyper = dict(HYPER)
     if contender == "gpu-bnb-paged8":
         import bitsandbytes as bnb
@@ -148,7 +155,7 @@ def _start(contender, workload, state_dir):
     else:
         raise ValueError(f"unknown contender {contender!r}")
     assert not dist.is_initialized()
-    return _Plain(model, opt), lambda: _plain_state_tiers(opt), "cuda"
+    return _Plain(model, opt), lambda: _plain_state_tiers(opt), "cuda", count
 
 
 def _plain_state_tiers(opt) -> dict:
@@ -169,12 +176,13 @@ def worker(args) -> int:
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed's deprecation notes
     import torch
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if os.environ.get("OMP_NUM_THREADS"):  # the CPU jobs: one thread per rank; a GPU job keeps torch's default
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     import torch.distributed as dist
 
     workload = WORKLOADS[args.model]
     t_init = time.perf_counter()
-    engine, state_tiers, device = _start(args.worker, workload, args.state_dir)
+    engine, state_tiers, device, params = _start(args.worker, workload, args.state_dir)
     init_s = time.perf_counter() - t_init
     distributed = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -218,9 +226,8 @@ def worker(args) -> int:
         times = {"step": step_s, "opt": opt_s}
         per_rank = [{"rss": rss, "tiers": tiers}]
     if rank == 0:
-        n_params = sum(p.numel() for p in {id(p): p for p in workload.build().parameters()}.values())
         result = {
-            "contender": args.worker, "model": args.model, "params": n_params, "world": world,
+            "contender": args.worker, "model": args.model, "params": params, "world": world,
             "tokens_per_step": batches.tokens_per_step(), "init_s": round(init_s, 2),
             "raw_ms": _ranks.raw_ms(times), "final_loss": figures[0].item(), "losses": figures[1:].tolist(),
             "peak_rss_max_rank": max(r["rss"] for r in per_rank), "peak_rss_sum": sum(r["rss"] for r in per_rank),
