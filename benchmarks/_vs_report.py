@@ -170,20 +170,19 @@ def plots(record: dict, out_dir: str) -> list[str]:
     plt.close(fig)
     written.append(path)
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.6, 4.2), dpi=90)
-    for c in contenders:
-        line(a1, c, lambda r: r["peak_rss_sum"] / 2**20, label=c)
-        line(a2, c, lambda r: (r["state_bytes"]["host"] + r["state_bytes"]["nvme"] + r["state_bytes"]["gpu"]) / 2**20,
-             label=c)
-    a1.set_ylabel("peak RSS, sum over ranks (MiB)")
-    a2.set_ylabel("optimizer state, all tiers (MiB)")
-    for ax in (a1, a2):
+    fig, axes = plt.subplots(1, 3, figsize=(12.8, 4.2), dpi=80)
+    panels = [("peak RSS, sum over ranks (MiB)", "Host memory of the job", lambda r: r["peak_rss_sum"]),
+              ("optimizer state in host RAM (MiB)", "Optimizer state in host RAM", lambda r: r["state_bytes"]["host"]),
+              ("optimizer state on NVMe (MiB)", "Optimizer state on NVMe (files)", lambda r: r["state_bytes"]["nvme"])]
+    for ax, (ylabel, name, fn) in zip(axes, panels):
+        for c in contenders:
+            line(ax, c, lambda r, fn=fn: fn(r) / 2**20, label=c)
         ax.set_xscale("log")
         ax.set_xlabel("model parameters (millions)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(name, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    a1.set_title("Host memory", fontsize=9)
-    a2.set_title("Optimizer state (host RAM + NVMe file + GPU)", fontsize=9)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = os.path.join(out_dir, "vs_deepspeed_memory.png")

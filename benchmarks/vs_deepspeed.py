@@ -37,6 +37,7 @@ rotate their order, so background load hits all alike; the load average goes in 
     python benchmarks/vs_deepspeed.py                              # the CPU sweep: table, JSON, plots
     python benchmarks/vs_deepspeed.py --models linear8 --rounds 1  # one model, quicker
     python benchmarks/vs_deepspeed.py --gpu --models linear8,gpt-43m,gpt-350m   # on a GPU machine
+    python benchmarks/vs_deepspeed.py --from-json record.json --plots-dir docs/img   # redraw, run nothing
 
 Prints a markdown table and the targets' ratios on stdout, and writes --json and the PNG plots
 (--plots-dir). Exit status 1 when a contender fails or fp32 losses disagree.
@@ -49,6 +50,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -83,6 +85,7 @@ def parse_args(argv=None):
     ap.add_argument("--json", default=None, help="write the whole record here")
     ap.add_argument("--plots-dir", default=None, help="write vs_deepspeed_step.png and vs_deepspeed_memory.png here")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per job")
+    ap.add_argument("--from-json", default=None, help="print the table and draw the plots of a saved record; run nothing")
     # internal: one job's rank
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -300,10 +303,29 @@ def _deepspeed_launcher() -> str:
     return beside if os.path.exists(beside) else shutil.which("deepspeed")
 
 
+def _report(record: dict, args) -> int:
+    print(_vs_report.table(record), flush=True)
+    if args.json and not args.from_json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    if args.plots_dir:
+        for path in _vs_report.plots(record, args.plots_dir):
+            print(f"> wrote {path}", file=sys.stderr)
+    agree = all(c["fp32_losses_agree"] for c in record["checks"].values())
+    return 0 if agree and not record.get("errors") else 1
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.from_json:  # the table and plots again from a saved record (checks recomputed)
+        with open(args.from_json) as f:
+            record = json.load(f)
+        record["checks"] = _vs_report.checks(record["results"], FP32_STATE, record["loss_rtol"])
+        return _report(record, args)
+    # SIGTERM ends the job under way too: run_job kills its session on the SystemExit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import torch
     have_cuda = torch.cuda.is_available()
     models = args.models.split(",")
@@ -358,15 +380,7 @@ def main(argv=None) -> int:
     record["loadavg_after"] = _ranks.loadavg()
     record["results"] = _vs_report.pool(runs)
     record["checks"] = _vs_report.checks(record["results"], FP32_STATE, args.loss_rtol)
-    print(_vs_report.table(record), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
-    if args.plots_dir:
-        for path in _vs_report.plots(record, args.plots_dir):
-            print(f"> wrote {path}", file=sys.stderr)
-    agree = all(c["fp32_losses_agree"] for c in record["checks"].values())
-    return 0 if agree and not record.get("errors") else 1
+    return _report(record, args)
 
 
 if __name__ == "__main__":
