@@ -51,6 +51,7 @@ import platform
 import resource
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -161,6 +162,28 @@ def _start(contender, workload, state_dir):
     return _Plain(model, opt), lambda: _plain_state_tiers(opt), "cuda", count
 
 
+def _time_phases(engine) -> dict:
+    """Wraps the phases of our engine's step (grad reduction, optimizer, param gather) in
+    timers; returns {phase: [seconds per call]}, filled as the steps run."""
+    phases: dict = {}
+
+    def timed(obj, attr, name):
+        fn = getattr(obj, attr)
+
+        def call(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                phases.setdefault(name, []).append(time.perf_counter() - t)
+        setattr(obj, attr, call)
+    timed(engine.optimizer, "step", "optimizer")
+    if engine.partition is not None:
+        timed(engine.partition, "reduce_grads", "reduce_grads")
+        timed(engine.partition, "gather_params", "gather_params")
+    return phases
+
+
 def _plain_state_tiers(opt) -> dict:
     """State tensors by where they are; bitsandbytes' paged (managed) state counts as GPU."""
     import torch
@@ -189,6 +212,7 @@ def worker(args) -> int:
     init_s = time.perf_counter() - t_init
     distributed = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    phases = _time_phases(engine) if args.worker.startswith(("ours", "gpu-ours")) else {}
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     batches = Batches(workload, device)
@@ -237,6 +261,8 @@ def worker(args) -> int:
             "peak_gpu_bytes": gpu_peak,
             "state_bytes": {t: sum(r["tiers"][t] for r in per_rank) for t in ("gpu", "host", "nvme")},
             "optimizer": type(getattr(engine, "optimizer", engine)).__name__,
+            # Rank 0's median per phase of engine.step() over the timed steps: where our step goes.
+            "phases_ms": {k: round(statistics.median(v[args.warmup:]) * 1e3, 2) for k, v in phases.items() if v},
         }
         if args.worker.startswith("ds-"):
             import deepspeed
