@@ -165,8 +165,11 @@ class Partition:
         for lo in range(0, max(sizes), _CHUNK_ELEMENTS):
             mine = _sub_span(spans[rank], lo, min(sizes[rank], lo + _CHUNK_ELEMENTS))
             n_mine = sum(b - a for _, a, b in mine)
-            acc = self._scratch("acc", n_mine, torch.float32)
-            _pack(mine, acc)
+            # fp32 grads sum in place; others (bf16, fp16) in an fp32 copy, rounded back at the end.
+            in_place = all(g.dtype == torch.float32 for g, _, _ in mine)
+            if not in_place:
+                acc = self._scratch("acc", n_mine, torch.float32)
+                _pack(mine, acc)
             for k in range(1, world):
                 to, frm = (rank + k) % world, (rank - k) % world
                 theirs = _sub_span(spans[to], lo, min(sizes[to], lo + _CHUNK_ELEMENTS))
@@ -183,9 +186,14 @@ class Partition:
                     requests.append(dist.irecv(into, src=self._global(frm), group=self.group))
                 for request in requests:
                     request.wait()
-                if n_mine:
+                if n_mine and in_place:
+                    _add_into(mine, into)
+                elif n_mine:
                     acc += into
-            if n_mine:
+            if n_mine and in_place:
+                for g, a, b in mine:
+                    g.view(-1)[a:b].div_(world)
+            elif n_mine:
                 acc /= world
                 _unpack(acc, mine)
 
@@ -319,6 +327,14 @@ def _sub_span(span, lo: int, hi: int) -> list:
             out.append((p, a + x - offset, a + y - offset))
         offset += n
     return out
+
+
+def _add_into(span, flat: torch.Tensor) -> None:
+    """Adds `flat` (the slices of `span`, packed back to back) into the slices themselves."""
+    offset = 0
+    for t, a, b in span:
+        t.view(-1)[a:b] += flat[offset:offset + b - a]
+        offset += b - a
 
 
 def _unpack(flat: torch.Tensor, span) -> None:
