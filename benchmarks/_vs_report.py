@@ -154,13 +154,22 @@ def plots(record: dict, out_dir: str) -> list[str]:
         xs, ys = series(c, fn)
         ax.plot(xs, ys, color=color, marker=marker, linestyle=kw.pop("linestyle", ls), **kw)
 
+    sizes = sorted({r["params"] / 1e6 for m in models for r in results[m].values()})
+
+    def size_axis(ax):  # one labelled tick per model size, none in between
+        from matplotlib.ticker import NullFormatter
+        ax.set_xscale("log")
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([f"{x:.1f}M" for x in sizes])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("model parameters")
+
     written = []
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
     for c in contenders:
         line(ax, c, lambda r: r["step_ms"]["median"], label=c)
-    ax.set_xscale("log")
+    size_axis(ax)
     ax.set_yscale("log")
-    ax.set_xlabel("model parameters (millions)")
     ax.set_ylabel("median train step (ms), slowest rank")
     ax.set_title(f"Train step vs model size\n{title}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
@@ -178,8 +187,7 @@ def plots(record: dict, out_dir: str) -> list[str]:
     for ax, (ylabel, name, fn) in zip(axes, panels):
         for c in contenders:
             line(ax, c, lambda r, fn=fn: fn(r) / 2**20, label=c)
-        ax.set_xscale("log")
-        ax.set_xlabel("model parameters (millions)")
+        size_axis(ax)
         ax.set_ylabel(ylabel)
         ax.set_title(name, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
