@@ -123,7 +123,7 @@ class OffloadEngine:
     @torch.no_grad()
     def _take_model_step(self) -> None:
         if self.partition is not None:
-            self.partition.reduce_grads()  # every rank: the averaged full grads; shards: their slices
+            self.partition.reduce_grads()  # this rank's shards: their grads averaged over the ranks
         grads = self._trainable_grads()
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         norm = None

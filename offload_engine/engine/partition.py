@@ -15,12 +15,14 @@ elements within a param. That is 4096, the largest quantization block, so a shar
 quantization blocks are the whole param's blocks. Each shard records its param's size, on
 which the optimizer decides min_8bit_size, so all shards of a param have its state format.
 
-[Note: collective buffers] The grad buckets of reduce_grads (and, on gloo, the chunks of
-gather_params) go through one flat scratch buffer per dtype, allocated once and reused by
-every bucket of every step. A fresh buffer of tens of MiB is a fresh mmap, and touching it
-page by page cost as much as the collective itself (a 33 MiB torch.cat took 25-38 ms where
-a copy into an existing buffer took 3-7 ms, 2 ranks of gloo on 2 cores). Buckets and chunks
-are at most _BUCKET_ELEMENTS, so the buffer stays at most 64 MiB whatever the model's size.
+[Note: collective buffers] The collectives run on flat scratch buffers, one per use and
+dtype, allocated once and reused by every chunk of every step: on gloo the send and receive
+chunks of the reduction to owners (16 MiB each, and an fp32 accumulator for bf16/fp16 grads)
+and the chunks of the param broadcasts (up to 64 MiB); otherwise the all-reduce bucket (up to
+64 MiB). A fresh buffer of tens of MiB is a fresh mmap, and touching it page by page cost as
+much as the collective itself (a 33 MiB torch.cat took 25-38 ms where a copy into an existing
+buffer took 3-7 ms, 2 ranks of gloo on 2 cores). Chunks and buckets have a fixed maximum, so
+the buffers do not grow with the model.
 
 [Note: gather by broadcast] gloo's all_gather is slower than one broadcast per rank from a
 packed buffer: 51-64 ms against 17-19 ms to exchange 2 x 16 MiB between 2 CPU ranks (it
@@ -310,7 +312,8 @@ class Partition:
 
 
 def _pack(span, flat: torch.Tensor) -> None:
-    """The slices of `span` ((param, start, end), in order) into `flat`, back to back."""
+    """The slices of `span` ((tensor, start, end): of a param or a grad, in order) into
+    `flat`, back to back."""
     offset = 0
     for p, a, b in span:
         flat[offset:offset + b - a] = p.view(-1)[a:b]
@@ -338,6 +341,7 @@ def _add_into(span, flat: torch.Tensor) -> None:
 
 
 def _unpack(flat: torch.Tensor, span) -> None:
+    """`flat` back into the slices of `span` (the reverse of _pack)."""
     offset = 0
     for p, a, b in span:
         p.view(-1)[a:b] = flat[offset:offset + b - a]
