@@ -7,7 +7,7 @@ at the same loss. CPU contenders run 2 ranks (gloo, one intra-op thread each) un
 `deepspeed` launcher, ours as well as DeepSpeed's (torchrun when DeepSpeed is not installed):
 
     ds-zero2-cpu    DeepSpeed ZeRO-2, offload_optimizer.device "cpu" (ZeRO-Offload; its defaults
-                    otherwise: pin_memory false, DeepSpeedCPUAdam)
+                    otherwise: pin_memory true in 0.19.8, DeepSpeedCPUAdam)
     ds-zero3-nvme   DeepSpeed ZeRO-3, offload_optimizer.device "nvme" (ZeRO-Infinity's optimizer
                     offload; params stay in memory, as ours do)
     ours-host       offload_engine.initialize: state in host RAM pages, the SIMD CPU executor
