@@ -62,12 +62,13 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from _ranks import build_deepspeed_ops, deepspeed_missing, raw_ms, run_job, slowest_rank, summarize
 
 HIDDEN = 1024
 LAYERS = 8
@@ -112,33 +113,6 @@ def make_batch(args, rank):
     x = torch.randn(args.batch, args.seq, HIDDEN, generator=g)
     y = torch.randn(args.batch, args.seq, HIDDEN, generator=g)
     return x, y
-
-
-def summarize(ms):
-    """Median, mean, min, max, p10, p90, stdev of a list of milliseconds."""
-    ms = sorted(ms)
-    n = len(ms)
-
-    def q(f):  # nearest-rank percentile
-        return ms[min(n - 1, max(0, round(f * (n - 1))))]
-    return {"median": round(statistics.median(ms), 2), "mean": round(statistics.fmean(ms), 2),
-            "min": round(ms[0], 2), "max": round(ms[-1], 2), "p10": round(q(0.1), 2), "p90": round(q(0.9), 2),
-            "stdev": round(statistics.stdev(ms), 2) if n > 1 else 0.0, "n": n}
-
-
-def raw_ms(times: dict) -> dict:
-    return {name: [round(v * 1e3, 3) for v in values] for name, values in times.items()}
-
-
-def slowest_rank(dist, per_rank: dict) -> dict:
-    """{name: [seconds per step]} of this rank -> the per-step max over ranks (on every rank)."""
-    import torch
-    out = {}
-    for name, values in per_rank.items():
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        out[name] = t.tolist()
-    return out
 
 
 def nvme_dir_for_worker(args):
@@ -335,40 +309,6 @@ def worker_ours(args):
 
 
 # ---- parent: checks, builds, spawns the ranks, prints the JSON line ----------------------------
-def deepspeed_missing() -> str | None:
-    """Why the DeepSpeed side cannot run (None when it can). Builds nothing."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        import deepspeed  # noqa: F401
-        from deepspeed.accelerator import get_accelerator
-    except Exception as e:  # noqa: BLE001 - any failure to load is a reason to skip
-        return f"deepspeed is not importable ({type(e).__name__}: {e}); pip install deepspeed"
-    try:
-        aio = get_accelerator().create_op_builder("AsyncIOBuilder")
-        if aio is None or not aio.is_compatible(verbose=False):
-            return ("DeepSpeed's async_io op cannot be built: libaio (headers and .so) not found; "
-                    "apt-get install libaio-dev")
-    except Exception as e:  # noqa: BLE001 - any failure to load is a reason to skip
-        return f"DeepSpeed's async_io op check failed ({type(e).__name__}: {e})"
-    return None
-
-
-def build_deepspeed_ops() -> str | None:
-    """JIT-builds (or loads from the cache) async_io and cpu_adam once, before the ranks start."""
-    from deepspeed.accelerator import get_accelerator
-    acc = get_accelerator()
-    for op in ("AsyncIOBuilder", "CPUAdamBuilder"):
-        builder = acc.create_op_builder(op)
-        t = time.perf_counter()
-        print(f"> loading DeepSpeed op {builder.name} (a first use JIT-builds it: minutes)", file=sys.stderr, flush=True)
-        try:
-            builder.load(verbose=False)
-        except Exception as e:  # noqa: BLE001 - any failure to load is a reason to skip
-            return f"DeepSpeed's {builder.name} op failed to build ({type(e).__name__}: {e})"
-        print(f">   {builder.name} ready in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
-    return None
-
-
 def launch(side, args, tmp_root):
     """Runs one side on 2 ranks via torchrun; returns its rank-0 result dict (or raises)."""
     os.makedirs(tmp_root, exist_ok=True)
@@ -387,15 +327,7 @@ def launch(side, args, tmp_root):
         cmd.append("--ds-pipeline")
     print(f"> {side}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     t = time.perf_counter()
-    # The ranks' output goes to our stderr, so our stdout ends with the JSON line alone. Their
-    # own session, so that a timeout ends torchrun and both ranks together.
-    proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, stderr=sys.stderr, start_new_session=True)
-    try:
-        code = proc.wait(timeout=args.timeout)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
+    code = run_job(cmd, env, args.timeout)
     if code != 0 or not os.path.exists(result):
         raise RuntimeError(f"{side} ranks failed (exit {code}); see their output above")
     with open(result) as f:

@@ -17,8 +17,27 @@ ap.add_argument("--steps", type=int, default=20)
 ap.add_argument("--global-micro", type=int, default=8)
 ap.add_argument("--bf16", action="store_true")
 ap.add_argument("--nonfinite-at", type=int, default=0, help="make one rank's loss inf at this step")
+ap.add_argument("--chunk-elements", type=int, default=0,
+                help="collectives' chunks and buckets of this many elements (several per step), counted")
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
+
+calls: dict = {}  # collective -> how many calls on more than 64 elements (--chunk-elements)
+if args.chunk_elements:
+    from offload_engine.engine import partition as _partition
+
+    _partition._CHUNK_ELEMENTS = _partition._BUCKET_ELEMENTS = args.chunk_elements
+
+    def _counted(name, fn):
+        def call(tensor_or_list, *a, **k):
+            tensor = tensor_or_list[0] if isinstance(tensor_or_list, list) else tensor_or_list
+            if tensor.numel() > 64:  # grads or params, not a flag per param or a norm
+                calls[name] = calls.get(name, 0) + 1
+            return fn(tensor_or_list, *a, **k)
+        return call
+
+    for _name in ("all_reduce", "all_gather", "broadcast", "isend", "irecv"):
+        setattr(dist, _name, _counted(_name, getattr(dist, _name)))
 
 world, rank = 1, 0
 if "RANK" in os.environ:
@@ -37,7 +56,7 @@ config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps"
 engine, optimizer, _, _ = offload_engine.initialize(model, config)
 
 data = torch.Generator().manual_seed(1)
-losses, norms = [], []
+losses, norms, scratch = [], [], []
 for step in range(1, args.steps + 1):
     step_loss = 0.0
     for _ in range(2):
@@ -57,12 +76,15 @@ for step in range(1, args.steps + 1):
         step_loss += mean.item() / 2
     losses.append(step_loss)
     norms.append(engine.get_global_grad_norm())
+    if engine.partition is not None:  # where the collectives' buffers are, step by step
+        scratch.append({str(k): (v.data_ptr(), v.numel()) for k, v in engine.partition._scratch_of.items()})
 
 saved = str(engine.save_checkpoint(f"{args.out}.ckpt")) if world > 1 else None
 
 held = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if optimizer.state.get(p))
 result = {"rank": rank, "world": world, "losses": losses, "norms": norms, "elements_with_state": held,
           "skipped": engine.skipped_steps, "checkpoint": saved, "global_steps": engine.global_steps,
+          "calls": calls, "scratch": scratch,
           "state_bytes": optimizer.paging_stats()["state_bytes"] if hasattr(optimizer, "paging_stats") else None}
 if world > 1:
     dist.barrier()

@@ -48,6 +48,30 @@ def test_two_ranks_match_one_process(tmp_path, name, eight_bit):
     assert min(held) > 0.4 * sum(held)
 
 
+def test_gloo_collectives_reduce_to_owners_in_chunks_through_reused_buffers(tmp_path):
+    """On gloo the grads go to their owners by isend/irecv and the params back by broadcasts
+    ([Note: reduce to owners], [Note: gather by broadcast]), no all_gather and no all-reduce of
+    grads, in chunks of at most the chunk size, through buffers allocated once: the same
+    addresses every step ([Note: collective buffers]). Many small chunks give the same
+    training as one process."""
+    single = run_job(tmp_path, 1, "--steps", 4)[0]["result"]
+    ranks = run_job(tmp_path, 2, "--steps", 4, "--chunk-elements", 1000)
+    for r in ranks:
+        res = r["result"]
+        assert res["losses"] == pytest.approx(single["losses"], rel=1e-6)
+        assert res["norms"] == pytest.approx(single["norms"], rel=1e-5)
+        calls = res["calls"]
+        assert "all_gather" not in calls and "all_reduce" not in calls, calls
+        # 26k params, about 13k per rank in chunks of 1000: many chunks each way, every step.
+        assert calls["isend"] >= 4 * 10 and calls["broadcast"] >= 4 * 20, calls
+        first, *later = res["scratch"]
+        assert first and all(s == first for s in later), res["scratch"]
+        assert max(n for _, n in first.values()) <= 1000
+    assert [r["result"]["calls"]["isend"] for r in ranks] == [r["result"]["calls"]["irecv"] for r in ranks[::-1]]
+    for key in ranks[0]["params"]:
+        assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), key
+
+
 def test_a_nonfinite_grad_on_one_rank_skips_the_step_on_all(tmp_path):
     ranks = run_job(tmp_path, 2, "--optimizer", "PagedAdamW", "--steps", 4, "--nonfinite-at", 2)
     for r in ranks:

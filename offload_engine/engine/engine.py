@@ -123,15 +123,16 @@ class OffloadEngine:
     @torch.no_grad()
     def _take_model_step(self) -> None:
         if self.partition is not None:
-            self.partition.reduce_grads()  # every rank: the averaged full grads; shards: their slices
+            self.partition.reduce_grads()  # this rank's shards: their grads averaged over the ranks
         grads = self._trainable_grads()
-        norm_grads = self.partition.full_grads() if self.partition is not None else grads
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         norm = None
-        if norm_grads and (self.gradient_clipping > 0 or self.precision != "fp32"):
-            norm = global_grad_norm(norm_grads)  # [Note: one pass over the grads]
+        if self.gradient_clipping > 0 or self.precision != "fp32":
             if self.partition is not None:
-                norm = self.partition.agree_on(norm)  # one skip/clip decision for all ranks
+                if self.partition.any_grad:  # each rank norms its shards, the squares summed: one decision for all
+                    norm = self.partition.grad_norm(global_grad_norm)
+            elif grads:
+                norm = global_grad_norm(grads)  # [Note: one pass over the grads]
         overflow = norm is not None and not bool(torch.isfinite(norm))
         overlapped = self._overlap is not None and self._overlap.is_open
         if overflow and overlapped:

@@ -15,6 +15,29 @@ elements within a param. That is 4096, the largest quantization block, so a shar
 quantization blocks are the whole param's blocks. Each shard records its param's size, on
 which the optimizer decides min_8bit_size, so all shards of a param have its state format.
 
+[Note: collective buffers] The collectives run on flat scratch buffers, one per use and
+dtype, allocated once and reused by every chunk of every step: on gloo the send and receive
+chunks of the reduction to owners (16 MiB each, and an fp32 accumulator for bf16/fp16 grads)
+and the chunks of the param broadcasts (up to 64 MiB); otherwise the all-reduce bucket (up to
+64 MiB). A fresh buffer of tens of MiB is a fresh mmap, and touching it page by page cost as
+much as the collective itself (a 33 MiB torch.cat took 25-38 ms where a copy into an existing
+buffer took 3-7 ms, 2 ranks of gloo on 2 cores). Chunks and buckets have a fixed maximum, so
+the buffers do not grow with the model.
+
+[Note: gather by broadcast] gloo's all_gather is slower than one broadcast per rank from a
+packed buffer: 51-64 ms against 17-19 ms to exchange 2 x 16 MiB between 2 CPU ranks (it
+copies every input and output through staging buffers of its own). So on gloo each rank
+broadcasts its own slices, packed chunk by chunk; other backends (NCCL) keep all_gather,
+their fast collective.
+
+[Note: reduce to owners] A rank updates only its own slices, so it needs only their grads
+averaged, not every grad: on gloo, reduce_grads sends each owner this rank's grads of the
+owner's slices and sums those it receives of its own (a reduce-scatter from pairs of
+isend/irecv), half the bytes of an all-reduce (2 x 16 MiB in 15-18 ms against 29-41 ms for
+the all-reduce of 33 MiB, 2 CPU ranks). gloo's own reduce_scatter is slower than its
+all-reduce. The global grad norm is then the shards' norms combined (grad_norm). NCCL keeps
+the all-reduce. With 2 ranks the sum of the two grads is the all-reduce's, bit for bit.
+
 Every rank computes the same partition from the same param list; nothing is negotiated.
 A checkpoint records the split, and each rank's state is written with the element ranges it
 covers, so it reloads at any world size ([Note: world-size-free checkpoints] in reshard.py).
@@ -27,7 +50,8 @@ import torch.distributed as dist
 from ..optim.sharded import mark_full_numel
 
 ALIGN = 4096
-_BUCKET_ELEMENTS = 16 << 20  # fp32 elements per all-reduce bucket (64 MiB)
+_BUCKET_ELEMENTS = 16 << 20  # fp32 elements per all-reduce bucket or broadcast chunk (64 MiB)
+_CHUNK_ELEMENTS = 4 << 20  # fp32 elements per chunk of the reduction to owners (16 MiB per buffer, 3 buffers)
 
 
 def split_points(numels: list[int], world: int, align: int = ALIGN) -> list[int]:
@@ -69,6 +93,8 @@ class Partition:
         self.shard_of: dict[torch.Tensor, torch.nn.Parameter] = {}
         self.range_of: dict[torch.Tensor, tuple[torch.Tensor, int, int]] = {}  # shard -> (param, start, end)
         self.groups: list[list[torch.Tensor]] = [self.params]  # the full params per optimizer group (shard_groups)
+        self.any_grad = False  # whether some rank had a grad at the last reduce_grads
+        self._scratch_of: dict = {}  # (use, dtype) -> a reused flat buffer ([Note: collective buffers])
         start = 0
         for p, n in zip(self.params, numels):
             a, b = max(lo, start) - start, min(hi, start + n) - start
@@ -93,25 +119,35 @@ class Partition:
     def shards(self) -> list[torch.nn.Parameter]:
         return list(self.shard_of.values())
 
-    def full_grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.params if p.grad is not None]
-
     # ---- the collectives -----------------------------------------------------------------------
     @torch.no_grad()
     def reduce_grads(self) -> None:
         """Averages the grads over the ranks (in fp32) and points each shard's grad at its slice.
-        A param with no grad on any rank keeps none, as it would in one process."""
+        On gloo only the slices this rank owns are reduced ([Note: reduce to owners]); the rest
+        of its full grads keep its own micro-batch's values. A param with no grad on any rank
+        keeps none, as it would in one process."""
         # On the params' device: NCCL reduces CUDA tensors only (gloo takes either).
         has = torch.tensor([p.grad is not None for p in self.params], dtype=torch.int32, device=self._device)
         # Why: ranks must agree on which params carry a grad before the flat buckets are built,
         # or their buckets would differ in layout; SUM > 0 means some rank has one.
         dist.all_reduce(has, op=dist.ReduceOp.SUM, group=self.group)
         with_grad = [p for p, h in zip(self.params, has.tolist()) if h > 0]
+        self.any_grad = bool(with_grad)
         for p in with_grad:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        if dist.get_backend(self.group) == "gloo":
+            self._reduce_to_owners(with_grad)
+        else:
+            self._all_reduce(with_grad)
+        for p, a, b in self.owned:
+            self.shard_of[p].grad = p.grad.view(-1)[a:b] if p.grad is not None else None
+
+    def _all_reduce(self, with_grad: list[torch.Tensor]) -> None:
+        """Every rank gets the averaged grads of every param, a bucket at a time."""
         for bucket in _buckets(with_grad):
-            flat = torch.cat([p.grad.reshape(-1).float() for p in bucket])
+            flat = self._scratch("reduce", sum(p.numel() for p in bucket), torch.float32)
+            torch.cat([p.grad.reshape(-1).float() for p in bucket], out=flat)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
             flat /= self.world
             offset = 0
@@ -119,45 +155,112 @@ class Partition:
                 n = p.numel()
                 p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
                 offset += n
-        for p, a, b in self.owned:
-            self.shard_of[p].grad = p.grad.view(-1)[a:b] if p.grad is not None else None
+
+    def _reduce_to_owners(self, with_grad: list[torch.Tensor]) -> None:
+        """Each rank gets the averaged grads of its own slices only ([Note: reduce to owners]):
+        in round k it sends its grads of rank r+k's slices to r+k and adds those rank r-k sends
+        of its own, a chunk of at most _CHUNK_ELEMENTS at a time, summing in fp32."""
+        has = set(with_grad)
+        spans = [[(p.grad, a, b) for p, a, b in self.spans(r) if p in has] for r in range(self.world)]
+        sizes = [sum(b - a for _, a, b in s) for s in spans]
+        rank, world = self.rank, self.world
+        for lo in range(0, max(sizes), _CHUNK_ELEMENTS):
+            mine = _sub_span(spans[rank], lo, min(sizes[rank], lo + _CHUNK_ELEMENTS))
+            n_mine = sum(b - a for _, a, b in mine)
+            # fp32 grads sum in place; others (bf16, fp16) in an fp32 copy, rounded back at the end.
+            in_place = all(g.dtype == torch.float32 for g, _, _ in mine)
+            if not in_place:
+                acc = self._scratch("acc", n_mine, torch.float32)
+                _pack(mine, acc)
+            for k in range(1, world):
+                to, frm = (rank + k) % world, (rank - k) % world
+                theirs = _sub_span(spans[to], lo, min(sizes[to], lo + _CHUNK_ELEMENTS))
+                n_theirs = sum(b - a for _, a, b in theirs)
+                # Both sides of a pair agree on every size (the same partition), so each isend
+                # meets its irecv; posting both before waiting lets the two directions overlap.
+                requests = []
+                if n_theirs:
+                    out = self._scratch("send", n_theirs, torch.float32)
+                    _pack(theirs, out)
+                    requests.append(dist.isend(out, dst=self._global(to), group=self.group))
+                if n_mine:
+                    into = self._scratch("recv", n_mine, torch.float32)
+                    requests.append(dist.irecv(into, src=self._global(frm), group=self.group))
+                for request in requests:
+                    request.wait()
+                if n_mine and in_place:
+                    _add_into(mine, into)
+                elif n_mine:
+                    acc += into
+            if n_mine and in_place:
+                for g, a, b in mine:
+                    g.view(-1)[a:b].div_(world)
+            elif n_mine:
+                acc /= world
+                _unpack(acc, mine)
+
+    def _global(self, r: int) -> int:
+        return r if self.group is None else dist.get_global_rank(self.group, r)
 
     @torch.no_grad()
-    def agree_on(self, norm: torch.Tensor) -> torch.Tensor:
-        """The same grad norm on every rank. The reduced grads are identical everywhere, so the
-        norms already are; the MAX makes the skip/clip decision provably shared (a non-finite
-        norm on any rank is non-finite on all), at the cost of one scalar collective."""
-        agreed = norm.detach().to(torch.float32).reshape(1).clone()
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
-        return agreed[0]
+    def grad_norm(self, norm_of) -> torch.Tensor:
+        """The global 2-norm of the reduced grads, the same on every rank: `norm_of` (the
+        engine's norm of a list of grads) over this rank's shards, squared, summed over the
+        ranks. A non-finite grad on any rank makes it non-finite on all, so every rank takes
+        the same skip/clip decision."""
+        grads = [s.grad for s in self.shards if s.grad is not None]
+        local = norm_of(grads) if grads else torch.zeros((), device=self._device)
+        squared = local.detach().to(device=self._device, dtype=torch.float32).reshape(1) ** 2
+        dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=self.group)
+        return squared.sqrt()[0]
 
     @torch.no_grad()
     def gather_params(self) -> None:
-        """Every rank's updated slices to every rank, per param dtype, padded to the longest
-        partition so the all_gather buffers have one size."""
+        """Every rank's updated slices to every rank, per param dtype: on gloo by broadcasts
+        from each owner ([Note: gather by broadcast]), else by all_gather into buffers padded
+        to the longest partition."""
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in self.params:
             by_dtype.setdefault(p.dtype, []).append(p)
         for dtype, params in by_dtype.items():
-            device = params[0].device
             spans = [self._spans(params, r) for r in range(self.world)]
+            if dist.get_backend(self.group) == "gloo":
+                self._broadcast_spans(spans, dtype)
+                continue
+            device = params[0].device
             longest = max(sum(b - a for _, a, b in s) for s in spans)
             if longest == 0:
                 continue
             mine = torch.zeros(longest, dtype=dtype, device=device)
-            offset = 0
-            for p, a, b in spans[self.rank]:
-                mine[offset:offset + b - a] = p.view(-1)[a:b]
-                offset += b - a
+            _pack(spans[self.rank], mine)
             gathered = [torch.empty_like(mine) for _ in range(self.world)]
             dist.all_gather(gathered, mine, group=self.group)
             for r, span in enumerate(spans):
+                if r != self.rank:
+                    _unpack(gathered[r], span)
+
+    def _broadcast_spans(self, spans: list, dtype: torch.dtype) -> None:
+        """Each rank's `spans[r]` from rank r to all, packed into the scratch buffer a chunk of
+        at most _BUCKET_ELEMENTS at a time."""
+        for r, span in enumerate(spans):
+            src = self._global(r)
+            size = sum(b - a for _, a, b in span)
+            for lo in range(0, size, _BUCKET_ELEMENTS):
+                hi = min(size, lo + _BUCKET_ELEMENTS)
+                chunk, part = self._scratch("gather", hi - lo, dtype), _sub_span(span, lo, hi)
                 if r == self.rank:
-                    continue
-                offset = 0
-                for p, a, b in span:
-                    p.view(-1)[a:b] = gathered[r][offset:offset + b - a]
-                    offset += b - a
+                    _pack(part, chunk)
+                dist.broadcast(chunk, src=src, group=self.group)
+                if r != self.rank:
+                    _unpack(chunk, part)
+
+    def _scratch(self, use: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """`numel` elements of the flat buffer for `use` and `dtype`, which grows to the largest
+        size asked for and is reused after ([Note: collective buffers])."""
+        buf = self._scratch_of.get((use, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self._scratch_of[(use, dtype)] = torch.empty(numel, dtype=dtype, device=self._device)
+        return buf[:numel]
 
     def _spans(self, params: list[torch.Tensor], rank: int) -> list[tuple[torch.Tensor, int, int]]:
         """(param, start, end) of `rank`'s partition among `params`."""
@@ -206,6 +309,43 @@ class Partition:
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
+
+
+def _pack(span, flat: torch.Tensor) -> None:
+    """The slices of `span` ((tensor, start, end): of a param or a grad, in order) into
+    `flat`, back to back."""
+    offset = 0
+    for p, a, b in span:
+        flat[offset:offset + b - a] = p.view(-1)[a:b]
+        offset += b - a
+
+
+def _sub_span(span, lo: int, hi: int) -> list:
+    """The part of `span` that lands at [lo, hi) once its slices are packed back to back."""
+    out, offset = [], 0
+    for p, a, b in span:
+        n = b - a
+        x, y = max(lo, offset), min(hi, offset + n)
+        if x < y:
+            out.append((p, a + x - offset, a + y - offset))
+        offset += n
+    return out
+
+
+def _add_into(span, flat: torch.Tensor) -> None:
+    """Adds `flat` (the slices of `span`, packed back to back) into the slices themselves."""
+    offset = 0
+    for t, a, b in span:
+        t.view(-1)[a:b] += flat[offset:offset + b - a]
+        offset += b - a
+
+
+def _unpack(flat: torch.Tensor, span) -> None:
+    """`flat` back into the slices of `span` (the reverse of _pack)."""
+    offset = 0
+    for p, a, b in span:
+        p.view(-1)[a:b] = flat[offset:offset + b - a]
+        offset += b - a
 
 
 def _buckets(params: list[torch.Tensor]):

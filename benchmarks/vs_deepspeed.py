@@ -1,0 +1,413 @@
+"""Head to head: DeepSpeed ZeRO-Offload and ZeRO-Infinity against our engine, on the same job.
+
+Same models, data, global batch, hyperparameters (AdamW, lr 1e-3, wd 0.01, no clipping, fp32)
+and launcher for every contender; each trains --warmup + --steps steps from the same init on
+the same seeded global batches (benchmarks/_vs_workloads.py), so the fp32-state runs must end
+at the same loss. CPU contenders run 2 ranks (gloo, one intra-op thread each) under the
+`deepspeed` launcher, ours as well as DeepSpeed's (torchrun when DeepSpeed is not installed):
+
+    ds-zero2-cpu    DeepSpeed ZeRO-2, offload_optimizer.device "cpu" (ZeRO-Offload; its defaults
+                    otherwise: pin_memory true in 0.19.8, DeepSpeedCPUAdam)
+    ds-zero3-nvme   DeepSpeed ZeRO-3, offload_optimizer.device "nvme" (ZeRO-Infinity's optimizer
+                    offload; params stay in memory, as ours do)
+    ours-host       offload_engine.initialize: state in host RAM pages, the SIMD CPU executor
+    ours-nvme       the same with the NVMe store (4 MiB pages, prefetch 2)
+    ours-8bit       host pages with 8-bit block-quantized moments (PagedAdamW8bit)
+
+With a GPU (torch.cuda.is_available()) and --gpu, one process on the GPU with the whole
+global batch (these are not data-parallel):
+
+    gpu-ours-host        our engine, params on the GPU, fp32 state in pinned host pages paged
+                         through GPU slots to the CUDA kernel
+    gpu-ours-host-8bit   the same with 8-bit state
+    gpu-bnb-paged8       bitsandbytes PagedAdamW8bit (CUDA managed memory)
+    gpu-torchao-offload  torchao CPUOffloadOptimizer(torch.optim.AdamW, fused CPU step)
+    gpu-torch-adamw      torch.optim.AdamW(fused=True), state in GPU memory: the ceiling
+
+A contender whose package does not import is reported as skipped, not fatal.
+
+Each step is timed after a barrier as the slowest rank's: "step" = forward + backward +
+engine.step(), "opt" = engine.step() alone (DeepSpeed's ZeRO-2 reduces grads inside backward,
+ours inside step(), so compare full steps). Per contender: the median of the timed steps of
+all rounds, tokens/s, peak RSS (the largest rank's, and the node's sum), peak GPU memory, the
+optimizer state's bytes per tier summed over ranks, and the loss after the last step (on the
+next step's batch, averaged over ranks). Contenders alternate within each round, and rounds
+rotate their order, so background load hits all alike; the load average goes in the record.
+
+    python benchmarks/vs_deepspeed.py                              # the CPU sweep: table, JSON, plots
+    python benchmarks/vs_deepspeed.py --models linear8 --rounds 1  # one model, quicker
+    python benchmarks/vs_deepspeed.py --gpu --models linear8,gpt-43m,gpt-350m   # on a GPU machine
+    python benchmarks/vs_deepspeed.py --from-json record.json --plots-dir docs/img   # redraw, run nothing
+
+Prints a markdown table and the targets' ratios on stdout, and writes --json and the PNG plots
+(--plots-dir). Exit status 1 when a contender fails or fp32 losses disagree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+
+import _ranks
+import _vs_report
+from _vs_workloads import (HYPER, WORKLOADS, WORLD, Batches, deepspeed_config, deepspeed_state_tiers, loss_of,
+                           ours_config, ours_state_tiers)
+
+CPU_CONTENDERS = ("ds-zero2-cpu", "ds-zero3-nvme", "ours-host", "ours-nvme", "ours-8bit")
+GPU_CONTENDERS = ("gpu-ours-host", "gpu-ours-host-8bit", "gpu-bnb-paged8", "gpu-torchao-offload", "gpu-torch-adamw")
+FP32_STATE = {"ds-zero2-cpu", "ds-zero3-nvme", "ours-host", "ours-nvme", "gpu-ours-host", "gpu-torchao-offload",
+              "gpu-torch-adamw"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="linear8,gpt-3m,gpt-13m,gpt-43m",
+                    help=f"comma-separated, of: {', '.join(WORKLOADS)}")
+    ap.add_argument("--contenders", default=None,
+                    help="comma-separated (default: the CPU ones; with --gpu the GPU ones too)")
+    ap.add_argument("--gpu", action="store_true", help="add the GPU contenders (needs CUDA)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds; each runs every contender once")
+    ap.add_argument("--launcher", choices=("deepspeed", "torchrun"), default=None,
+                    help="CPU jobs' launcher (default: deepspeed when installed, else torchrun)")
+    ap.add_argument("--loss-rtol", type=float, default=1e-4,
+                    help="fp32-state contenders' losses after the last step must agree within this relative tolerance")
+    ap.add_argument("--nvme-dir", default=None, help="where NVMe state goes (default: $TMPDIR)")
+    ap.add_argument("--json", default=None, help="write the whole record here")
+    ap.add_argument("--plots-dir", default=None, help="write vs_deepspeed_step.png and vs_deepspeed_memory.png here")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per job")
+    ap.add_argument("--from-json", default=None, help="print the table and draw the plots of a saved record; run nothing")
+    # internal: one job's rank
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--state-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+# ---- one job's ranks ------------------------------------------------------------------------------
+class _Plain:
+    """A torch.optim-style optimizer in the engine's interface (call, backward, step), so every
+    contender runs the same loop."""
+
+    def __init__(self, module, optimizer):
+        self.module, self.optimizer = module, optimizer
+
+    def __call__(self, x):
+        return self.module(x)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def n_params(model) -> int:
+    """Parameters counted once (the GPTs tie their embedding and output layer)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _start(contender, workload, state_dir):
+    """(engine-like, state_tiers(), device, param count) for `contender`, its process group
+    started."""
+    import torch
+    import torch.distributed as dist
+    model = workload.build()
+    count = n_params(model)  # before DeepSpeed's ZeRO-3 partitions the params away
+    if contender.startswith("ds-"):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                               config=deepspeed_config(contender, workload, state_dir))
+        return engine, lambda: deepspeed_state_tiers(engine, state_dir), "cpu", count
+    if contender in ("ours-host", "ours-nvme", "ours-8bit", "ours-nvme-8bit"):
+        import offload_engine
+        engine, _, _, _ = offload_engine.initialize(model, ours_config(contender, workload, state_dir,
+                                                                       workload.micro_batch))
+        return engine, lambda: ours_state_tiers(engine), "cpu", count
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{contender} needs a CUDA GPU")
+    model = model.cuda()
+    global_batch = workload.micro_batch * WORLD  # one process takes the whole global batch
+    if contender.startswith("gpu-ours"):
+        import offload_engine
+        engine, _, _, _ = offload_engine.initialize(model, ours_config(contender, workload, state_dir, global_batch))
+        return engine, lambda: ours_state_tiers(engine), "cuda", count
+    hyper = dict(HYPER)
+    if contender == "gpu-bnb-paged8":
+        import bitsandbytes as bnb
+        opt = bnb.optim.PagedAdamW8bit(model.parameters(), **hyper)
+    elif contender == "gpu-torchao-offload":
+        from torchao.optim import CPUOffloadOptimizer
+        opt = CPUOffloadOptimizer(model.parameters(), torch.optim.AdamW, fused=True, **hyper)
+    elif contender == "gpu-torch-adamw":
+        opt = torch.optim.AdamW(model.parameters(), fused=True, **hyper)
+    else:
+        raise ValueError(f"unknown contender {contender!r}")
+    assert not dist.is_initialized()
+    return _Plain(model, opt), lambda: _plain_state_tiers(opt), "cuda", count
+
+
+def _time_phases(engine) -> dict:
+    """Wraps the phases of our engine's step (grad reduction, optimizer, param gather) in
+    timers; returns {phase: [seconds per call]}, filled as the steps run."""
+    phases: dict = {}
+
+    def timed(obj, attr, name):
+        fn = getattr(obj, attr)
+
+        def call(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                phases.setdefault(name, []).append(time.perf_counter() - t)
+        setattr(obj, attr, call)
+    timed(engine.optimizer, "step", "optimizer")
+    if engine.partition is not None:
+        timed(engine.partition, "reduce_grads", "reduce_grads")
+        timed(engine.partition, "gather_params", "gather_params")
+    return phases
+
+
+def _plain_state_tiers(opt) -> dict:
+    """State tensors by where they are; bitsandbytes' paged (managed) state counts as GPU."""
+    import torch
+    tiers = {"gpu": 0, "host": 0, "nvme": 0}
+    # torchao's CPUOffloadOptimizer: one CPU optimizer per large param, d_opt on the GPU for small ones.
+    inner = list(getattr(opt, "optim_dict", {}).values()) + [o for o in [getattr(opt, "d_opt", None)] if o]
+    states = [s for o in inner for s in o.state.values()] if inner else list(opt.state.values())
+    for s in states:
+        for v in s.values():
+            if isinstance(v, torch.Tensor) and v.numel() > 1:
+                tiers["gpu" if v.device.type == "cuda" else "host"] += v.numel() * v.element_size()
+    return tiers
+
+
+def worker(args) -> int:
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed's deprecation notes
+    import torch
+    if os.environ.get("OMP_NUM_THREADS"):  # the CPU jobs: one thread per rank; a GPU job keeps torch's default
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    import torch.distributed as dist
+
+    workload = WORKLOADS[args.model]
+    t_init = time.perf_counter()
+    engine, state_tiers, device, params = _start(args.worker, workload, args.state_dir)
+    init_s = time.perf_counter() - t_init
+    distributed = dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    phases = _time_phases(engine) if args.worker.startswith(("ours", "gpu-ours")) else {}
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    batches = Batches(workload, device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step_s, opt_s, losses = [], [], []
+    for i in range(args.warmup + args.steps):
+        x, y = batches.take(i, rank, world)
+        if distributed:
+            dist.barrier()  # every rank starts the step together: its time is the slowest rank's
+        sync()
+        t0 = time.perf_counter()
+        loss = loss_of(workload, engine(x), y)
+        engine.backward(loss)
+        sync()
+        t1 = time.perf_counter()
+        engine.step()
+        sync()
+        t2 = time.perf_counter()
+        losses.append(float(loss.detach()))
+        if i >= args.warmup:
+            step_s.append(t2 - t0)
+            opt_s.append(t2 - t1)
+    with torch.no_grad():  # the loss after the last step, on the next batch
+        x, y = batches.take(args.warmup + args.steps, rank, world)
+        final = float(loss_of(workload, engine(x), y))
+    figures = torch.tensor([final] + losses, dtype=torch.float64)
+    tiers = state_tiers()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    gpu_peak = torch.cuda.max_memory_allocated() if cuda else 0
+    if distributed:
+        times = _ranks.slowest_rank(dist, {"step": step_s, "opt": opt_s})
+        dist.all_reduce(figures)
+        figures /= world
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, {"rss": rss, "tiers": tiers})
+    else:
+        times = {"step": step_s, "opt": opt_s}
+        per_rank = [{"rss": rss, "tiers": tiers}]
+    if rank == 0:
+        result = {
+            "contender": args.worker, "model": args.model, "params": params, "world": world,
+            "tokens_per_step": batches.tokens_per_step(), "init_s": round(init_s, 2),
+            "raw_ms": _ranks.raw_ms(times), "final_loss": figures[0].item(), "losses": figures[1:].tolist(),
+            "peak_rss_max_rank": max(r["rss"] for r in per_rank), "peak_rss_sum": sum(r["rss"] for r in per_rank),
+            "peak_gpu_bytes": gpu_peak,
+            "state_bytes": {t: sum(r["tiers"][t] for r in per_rank) for t in ("gpu", "host", "nvme")},
+            "optimizer": type(getattr(engine, "optimizer", engine)).__name__,
+            # Rank 0's median per phase of engine.step() over the timed steps: where our step goes.
+            "phases_ms": {k: round(statistics.median(v[args.warmup:]) * 1e3, 2) for k, v in phases.items() if v},
+        }
+        if args.worker.startswith("ds-"):
+            import deepspeed
+            result["optimizer"] = type(engine.optimizer).__name__ + "/" + type(engine.optimizer.optimizer).__name__
+            result["deepspeed"] = deepspeed.__version__
+        with open(args.result, "w") as f:
+            json.dump(result, f)
+    if distributed:
+        dist.barrier()  # no rank tears the group down while another still uses it
+        dist.destroy_process_group()
+    return 0
+
+
+# ---- the parent: checks, launches, pools, reports --------------------------------------------------
+def _skip_reason(contender: str, have_cuda: bool) -> str | None:
+    if contender.startswith("ds-"):
+        return _ranks.deepspeed_missing()
+    if contender.startswith("gpu-"):
+        if not have_cuda:
+            return "no CUDA GPU"
+        mod = {"gpu-bnb-paged8": "bitsandbytes", "gpu-torchao-offload": "torchao.optim"}.get(contender)
+        if mod:
+            try:
+                __import__(mod)
+            except Exception as e:  # noqa: BLE001 - any failure to import is a reason to skip
+                return f"{mod} is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def _launch(contender, model, args, tmp_root, launcher) -> dict:
+    job_dir = tempfile.mkdtemp(prefix=f"{model}-{contender}-", dir=tmp_root)
+    result = os.path.join(job_dir, "result.json")
+    state_dir = os.path.join(job_dir, "state")
+    os.makedirs(state_dir)
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    script = [os.path.abspath(__file__), "--worker", contender, "--model", model, "--result", result,
+              "--state-dir", state_dir, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if contender.startswith("gpu-"):
+        env.pop("OMP_NUM_THREADS")  # one process: all cores
+        env.pop("DS_ACCELERATOR")
+        cmd = [sys.executable] + script
+    elif launcher == "deepspeed":
+        cmd = [_deepspeed_launcher(), "--num_gpus", str(WORLD), "--master_port", str(_ranks.free_port())] + script
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"] + script
+    print(f"> {model} {contender}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    try:
+        code = _ranks.run_job(cmd, env, args.timeout)
+        if code != 0 or not os.path.exists(result):
+            raise RuntimeError(f"{contender} on {model} failed (exit {code}); see its output above")
+        with open(result) as f:
+            out = json.load(f)
+    finally:
+        shutil.rmtree(job_dir, ignore_errors=True)
+    out["wall_s"] = round(time.perf_counter() - t, 1)
+    out["launcher"] = "python" if contender.startswith("gpu-") else launcher
+    return out
+
+
+def _deepspeed_launcher() -> str:
+    beside = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return beside if os.path.exists(beside) else shutil.which("deepspeed")
+
+
+def _report(record: dict, args) -> int:
+    print(_vs_report.table(record), flush=True)
+    if args.json and not args.from_json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    if args.plots_dir:
+        for path in _vs_report.plots(record, args.plots_dir):
+            print(f"> wrote {path}", file=sys.stderr)
+    agree = all(c["fp32_losses_agree"] for c in record["checks"].values())
+    return 0 if agree and not record.get("errors") else 1
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    if args.from_json:  # the table and plots again from a saved record (checks recomputed)
+        with open(args.from_json) as f:
+            record = json.load(f)
+        record["checks"] = _vs_report.checks(record["results"], FP32_STATE, record["loss_rtol"])
+        return _report(record, args)
+    # SIGTERM ends the job under way too: run_job kills its session on the SystemExit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    import torch
+    have_cuda = torch.cuda.is_available()
+    models = args.models.split(",")
+    for m in models:
+        if m not in WORKLOADS:
+            raise SystemExit(f"--models: unknown model {m!r}; choose from {', '.join(WORKLOADS)}")
+    wanted = (args.contenders.split(",") if args.contenders
+              else list(CPU_CONTENDERS) + (list(GPU_CONTENDERS) if args.gpu else []))
+    known = set(CPU_CONTENDERS) | set(GPU_CONTENDERS) | {"ours-nvme-8bit"}
+    for c in wanted:
+        if c not in known:
+            raise SystemExit(f"--contenders: unknown contender {c!r}; choose from {', '.join(sorted(known))}")
+    skipped = {c: r for c in wanted if (r := _skip_reason(c, have_cuda))}
+    if any(c.startswith("ds-") for c in wanted) and not any(c.startswith("ds-") for c in skipped):
+        reason = _ranks.build_deepspeed_ops()
+        if reason:
+            skipped.update({c: reason for c in wanted if c.startswith("ds-")})
+    for c, reason in skipped.items():
+        print(f"> skipping {c}: {reason}", file=sys.stderr, flush=True)
+    contenders = [c for c in wanted if c not in skipped]
+    launcher = args.launcher or ("deepspeed" if _deepspeed_launcher() else "torchrun")
+
+    record = {"benchmark": "vs_deepspeed", "date": time.strftime("%Y-%m-%d %H:%M"),
+              "machine": {"cpu": _vs_report.cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+                          "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if have_cuda else None},
+              "world": WORLD, "launcher": launcher,
+              "hyper": {k: list(v) if isinstance(v, tuple) else v for k, v in HYPER.items()},
+              "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "contenders": contenders,
+              "skipped": skipped, "loss_rtol": args.loss_rtol,
+              "loadavg_before": _ranks.loadavg(), "busiest_before": _ranks.busiest_processes()}
+    if record["loadavg_before"][0] > 1.0:
+        print(f"> note: load average {record['loadavg_before'][0]}: timings will be noisy "
+              f"({'; '.join(record['busiest_before'])})", file=sys.stderr, flush=True)
+    tmp_root = tempfile.mkdtemp(prefix="vs_deepspeed-", dir=args.nvme_dir)
+    runs: dict = {m: {c: [] for c in contenders} for m in models}
+    failed = []
+    try:
+        for m in models:
+            for rnd in range(args.rounds):
+                order = contenders[rnd % len(contenders):] + contenders[:rnd % len(contenders)] if contenders else []
+                for c in order:
+                    if c in failed:
+                        continue
+                    try:
+                        runs[m][c].append(_launch(c, m, args, tmp_root, launcher))
+                    except (RuntimeError, OSError) as e:
+                        print(f"> {e}", file=sys.stderr, flush=True)
+                        record.setdefault("errors", {})[f"{m}/{c}"] = str(e)
+                        failed.append(c)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    record["loadavg_after"] = _ranks.loadavg()
+    record["results"] = _vs_report.pool(runs)
+    record["checks"] = _vs_report.checks(record["results"], FP32_STATE, args.loss_rtol)
+    return _report(record, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""benchmarks/vs_deepspeed.py at a tiny size: our contenders train the same job at 2 ranks and
+the record has every figure the docs table needs; the fp32 runs end at the same loss. No
+timing is asserted. DeepSpeed's contenders are left out here: each of their jobs takes over
+10 s to start at 2 ranks on 2 cores (and minutes to JIT-build its ops on a fresh machine);
+the benchmark itself runs them."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "vs_deepspeed.py"
+OURS = ("ours-host", "ours-nvme", "ours-8bit")
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("vs_deepspeed")
+    cmd = [sys.executable, str(SCRIPT), "--models", "tiny-gpt", "--contenders", ",".join(OURS), "--steps", "2",
+           "--warmup", "1", "--rounds", "1", "--launcher", "torchrun", "--nvme-dir", str(out),
+           "--json", str(out / "record.json"), "--plots-dir", str(out / "plots")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    rec = json.loads((out / "record.json").read_text())
+    rec["_stdout"], rec["_out"] = proc.stdout, out
+    return rec
+
+
+def test_every_contender_reports_every_figure(record):
+    assert record["contenders"] == list(OURS) and not record.get("errors")
+    assert record["launcher"] == "torchrun" and record["world"] == 2
+    results = record["results"]["tiny-gpt"]
+    assert set(results) == set(OURS)
+    for name, r in results.items():
+        assert r["world"] == 2 and r["params"] > 0 and r["tokens_per_step"] == 4 * 2 * 8, name
+        assert r["step_ms"]["n"] == 2 and 0 < r["opt_ms"]["median"] <= r["step_ms"]["max"], name
+        assert r["tokens_per_s"] > 0 and r["peak_rss_max_rank"] > 0, name
+        assert r["peak_rss_sum"] >= r["peak_rss_max_rank"] and r["peak_gpu_bytes"] == 0, name
+        assert set(r["state_bytes"]) == {"gpu", "host", "nvme"} and r["state_bytes"]["gpu"] == 0, name
+        assert math.isfinite(r["final_loss"]) and len(r["losses"]) == 3, name
+    # Where each keeps its state: host pages; an NVMe file (and a host slot pool); 8-bit host pages.
+    assert results["ours-host"]["state_bytes"]["nvme"] == 0 and results["ours-host"]["state_bytes"]["host"] > 0
+    assert results["ours-nvme"]["state_bytes"]["nvme"] > 0
+    assert results["ours-8bit"]["optimizer"] == "PagedAdamW8bit"
+    assert {results[c]["optimizer"] for c in ("ours-host", "ours-nvme")} == {"PagedAdamW"}
+
+
+def test_fp32_runs_end_at_the_same_loss_and_8bit_near_it(record):
+    """The host and NVMe stores run the same kernel on the same pages: the same loss bit for
+    bit. 8-bit moments end within a percent after 3 steps."""
+    chk = record["checks"]["tiny-gpt"]
+    assert chk["loss_reference"] == "ours-host" and chk["fp32_losses_agree"]
+    results = record["results"]["tiny-gpt"]
+    assert results["ours-nvme"]["losses"] == results["ours-host"]["losses"]
+    assert results["ours-nvme"]["final_loss"] == results["ours-host"]["final_loss"]
+    assert chk["loss_rel_diff"]["ours-8bit"] < 1e-2
+    assert chk["ratios"] == {}  # no DeepSpeed anchor in this run
+
+
+def test_table_and_plots(record):
+    out = record["_stdout"]
+    assert "| model | params | contender |" in out and "tiny-gpt: fp32-state losses agree" in out
+    for name in ("vs_deepspeed_step.png", "vs_deepspeed_memory.png"):
+        png = record["_out"] / "plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_checks_flag_disagreeing_losses_and_missed_targets():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _vs_report
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def result(ms, loss):
+        return {"step_ms": {"median": ms}, "opt_ms": {"median": ms / 2}, "final_loss": loss}
+    results = {"m": {"ds-zero2-cpu": result(200.0, 1.0), "ours-host": result(90.0, 1.0 + 1e-7),
+                     "ds-zero3-nvme": result(400.0, 1.0), "ours-nvme": result(250.0, 1.01)}}
+    chk = _vs_report.checks(results, {"ds-zero2-cpu", "ours-host", "ds-zero3-nvme", "ours-nvme"}, 1e-4)["m"]
+    assert not chk["fp32_losses_agree"] and chk["fp32_max_rel_diff"] == pytest.approx(0.01)
+    assert chk["ratios"]["ours-host/ds-zero2-cpu"] == {"step": 0.45, "opt": 0.45, "target": 0.5, "met": True}
+    assert chk["ratios"]["ours-nvme/ds-zero3-nvme"]["met"] is False
