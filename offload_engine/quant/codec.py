@@ -101,7 +101,8 @@ def encode_decoded(x: torch.Tensor, fmt: BlockFormat, signed: bool, block: int):
     codes, absmax = quantize_blockwise(x, fmt, signed, block)
     n = x.numel()
     xb = torch.nn.functional.pad(x.reshape(-1).to(torch.float32), (0, -n % block)).view(-1, block)
-    real = (torch.arange(xb.numel(), device=xb.device) < n).view(-1, block)  # padding is never decoded
+    real = torch.full((xb.shape[0],), block, device=xb.device)  # elements per block: padding is never decoded
+    real[-1] = n - (xb.shape[0] - 1) * block
     code_map = fmt.code_map(signed).to(xb.device)
     done = _decodes_to(codes, absmax, xb, real, code_map, fmt.bits)
     edges = {abs(v) for v in (code_map[0].item(), code_map[-1].item())} - {0.0, 1.0}
@@ -129,9 +130,11 @@ def encode_decoded(x: torch.Tensor, fmt: BlockFormat, signed: bool, block: int):
 
 
 def _decodes_to(codes, absmax, xb, real, code_map, bits) -> torch.Tensor:
-    """Per block (row of xb): whether codes and absmax decode to xb's real elements bit for bit."""
+    """Per block (row of xb): whether codes and absmax decode to the block's first `real`
+    elements bit for bit."""
     decoded = code_map[unpack(codes, bits).long()].view(xb.shape) * absmax[:, None]
-    return ((decoded.view(torch.int32) == xb.view(torch.int32)) | ~real).all(dim=1)
+    padding = torch.arange(xb.shape[1], device=xb.device)[None, :] >= real[:, None]
+    return ((decoded.view(torch.int32) == xb.view(torch.int32)) | padding).all(dim=1)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
