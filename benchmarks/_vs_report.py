@@ -12,6 +12,9 @@ from _ranks import summarize
 TARGETS = (("ours-host", "ds-zero2-cpu"), ("ours-nvme", "ds-zero3-nvme"))
 TARGET = 0.5
 GPU_CEILING = "gpu-torch-adamw"
+# Ours against the anchor that keeps the same state in the same place: fp32 state in host RAM
+# (torchao's CPU offload), 8-bit state outside GPU memory (bitsandbytes' paged, managed memory).
+GPU_PAIRS = (("gpu-ours-host", "gpu-torchao-offload"), ("gpu-ours-host-8bit", "gpu-bnb-paged8"))
 
 
 def cpu_name() -> str:
@@ -81,6 +84,11 @@ def checks(results: dict, fp32_state: set, rtol: float) -> dict:
                 if c.startswith("gpu-") and c != GPU_CEILING:
                     ratios[f"{c}/{GPU_CEILING}"] = {
                         "step": round(r["step_ms"]["median"] / by[GPU_CEILING]["step_ms"]["median"], 3)}
+        for ours, anchor in GPU_PAIRS:
+            if ours in by and anchor in by:
+                ratios[f"{ours}/{anchor}"] = {
+                    "step": round(by[ours]["step_ms"]["median"] / by[anchor]["step_ms"]["median"], 3),
+                    "opt": round(by[ours]["opt_ms"]["median"] / by[anchor]["opt_ms"]["median"], 3)}
         out[model] = {"loss_reference": ref, "loss_rel_diff": {c: float(f"{v:.3g}") for c, v in rel.items()},
                       "fp32_max_rel_diff": float(f"{worst:.3g}"), "fp32_losses_agree": worst <= rtol,
                       "ratios": ratios}
@@ -124,12 +132,17 @@ def table(record: dict) -> str:
 # ---- plots ---------------------------------------------------------------------------------------
 _STYLE = {"ds-zero2-cpu": ("tab:red", "o", "-"), "ds-zero3-nvme": ("tab:red", "s", "--"),
           "ours-host": ("tab:blue", "o", "-"), "ours-nvme": ("tab:blue", "s", "--"),
-          "ours-8bit": ("tab:green", "^", "-"), "ours-nvme-8bit": ("tab:green", "v", "--")}
+          "ours-8bit": ("tab:green", "^", "-"), "ours-nvme-8bit": ("tab:green", "v", "--"),
+          "gpu-ours-host": ("tab:blue", "o", "-"), "gpu-ours-host-8bit": ("tab:green", "^", "-"),
+          "gpu-bnb-paged8": ("tab:purple", "D", "--"), "gpu-torchao-offload": ("tab:orange", "s", "--"),
+          "gpu-torch-adamw": ("black", "x", ":")}
 
 
 def plots(record: dict, out_dir: str) -> list[str]:
     """Step time and memory against model size, one line per contender over the GPT sizes (the
-    8x Linear model is in the table); returns the files written (none without matplotlib)."""
+    8x Linear model is in the table); returns the files written (none without matplotlib).
+    A record of GPU contenders only (one process each) plots every model, names its files
+    vs_deepspeed_gpu_*.png, and shows peak GPU memory where the CPU plots show NVMe bytes."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -137,13 +150,16 @@ def plots(record: dict, out_dir: str) -> list[str]:
     except ImportError:
         return []
     results = record["results"]
-    models = [m for m in results if m.startswith("gpt")] or list(results)
+    gpu = bool(record["contenders"]) and all(c.startswith("gpu-") for c in record["contenders"])
+    prefix = "vs_deepspeed_gpu" if gpu else "vs_deepspeed"
+    models = list(results) if gpu else [m for m in results if m.startswith("gpt")] or list(results)
     models.sort(key=lambda m: min(r["params"] for r in results[m].values()) if results[m] else 0)
     contenders = [c for c in record["contenders"] if any(c in results[m] for m in models)]
     if not models or not contenders:
         return []
     os.makedirs(out_dir, exist_ok=True)
-    title = f"{record['machine']['cpu']}, {record['world']} ranks, {record['date']}"
+    title = (f"{record['machine']['gpu']}, one process, {record['date']}" if gpu
+             else f"{record['machine']['cpu']}, {record['world']} ranks, {record['date']}")
 
     def series(c, fn):
         pts = [(results[m][c]["params"] / 1e6, fn(results[m][c])) for m in models if c in results[m]]
@@ -170,12 +186,12 @@ def plots(record: dict, out_dir: str) -> list[str]:
         line(ax, c, lambda r: r["step_ms"]["median"], label=c)
     size_axis(ax)
     ax.set_yscale("log")
-    ax.set_ylabel("median train step (ms), slowest rank")
+    ax.set_ylabel("median train step (ms)" if gpu else "median train step (ms), slowest rank")
     ax.set_title(f"Train step vs model size\n{title}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.join(out_dir, "vs_deepspeed_step.png")
+    path = os.path.join(out_dir, f"{prefix}_step.png")
     fig.savefig(path)
     plt.close(fig)
     written.append(path)
@@ -184,6 +200,8 @@ def plots(record: dict, out_dir: str) -> list[str]:
     panels = [("peak RSS, sum over ranks (MiB)", "Host memory of the job", lambda r: r["peak_rss_sum"]),
               ("optimizer state in host RAM (MiB)", "Optimizer state in host RAM", lambda r: r["state_bytes"]["host"]),
               ("optimizer state on NVMe (MiB)", "Optimizer state on NVMe (files)", lambda r: r["state_bytes"]["nvme"])]
+    if gpu:  # nothing goes to NVMe here; what the GPU holds is the question
+        panels[2] = ("peak GPU memory, torch's allocator (MiB)", "GPU memory of the job", lambda r: r["peak_gpu_bytes"])
     for ax, (ylabel, name, fn) in zip(axes, panels):
         for c in contenders:
             line(ax, c, lambda r, fn=fn: fn(r) / 2**20, label=c)
@@ -194,7 +212,7 @@ def plots(record: dict, out_dir: str) -> list[str]:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = os.path.join(out_dir, "vs_deepspeed_memory.png")
+    path = os.path.join(out_dir, f"{prefix}_memory.png")
     fig.savefig(path)
     plt.close(fig)
     written.append(path)

@@ -85,3 +85,19 @@ def test_checks_flag_disagreeing_losses_and_missed_targets():
     assert not chk["fp32_losses_agree"] and chk["fp32_max_rel_diff"] == pytest.approx(0.01)
     assert chk["ratios"]["ours-host/ds-zero2-cpu"] == {"step": 0.45, "opt": 0.45, "target": 0.5, "met": True}
     assert chk["ratios"]["ours-nvme/ds-zero3-nvme"]["met"] is False
+
+
+def test_gpu_record_redraws_with_its_own_plots_and_same_format_ratios(tmp_path):
+    """The committed H100 record: --from-json prints the GPU table with ours against the
+    anchor that keeps the same state in the same place, and writes the GPU plots under their
+    own names (the CPU plots in docs/img are not overwritten)."""
+    saved = ROOT / "docs" / "img" / "vs_deepspeed_gpu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_deepspeed.py"), "--from-json", str(saved),
+                           "--plots-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(saved.read_text())
+    by = record["results"]["gpt-350m"]
+    want = by["gpu-ours-host"]["step_ms"]["median"] / by["gpu-torchao-offload"]["step_ms"]["median"]
+    assert f"gpu-ours-host/gpu-torchao-offload: step {want:.2f}x" in proc.stdout
+    assert "gpu-ours-host-8bit/gpu-bnb-paged8: step" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vs_deepspeed_gpu_memory.png", "vs_deepspeed_gpu_step.png"]
