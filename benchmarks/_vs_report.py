@@ -49,6 +49,7 @@ def pool(runs: dict) -> dict:
                 "tokens_per_s": round(first["tokens_per_step"] / (step_ms["median"] / 1e3), 1),
                 "peak_rss_max_rank": max(r["peak_rss_max_rank"] for r in rounds),
                 "peak_rss_sum": max(r["peak_rss_sum"] for r in rounds),
+                "pss_sum_end": max(r.get("pss_sum_end", 0) for r in rounds),
                 "peak_gpu_bytes": max(r["peak_gpu_bytes"] for r in rounds),
                 "state_bytes": first["state_bytes"],
                 "phases_ms": first.get("phases_ms", {}),
@@ -101,9 +102,9 @@ def _mib(n: int) -> str:
 
 def table(record: dict) -> str:
     head = ("| model | params | contender | step ms median (p10-p90) | engine.step ms | tokens/s | "
-            "peak RSS MiB (largest rank / node) | peak GPU MiB | state MiB host / NVMe / GPU | loss after N | "
+            "peak RSS MiB (largest rank / node) | node PSS MiB at end | peak GPU MiB | state MiB host / NVMe / GPU | loss after N | "
             "vs loss ref |")
-    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for model, by in record["results"].items():
         chk = record["checks"][model]
         for c, r in by.items():
@@ -111,7 +112,8 @@ def table(record: dict) -> str:
             lines.append(
                 f"| {model} | {r['params'] / 1e6:.1f}M | {c} | {s['median']:.1f} ({s['p10']:.0f}-{s['p90']:.0f}) | "
                 f"{o['median']:.1f} | {r['tokens_per_s']:,.0f} | {_mib(r['peak_rss_max_rank'])} / "
-                f"{_mib(r['peak_rss_sum'])} | {_mib(r['peak_gpu_bytes']) if r['peak_gpu_bytes'] else '-'} | "
+                f"{_mib(r['peak_rss_sum'])} | {_mib(r['pss_sum_end']) if r.get('pss_sum_end') else '-'} | "
+                f"{_mib(r['peak_gpu_bytes']) if r['peak_gpu_bytes'] else '-'} | "
                 f"{_mib(st['host'])} / {_mib(st['nvme'])} / {_mib(st['gpu'])} | {r['final_loss']:.6f} | "
                 f"{chk['loss_rel_diff'].get(c, float('nan')):.1e} |")
     lines.append("")

@@ -29,7 +29,9 @@ A contender whose package does not import is reported as skipped, not fatal.
 Each step is timed after a barrier as the slowest rank's: "step" = forward + backward +
 engine.step(), "opt" = engine.step() alone (DeepSpeed's ZeRO-2 reduces grads inside backward,
 ours inside step(), so compare full steps). Per contender: the median of the timed steps of
-all rounds, tokens/s, peak RSS (the largest rank's, and the node's sum), peak GPU memory, the
+all rounds, tokens/s, peak RSS (the largest rank's, and the node's sum), the node's PSS after
+the last step (the sum over ranks of each one's proportional set size: memory the ranks share
+counts once, where the RSS sum counts it per rank), peak GPU memory, the
 optimizer state's bytes per tier summed over ranks, and the loss after the last step (on the
 next step's batch, averaged over ranks). Contenders alternate within each round, and rounds
 rotate their order, so background load hits all alike; the load average goes in the record.
@@ -242,22 +244,24 @@ def worker(args) -> int:
     figures = torch.tensor([final] + losses, dtype=torch.float64)
     tiers = state_tiers()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    pss = _pss_bytes()
     gpu_peak = torch.cuda.max_memory_allocated() if cuda else 0
     if distributed:
         times = _ranks.slowest_rank(dist, {"step": step_s, "opt": opt_s})
         dist.all_reduce(figures)
         figures /= world
         per_rank = [None] * world
-        dist.all_gather_object(per_rank, {"rss": rss, "tiers": tiers})
+        dist.all_gather_object(per_rank, {"rss": rss, "pss": pss, "tiers": tiers})
     else:
         times = {"step": step_s, "opt": opt_s}
-        per_rank = [{"rss": rss, "tiers": tiers}]
+        per_rank = [{"rss": rss, "pss": pss, "tiers": tiers}]
     if rank == 0:
         result = {
             "contender": args.worker, "model": args.model, "params": params, "world": world,
             "tokens_per_step": batches.tokens_per_step(), "init_s": round(init_s, 2),
             "raw_ms": _ranks.raw_ms(times), "final_loss": figures[0].item(), "losses": figures[1:].tolist(),
             "peak_rss_max_rank": max(r["rss"] for r in per_rank), "peak_rss_sum": sum(r["rss"] for r in per_rank),
+            "pss_sum_end": sum(r["pss"] for r in per_rank),
             "peak_gpu_bytes": gpu_peak,
             "state_bytes": {t: sum(r["tiers"][t] for r in per_rank) for t in ("gpu", "host", "nvme")},
             "optimizer": type(getattr(engine, "optimizer", engine)).__name__,
@@ -273,6 +277,20 @@ def worker(args) -> int:
     if distributed:
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
+    return 0
+
+
+def _pss_bytes() -> int:
+    """This process's proportional set size now (Linux; 0 elsewhere): memory shared between
+    ranks (our shared params, libraries) counts once over the node, split between them, where
+    RSS counts it in every rank."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # no /proc: 0, which the table shows as "-"
+        return 0
     return 0
 
 

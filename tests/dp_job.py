@@ -19,6 +19,10 @@ ap.add_argument("--bf16", action="store_true")
 ap.add_argument("--nonfinite-at", type=int, default=0, help="make one rank's loss inf at this step")
 ap.add_argument("--chunk-elements", type=int, default=0,
                 help="collectives' chunks and buckets of this many elements (several per step), counted")
+ap.add_argument("--shared-memory", choices=("on", "off"), default="on",
+                help="data_parallel.shared_memory (on: the ranks of this host share params and grads)")
+ap.add_argument("--shm-fallback", choices=("", "small-dir", "hosts"), default="",
+                help="make shared memory impossible: a directory it cannot be created in, or each rank on its own host")
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
 
@@ -39,6 +43,15 @@ if args.chunk_elements:
     for _name in ("all_reduce", "all_gather", "broadcast", "isend", "irecv"):
         setattr(dist, _name, _counted(_name, getattr(dist, _name)))
 
+if args.shm_fallback == "small-dir":
+    from offload_engine.engine import shared_memory as _shm
+
+    _shm.SHM_DIR = "/proc/self"  # no file can be created there
+elif args.shm_fallback == "hosts":
+    from offload_engine.engine import shared_memory as _shm
+
+    _shm._host_id = lambda: (f"host-of-rank-{os.environ['RANK']}", "boot")
+
 world, rank = 1, 0
 if "RANK" in os.environ:
     dist.init_process_group("gloo")
@@ -52,7 +65,8 @@ model = torch.nn.Sequential(torch.nn.Linear(33, 257), torch.nn.Tanh(), torch.nn.
                             torch.nn.Linear(65, 5))
 config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 2, "gradient_clipping": 0.5,
           "optimizer": {"type": args.optimizer, "params": {"lr": 1e-2, "weight_decay": 0.01}},
-          "paging": {"page_size_mb": 1 / 32}, "bf16": {"enabled": args.bf16}}
+          "paging": {"page_size_mb": 1 / 32}, "bf16": {"enabled": args.bf16},
+          "data_parallel": {"shared_memory": args.shared_memory == "on"}}
 engine, optimizer, _, _ = offload_engine.initialize(model, config)
 
 data = torch.Generator().manual_seed(1)
@@ -81,10 +95,29 @@ for step in range(1, args.steps + 1):
 
 saved = str(engine.save_checkpoint(f"{args.out}.ckpt")) if world > 1 else None
 
+# Whether the ranks' params are one memory: rank 0 changes an element, every rank reads it.
+seen = None
+if world > 1:
+    p0 = next(model.parameters())
+    before = p0.detach().view(-1)[0].item()
+    dist.barrier()
+    if rank == 0:
+        with torch.no_grad():
+            p0.view(-1)[0] = 12345.0
+    dist.barrier()
+    seen = p0.detach().view(-1)[0].item() == 12345.0
+    dist.barrier()
+    if rank == 0:
+        with torch.no_grad():
+            p0.view(-1)[0] = before
+    dist.barrier()
+
 held = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if optimizer.state.get(p))
 result = {"rank": rank, "world": world, "losses": losses, "norms": norms, "elements_with_state": held,
           "skipped": engine.skipped_steps, "checkpoint": saved, "global_steps": engine.global_steps,
           "calls": calls, "scratch": scratch,
+          "transport": engine.partition.transport if engine.partition is not None else None,
+          "seen_rank0_change": seen,
           "state_bytes": optimizer.paging_stats()["state_bytes"] if hasattr(optimizer, "paging_stats") else None}
 if world > 1:
     dist.barrier()

@@ -2,6 +2,7 @@
 separate processes (as torchrun starts them) against one process on the same global batch."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -49,15 +50,16 @@ def test_two_ranks_match_one_process(tmp_path, name, eight_bit):
 
 
 def test_gloo_collectives_reduce_to_owners_in_chunks_through_reused_buffers(tmp_path):
-    """On gloo the grads go to their owners by isend/irecv and the params back by broadcasts
+    """With shared memory off (data_parallel.shared_memory false), on gloo the grads go to their owners by isend/irecv and the params back by broadcasts
     ([Note: reduce to owners], [Note: gather by broadcast]), no all_gather and no all-reduce of
     grads, in chunks of at most the chunk size, through buffers allocated once: the same
     addresses every step ([Note: collective buffers]). Many small chunks give the same
     training as one process."""
     single = run_job(tmp_path, 1, "--steps", 4)[0]["result"]
-    ranks = run_job(tmp_path, 2, "--steps", 4, "--chunk-elements", 1000)
+    ranks = run_job(tmp_path, 2, "--steps", 4, "--chunk-elements", 1000, "--shared-memory", "off")
     for r in ranks:
         res = r["result"]
+        assert res["transport"] == "gloo" and res["seen_rank0_change"] == (res["rank"] == 0)
         assert res["losses"] == pytest.approx(single["losses"], rel=1e-6)
         assert res["norms"] == pytest.approx(single["norms"], rel=1e-5)
         calls = res["calls"]
@@ -70,6 +72,46 @@ def test_gloo_collectives_reduce_to_owners_in_chunks_through_reused_buffers(tmp_
     assert [r["result"]["calls"]["isend"] for r in ranks] == [r["result"]["calls"]["irecv"] for r in ranks[::-1]]
     for key in ranks[0]["params"]:
         assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), key
+
+
+def _offload_engine_shm_files() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("offload_engine-")}
+    except OSError:
+        return set()
+
+
+def test_same_host_ranks_share_params_and_hand_grads_over_in_shared_memory(tmp_path):
+    """[Note: shared params]: the two ranks' params are one memory (a change on rank 0 is seen
+    on rank 1), no grad or param goes through a gloo collective (only flags, norms and
+    barriers), training matches one process as the gloo path does, and no file is left in
+    /dev/shm. Chunks of 1000 elements also split the owners' sums into many pieces."""
+    before = _offload_engine_shm_files()
+    single = run_job(tmp_path, 1, "--steps", 4)[0]
+    ranks = run_job(tmp_path, 2, "--steps", 4, "--chunk-elements", 1000)
+    for r in ranks:
+        res = r["result"]
+        assert res["transport"] == "shared memory"
+        assert res["seen_rank0_change"] is True
+        assert res["losses"] == pytest.approx(single["result"]["losses"], rel=1e-6)
+        assert res["norms"] == pytest.approx(single["result"]["norms"], rel=1e-5)
+        assert not {"isend", "irecv", "broadcast", "all_gather"} & set(res["calls"]), res["calls"]
+    for key, value in single["params"].items():
+        assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), key
+        torch.testing.assert_close(ranks[0]["params"][key], value, rtol=1e-5, atol=1e-6)
+    assert _offload_engine_shm_files() <= before
+
+
+@pytest.mark.parametrize("fallback", ["small-dir", "hosts"])
+def test_without_shared_memory_the_ranks_fall_back_to_gloo(tmp_path, fallback):
+    """A /dev/shm that cannot hold the arena, or ranks on different hosts: every rank takes the
+    gloo path, and trains as before."""
+    single = run_job(tmp_path, 1, "--steps", 3)[0]["result"]
+    ranks = run_job(tmp_path, 2, "--steps", 3, "--shm-fallback", fallback)
+    for r in ranks:
+        res = r["result"]
+        assert res["transport"] == "gloo" and res["seen_rank0_change"] == (res["rank"] == 0)
+        assert res["losses"] == pytest.approx(single["losses"], rel=1e-6)
 
 
 def test_a_nonfinite_grad_on_one_rank_skips_the_step_on_all(tmp_path):
@@ -109,3 +151,21 @@ def test_bf16_params_with_fp32_masters_stay_identical_across_ranks(tmp_path):
         assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), key
     for r in ranks:
         assert r["result"]["losses"] == pytest.approx(single["result"]["losses"], rel=1e-2)
+
+
+def test_reserving_shared_memory_that_does_not_fit_fails_cleanly(tmp_path, monkeypatch):
+    """posix_fallocate failing (a full tmpfs) gives a reason with the sizes and leaves no file:
+    the ranks then use gloo instead of meeting SIGBUS at the first page beyond the tmpfs."""
+    import errno
+
+    from offload_engine.engine import shared_memory
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    path, why = shared_memory._reserve(str(tmp_path), 3 << 20)
+    assert path is None and "cannot hold 3 MiB" in why and "No space left" in why and "MiB free" in why
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    path, why = shared_memory._reserve(str(tmp_path), 3 << 20)
+    assert why == "" and os.path.getsize(path) == 3 << 20

@@ -18,6 +18,7 @@ from .introspect import describe_field
 from .loader import load_config
 from .models import (
     BF16Config,
+    DataParallelConfig,
     EngineConfig,
     FP16Config,
     OffloadOptimizerConfig,
@@ -298,6 +299,7 @@ def render() -> str:
              "\n", _section("zero_optimization.offload_optimizer", OffloadOptimizerConfig,
                             "zero_optimization.offload_optimizer."),
              "\n", _section("paging", PagingConfig, "paging."),
+             "\n", _section("data_parallel", DataParallelConfig, "data_parallel."),
              "\n", BATCH, _batch_examples(),
              "\n", _optimizer_docs(),
              "\n", RESOLUTION, "\n", _resolution_table(),

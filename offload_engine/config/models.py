@@ -18,6 +18,7 @@ from .scheduler_models import SCHEDULER_SECTIONS
 
 __all__ = [
     "BF16Config",
+    "DataParallelConfig",
     "EngineConfig",
     "FP16Config",
     "OffloadOptimizerConfig",
@@ -127,6 +128,16 @@ class PagingConfig(Section):
                           "pinning buys nothing.")
 
 
+class DataParallelConfig(Section):
+    """How data-parallel ranks exchange grads and params (this package's own section)."""
+
+    shared_memory: bool = Field(
+        True, description="When every rank runs on one host (gloo, CPU params), keep one copy of the params in "
+                          "shared memory (/dev/shm) for all of them and hand grads to their owners there instead of "
+                          "over gloo; falls back to gloo, with the reason logged, where it cannot (several hosts, "
+                          "too little /dev/shm). false = always gloo.")
+
+
 class EngineConfig(Section):
     """A complete engine configuration (DeepSpeed-style JSON). Use ``load_config`` to build one."""
 
@@ -148,6 +159,8 @@ class EngineConfig(Section):
     bf16: BF16Config = Field(default_factory=BF16Config, description="bf16 mixed precision.")
     zero_optimization: ZeroConfig = Field(default_factory=ZeroConfig, description="DeepSpeed ZeRO settings.")
     paging: PagingConfig = Field(default_factory=PagingConfig, description="Optimizer state placement and paging.")
+    data_parallel: DataParallelConfig = Field(default_factory=DataParallelConfig,
+                                              description="Data-parallel communication.")
 
     _world_size: int = PrivateAttr(1)
 

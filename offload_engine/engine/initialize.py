@@ -66,7 +66,8 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
                              "partition of the params; pass a callable that builds it from params (or use the "
                              "config's optimizer section), not a built optimizer")
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-        partition = Partition([p for g in groups for p in g["params"]])
+        partition = Partition([p for g in groups for p in g["params"]],
+                              shared_memory=cfg.data_parallel.shared_memory)
         params = partition.shard_groups(groups)
 
     if optimizer is not None and cfg.optimizer is not None:

@@ -38,20 +38,41 @@ the all-reduce of 33 MiB, 2 CPU ranks). gloo's own reduce_scatter is slower than
 all-reduce. The global grad norm is then the shards' norms combined (grad_norm). NCCL keeps
 the all-reduce. With 2 ranks the sum of the two grads is the all-reduce's, bit for bit.
 
+[Note: shared params] When the ranks share a host (gloo, CPU params; shared_memory.py), the
+trainable params move into one shared-memory file: every rank's model points at the same
+bytes, so an owner's update is every rank's, and gather_params is a barrier. The grads go to
+their owners through per-rank outboxes in the same file (pack, barrier, the owner adds its
+peers' outboxes into its own grads), so no grad or param crosses gloo; a step's collectives
+are the flag all-reduce, one barrier each side of the update, and the norm's all-reduce.
+Ordering, by barrier: an owner reads the outboxes only after every rank wrote its own
+(after its backward: no rank still reads the params the update will write); a rank writes
+its outbox again only after the next step's flag all-reduce, which no rank passes before every
+owner has finished reading; the next forward starts after gather_params' barrier, when every
+owner has written its slices. Rank 0's params become every rank's at setup (DeepSpeed
+broadcasts rank 0's at initialize too). The node then holds one copy of the params instead of
+one per rank. Any failure to set it up (another host, a small /dev/shm, params that share
+storage with other tensors) leaves the gloo path above, with the reason logged.
+
 Every rank computes the same partition from the same param list; nothing is negotiated.
 A checkpoint records the split, and each rank's state is written with the element ranges it
 covers, so it reloads at any world size ([Note: world-size-free checkpoints] in reshard.py).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 
 from ..optim.sharded import mark_full_numel
+from .shared_memory import SharedArena, aligned, same_host
+
+log = logging.getLogger(__name__)
 
 ALIGN = 4096
 _BUCKET_ELEMENTS = 16 << 20  # fp32 elements per all-reduce bucket or broadcast chunk (64 MiB)
 _CHUNK_ELEMENTS = 4 << 20  # fp32 elements per chunk of the reduction to owners (16 MiB per buffer, 3 buffers)
+_PIECE_ELEMENTS = 1 << 18  # an owner sums its peers' outboxes 1 MiB of fp32 at a time: the divide finds it in cache
 
 
 def split_points(numels: list[int], world: int, align: int = ALIGN) -> list[int]:
@@ -77,7 +98,7 @@ class Partition:
     """This rank's share of `params` (the trainable params, in a fixed order shared by every
     rank) and the collectives around its optimizer step."""
 
-    def __init__(self, params: list[torch.Tensor], group=None):
+    def __init__(self, params: list[torch.Tensor], group=None, shared_memory: bool = True):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
@@ -95,6 +116,11 @@ class Partition:
         self.groups: list[list[torch.Tensor]] = [self.params]  # the full params per optimizer group (shard_groups)
         self.any_grad = False  # whether some rank had a grad at the last reduce_grads
         self._scratch_of: dict = {}  # (use, dtype) -> a reused flat buffer ([Note: collective buffers])
+        # ([Note: shared params]) before the shards are cut: they must alias the shared params.
+        self._outbox: list[dict[int, torch.Tensor]] | None = None  # [rank][owner] -> fp32 grads for owner
+        self.transport = dist.get_backend(group)
+        if shared_memory and self.transport == "gloo" and self.params:
+            self._share_params()
         start = 0
         for p, n in zip(self.params, numels):
             a, b = max(lo, start) - start, min(hi, start + n) - start
@@ -119,6 +145,79 @@ class Partition:
     def shards(self) -> list[torch.nn.Parameter]:
         return list(self.shard_of.values())
 
+    # ---- same-host shared memory ([Note: shared params]) ---------------------------------------
+    def _share_params(self) -> None:
+        """Moves the params into a shared-memory arena and lays out the grad outboxes there;
+        leaves everything as it was (and says why) when that cannot be done. A collective."""
+        why = ""
+        if any(p.device.type != "cpu" for p in self.params):
+            why = "the params are not all in CPU memory"
+        elif any(p.untyped_storage().nbytes() != p.numel() * p.element_size() or p.storage_offset()
+                 for p in self.params):
+            why = "a param shares its storage with another tensor (moving it would break the aliasing)"
+        if why or not same_host(self.group):  # the same on every rank: the same model and group
+            log.info("data parallel: %s; grads and params go through gloo", why or "the ranks are on several hosts")
+            return
+        offset, param_at = 0, []
+        for p in self.params:
+            param_at.append(offset)
+            offset += aligned(p.numel() * p.element_size())
+        sizes = [sum(b - a for _, a, b in self.spans(r)) for r in range(self.world)]
+        outbox_at = {}
+        for r in range(self.world):
+            for o in range(self.world):
+                if o != r:
+                    outbox_at[(r, o)] = offset
+                    offset += aligned(sizes[o] * 4)
+        arena, why = SharedArena.create(offset, self.group)
+        if arena is None:
+            log.warning("data parallel: no shared memory for the ranks of this host (%s); grads and params go "
+                        "through gloo", why)
+            return
+        shared = [arena.region(at, p.numel(), p.dtype) for p, at in zip(self.params, param_at)]
+        if self.rank == 0:
+            for p, flat in zip(self.params, shared):
+                flat.copy_(p.detach().reshape(-1))
+        # Why: rank 0's values are in the arena before any rank points its params at them.
+        dist.barrier(group=self.group)
+        for p, flat in zip(self.params, shared):
+            p.data = flat.view(p.shape)
+        self._outbox = [{o: arena.region(outbox_at[(r, o)], sizes[o], torch.float32)
+                         for o in range(self.world) if o != r} for r in range(self.world)]
+        self.transport = "shared memory"
+        log.info("data parallel: the %d ranks of this host share params and exchange grads in shared memory "
+                 "(%.0f MiB)", self.world, offset / 2**20)
+
+    def _reduce_through_shared(self, with_grad: list[torch.Tensor]) -> None:
+        """The averaged grads of this rank's slices, from its peers' outboxes ([Note: shared params])."""
+        has = set(with_grad)
+        rank, world = self.rank, self.world
+        for owner, box in self._outbox[rank].items():  # this rank's grads of the others' slices
+            pos = 0
+            for p, a, b in self.spans(owner):
+                if p in has:
+                    box[pos:pos + b - a] = p.grad.view(-1)[a:b]
+                pos += b - a
+        # Why: every rank's outbox holds this step's grads before any owner reads one.
+        dist.barrier(group=self.group)
+        peers = [self._outbox[r][rank] for r in range(world) if r != rank]
+        pos = 0
+        for p, a, b in self.spans(rank):
+            if p in has:
+                flat = p.grad.view(-1)
+                for x in range(a, b, _PIECE_ELEMENTS):
+                    y = min(b, x + _PIECE_ELEMENTS)
+                    at = pos + x - a
+                    # fp32 grads sum in place; others (bf16, fp16) in fp32, rounded back once.
+                    acc = flat[x:y] if flat.dtype == torch.float32 else \
+                        self._scratch("acc", y - x, torch.float32).copy_(flat[x:y])
+                    for box in peers:
+                        acc += box[at:at + y - x]
+                    acc /= world
+                    if flat.dtype != torch.float32:
+                        flat[x:y] = acc
+            pos += b - a
+
     # ---- the collectives -----------------------------------------------------------------------
     @torch.no_grad()
     def reduce_grads(self) -> None:
@@ -136,7 +235,9 @@ class Partition:
         for p in with_grad:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if dist.get_backend(self.group) == "gloo":
+        if self._outbox is not None:
+            self._reduce_through_shared(with_grad)
+        elif dist.get_backend(self.group) == "gloo":
             self._reduce_to_owners(with_grad)
         else:
             self._all_reduce(with_grad)
@@ -218,7 +319,12 @@ class Partition:
     def gather_params(self) -> None:
         """Every rank's updated slices to every rank, per param dtype: on gloo by broadcasts
         from each owner ([Note: gather by broadcast]), else by all_gather into buffers padded
-        to the longest partition."""
+        to the longest partition. With shared params there is nothing to move: a barrier."""
+        if self._outbox is not None:
+            # Why: every owner has written its slices into the shared params before any rank
+            # returns to run the next forward on them ([Note: shared params]).
+            dist.barrier(group=self.group)
+            return
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in self.params:
             by_dtype.setdefault(p.dtype, []).append(p)
