@@ -18,7 +18,6 @@ Any failure on any rank leaves every rank on the gloo path, with the reason logg
 """
 from __future__ import annotations
 
-import logging
 import mmap
 import os
 import socket
@@ -26,8 +25,6 @@ import uuid
 
 import torch
 import torch.distributed as dist
-
-log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 ALIGN_BYTES = 4096  # every region starts on a page: SIMD loads stay aligned, no false sharing
