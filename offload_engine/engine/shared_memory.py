@@ -13,7 +13,8 @@ be plain memory reads instead (partition.py, [Note: shared params]):
 The file is created by the group's first rank, space reserved with posix_fallocate (a tmpfs
 that cannot hold it fails there, cleanly, instead of raising SIGBUS at the first touch of a
 page beyond its size: Docker's default /dev/shm is 64 MiB), mapped by every rank, and
-unlinked once all have mapped it, so nothing is left in /dev/shm when a job ends or dies.
+unlinked once all have mapped it, inside initialize: however the job ends after that, nothing
+is left in /dev/shm (the memory goes with the last mapping).
 Any failure on any rank leaves every rank on the gloo path, with the reason logged.
 """
 from __future__ import annotations
