@@ -286,12 +286,10 @@ def _pss_bytes() -> int:
     RSS counts it in every rank."""
     try:
         with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
+            lines = f.readlines()
     except OSError:  # no /proc: 0, which the table shows as "-"
-        return 0
-    return 0
+        lines = []
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("Pss:")), 0)
 
 
 # ---- the parent: checks, launches, pools, reports --------------------------------------------------

@@ -109,6 +109,8 @@ class Partition:
         self._device = self.params[0].device if self.params else torch.device("cpu")
         numels = [p.numel() for p in self.params]
         self.points = split_points(numels, self.world)
+        # Every rank's slices, fixed for the partition's life: the collectives walk them each step.
+        self._spans_by_rank = [self._spans(self.params, r) for r in range(self.world)]
         lo, hi = self.points[self.rank], self.points[self.rank + 1]
         self.owned: list[tuple[torch.Tensor, int, int]] = []  # (param, start, end) within the flat param
         self.shard_of: dict[torch.Tensor, torch.nn.Parameter] = {}
@@ -117,8 +119,8 @@ class Partition:
         self.any_grad = False  # whether some rank had a grad at the last reduce_grads
         self._scratch_of: dict = {}  # (use, dtype) -> a reused flat buffer ([Note: collective buffers])
         # ([Note: shared params]) before the shards are cut: they must alias the shared params.
-        self._outbox: list[dict[int, torch.Tensor]] | None = None  # [rank][owner] -> fp32 grads for owner
-        self.transport = dist.get_backend(group)
+        self._outbox: list[dict[int, torch.Tensor]] = []  # [rank][owner] -> fp32 grads for owner
+        self.transport = dist.get_backend(group)  # "gloo", "nccl", ... or "shared memory"
         if shared_memory and self.transport == "gloo" and self.params:
             self._share_params()
         start = 0
@@ -235,9 +237,9 @@ class Partition:
         for p in with_grad:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if self._outbox is not None:
+        if self.transport == "shared memory":
             self._reduce_through_shared(with_grad)
-        elif dist.get_backend(self.group) == "gloo":
+        elif self.transport == "gloo":
             self._reduce_to_owners(with_grad)
         else:
             self._all_reduce(with_grad)
@@ -320,7 +322,7 @@ class Partition:
         """Every rank's updated slices to every rank, per param dtype: on gloo by broadcasts
         from each owner ([Note: gather by broadcast]), else by all_gather into buffers padded
         to the longest partition. With shared params there is nothing to move: a barrier."""
-        if self._outbox is not None:
+        if self.transport == "shared memory":
             # Why: every owner has written its slices into the shared params before any rank
             # returns to run the next forward on them ([Note: shared params]).
             dist.barrier(group=self.group)
@@ -330,7 +332,7 @@ class Partition:
             by_dtype.setdefault(p.dtype, []).append(p)
         for dtype, params in by_dtype.items():
             spans = [self._spans(params, r) for r in range(self.world)]
-            if dist.get_backend(self.group) == "gloo":
+            if self.transport == "gloo":
                 self._broadcast_spans(spans, dtype)
                 continue
             device = params[0].device
@@ -383,7 +385,7 @@ class Partition:
 
     def spans(self, rank: int) -> list[tuple[torch.Tensor, int, int]]:
         """(param, start, end) of every param slice `rank` owns, in the flat order."""
-        return self._spans(self.params, rank)
+        return self._spans_by_rank[rank]
 
     # ---- agreement outside the step (checkpoints) ------------------------------------------------
     def all_gather_object(self, obj) -> list:
