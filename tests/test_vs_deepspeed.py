@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,26 @@ def test_gpu_record_redraws_with_its_own_plots_and_same_format_ratios(tmp_path):
     assert f"gpu-ours-host/gpu-torchao-offload: step {want:.2f}x" in proc.stdout
     assert "gpu-ours-host-8bit/gpu-bnb-paged8: step" in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vs_deepspeed_gpu_memory.png", "vs_deepspeed_gpu_step.png"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+def test_run_job_removes_the_deepspeed_shm_buffers_its_ranks_left(monkeypatch, tmp_path):
+    """DeepSpeed's CPU all-reduce never unlinks its per-rank /dev/shm buffers; the benchmarks'
+    job runner removes the ones that appeared during the job (also when it failed) and leaves
+    the ones that were there before. SHM_DIR points at a scratch folder so no real buffer is
+    touched."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _ranks
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(_ranks, "SHM_DIR", str(tmp_path))
+    prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_"
+    (tmp_path / f"{prefix}1_0").write_bytes(b"x")             # an earlier job's: stays
+    (tmp_path / "deepspeed_allreduce_buffer_other").write_bytes(b"x")  # not this user's pattern: stays
+    for code in (0, 3):
+        new = tmp_path / f"{prefix}2_{code}"
+        child = f"open({str(new)!r}, 'wb').write(b'x'); raise SystemExit({code})"
+        assert _ranks.run_job([sys.executable, "-c", child], dict(os.environ), 60) == code
+        assert not new.exists()
+    assert {p.name for p in tmp_path.iterdir()} == {"deepspeed_allreduce_buffer_other", f"{prefix}1_0"}
