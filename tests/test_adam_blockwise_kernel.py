@@ -214,3 +214,45 @@ def test_any_map_gives_the_same_codes_on_every_path(native, monkeypatch, name):
     for path, got in results.items():
         for a, b in zip(got, first):
             assert torch.equal(bits(a) if a.is_floating_point() else a, bits(b) if b.is_floating_point() else b), path
+
+
+def _breakdown():
+    import sys
+    from pathlib import Path
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        import blockwise_breakdown
+    finally:
+        sys.path.remove(bench)
+    return blockwise_breakdown
+
+
+def test_breakdown_harness_runs_the_shipped_kernel(tmp_path):
+    """benchmarks/blockwise_breakdown.py at a tiny size: its `full` build reproduces the native
+    op bit for bit (the script checks and fails otherwise) and every requested build is timed.
+    No timing is asserted."""
+    import json
+    import subprocess
+    import sys
+    bb = _breakdown()
+    reason = bb.missing()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "breakdown.json"
+    proc = subprocess.run([sys.executable, bb.__file__, "--size", "4097", "--rounds", "1", "--repeats", "2",
+                           "--variants", "full,no-requantize", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "`full` equals the native op bit for bit" in proc.stdout
+    rec = json.loads(out.read_text())
+    assert set(rec["builds"]) == {"full", "no-requantize"} and rec["size"] == 4097
+    assert all(b["ns_per_param"] > 0 for b in rec["builds"].values())
+    assert set(rec["cycles_per_instruction"]) >= {"ghz", "vpermi2b", "vsqrtps", "vdivps"}
+
+
+def test_breakdown_refuses_an_ablation_the_kernel_no_longer_matches(tmp_path, monkeypatch):
+    bb = _breakdown()
+    monkeypatch.setitem(bb.ABLATIONS, "no-requantize", [("text the kernel does not have", "x", 1)])
+    with pytest.raises(RuntimeError, match="ablation 'no-requantize': expected 1 occurrence"):
+        bb.build("no-requantize", str(tmp_path))

@@ -23,12 +23,7 @@ void check_hyperparameters(const char* op, double lr, double beta1, double beta2
                            int64_t step, double grad_scale, int64_t index_offset);
 // param and grad: supported dtypes, same device and shape, contiguous.
 void check_param_grad(const char* op, const at::Tensor& param, const at::Tensor& grad);
-AdamCoeffs make_coeffs(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
-                       bool adamw_mode, bool bias_correction, bool maximize, double grad_scale,
-                       bool stochastic_rounding, int64_t seed, int64_t index_offset);
-// Lion: no bias correction, decoupled weight decay, no eps, no exp_avg_sq.
-AdamCoeffs make_lion_coeffs(double lr, double beta1, double beta2, double weight_decay, bool maximize,
-                            double grad_scale, bool stochastic_rounding, int64_t seed, int64_t index_offset);
+// make_coeffs and make_lion_coeffs: cpu/adam_args.h (torch-free, cpu/adam_coeffs.cpp).
 
 // ---- fp32-state ops (adam_step_, lion_step_) ----
 void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,

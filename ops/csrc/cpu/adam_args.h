@@ -37,6 +37,14 @@ struct AdamCoeffs {
   uint64_t index_offset; // index in the stream of the tensor's element 0 (a page segment's start)
 };
 
+// The coefficients of one step (adam_coeffs.cpp).
+AdamCoeffs make_coeffs(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                       bool adamw_mode, bool bias_correction, bool maximize, double grad_scale,
+                       bool stochastic_rounding, int64_t seed, int64_t index_offset);
+// Lion: no bias correction, decoupled weight decay, no eps, no exp_avg_sq.
+AdamCoeffs make_lion_coeffs(double lr, double beta1, double beta2, double weight_decay, bool maximize,
+                            double grad_scale, bool stochastic_rounding, int64_t seed, int64_t index_offset);
+
 // One tensor's worth of update: param/grad of the given types, fp32 exp_avg/exp_avg_sq.
 struct AdamTensorArgs {
   void* param;

@@ -155,8 +155,9 @@ inline float inverse_absmax(float absmax) { return absmax >= 0x1p-126f ? 1.0f / 
 // [Note: blockwise step] Per block, three passes over L1-resident buffers: dequantize m and v
 // into fp32, run the same Adam math as the fp32 kernel (adam_vector) on them in place while
 // tracking the new absmax, then requantize (the new absmax needs every element first).
-// (Interleaving one block's requantize with the next block's math, so that the divider and
-// the shuffle units overlap, measured no faster on Zen 4.)
+// (Interleaving one block's requantize with the next block's math, 64 elements at a time, so
+// that the divider and the shuffle units overlap, measured 1.08x slower on Zen 4; the
+// requantize is half the time: benchmarks/blockwise_breakdown.py.)
 template <class V, class Codec, class P, class G>
 void adam_blocks_typed(const AdamBlockwiseArgs& a, int64_t block_begin, int64_t block_end) {
   constexpr int W = V::W;
