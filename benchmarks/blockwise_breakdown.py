@@ -149,14 +149,14 @@ def main() -> int:
     ap.add_argument("--variants", default=",".join(ABLATIONS), help=f"subset of {','.join(ABLATIONS)}")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args()
-    reason = missing()
-    if reason:
-        print(f"blockwise_breakdown: {reason}", file=sys.stderr)
-        return 2
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(names) - set(ABLATIONS))
     if unknown or "full" not in names:
         ap.error(f"--variants: unknown {unknown}; allowed {sorted(ABLATIONS)}, and 'full' is required")
+    reason = missing()
+    if reason:
+        print(f"blockwise_breakdown: {reason}", file=sys.stderr)
+        return 2
     n, steps = int(args.size), 3
     with tempfile.TemporaryDirectory(prefix="blockwise_breakdown-") as work:
         exes = {name: build(name, work) for name in names}
