@@ -38,3 +38,16 @@ def simd_path(request, native, monkeypatch):
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bit pattern, so equality means bit-identical (NaN payloads included)."""
     return t.view({4: torch.int32, 2: torch.int16, 8: torch.int64}[t.element_size()])
+
+
+def import_benchmark(name: str):
+    """A module of benchmarks/ (not a package), imported without leaving that folder on sys.path."""
+    import importlib
+    import sys
+    from pathlib import Path
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)

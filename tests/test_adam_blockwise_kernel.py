@@ -1,11 +1,15 @@
 """The fused block-quantized Adam kernel equals the reference (dequantize, fp32 step,
 requantize) bit for bit, on every forced SIMD path: params, codes and absmax, every step."""
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from offload_engine import kernels, reference
 from offload_engine.quant import FORMATS, codec, maps
-from conftest import bits
+from conftest import bits, import_benchmark
 
 
 def _state(n, fmt, block, gen):
@@ -216,26 +220,11 @@ def test_any_map_gives_the_same_codes_on_every_path(native, monkeypatch, name):
             assert torch.equal(bits(a) if a.is_floating_point() else a, bits(b) if b.is_floating_point() else b), path
 
 
-def _breakdown():
-    import sys
-    from pathlib import Path
-    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    sys.path.insert(0, bench)
-    try:
-        import blockwise_breakdown
-    finally:
-        sys.path.remove(bench)
-    return blockwise_breakdown
-
-
 def test_breakdown_harness_runs_the_shipped_kernel(tmp_path):
     """benchmarks/blockwise_breakdown.py at a tiny size: its `full` build reproduces the native
     op bit for bit (the script checks and fails otherwise) and every requested build is timed.
     No timing is asserted."""
-    import json
-    import subprocess
-    import sys
-    bb = _breakdown()
+    bb = import_benchmark("blockwise_breakdown")
     reason = bb.missing()
     if reason:
         pytest.skip(reason)
@@ -252,7 +241,7 @@ def test_breakdown_harness_runs_the_shipped_kernel(tmp_path):
 
 
 def test_breakdown_refuses_an_ablation_the_kernel_no_longer_matches(tmp_path, monkeypatch):
-    bb = _breakdown()
+    bb = import_benchmark("blockwise_breakdown")
     monkeypatch.setitem(bb.ABLATIONS, "no-requantize", [("text the kernel does not have", "x", 1)])
     with pytest.raises(RuntimeError, match="ablation 'no-requantize': expected 1 occurrence"):
         bb.build("no-requantize", str(tmp_path))

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import import_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "vs_deepspeed.py"
@@ -72,11 +73,7 @@ def test_table_and_plots(record):
 
 
 def test_checks_flag_disagreeing_losses_and_missed_targets():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import _vs_report
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    _vs_report = import_benchmark("_vs_report")
 
     def result(ms, loss):
         return {"step_ms": {"median": ms}, "opt_ms": {"median": ms / 2}, "final_loss": loss}
@@ -110,11 +107,7 @@ def test_run_job_removes_the_deepspeed_shm_buffers_its_ranks_left(monkeypatch, t
     job runner removes the ones that appeared during the job (also when it failed) and leaves
     the ones that were there before. SHM_DIR points at a scratch folder so no real buffer is
     touched."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import _ranks
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    _ranks = import_benchmark("_ranks")
     monkeypatch.setattr(_ranks, "SHM_DIR", str(tmp_path))
     prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_"
     (tmp_path / f"{prefix}1_0").write_bytes(b"x")             # an earlier job's: stays
