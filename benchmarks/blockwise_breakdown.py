@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -66,19 +65,14 @@ ABLATIONS = {
 
 def missing() -> str | None:
     """Why this machine cannot run the breakdown, or None."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return f"needs x86-64, this is {platform.machine()}"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    if "avx512vbmi" not in flags:
-        return "needs a CPU with AVX-512 VBMI (/proc/cpuinfo has no avx512vbmi flag)"
-    if shutil.which("g++") is None:
-        return "needs g++ on PATH"
     if not kernels.native_ops().available:
         return "needs the native ops built (pip install -e .), for the bit-for-bit check"
+    path = kernels.simd_path()
+    if path != "avx512vbmi":
+        return (f"needs the avx512vbmi kernel path (AVX-512 VBMI: Ice Lake, Zen 4 or later); this machine's ops "
+                f"selected {path!r} (OFFLOAD_ENGINE_SIMD may force a lower one)")
+    if shutil.which("g++") is None:
+        return "needs g++ on PATH"
     return None
 
 

@@ -171,7 +171,7 @@ def _checked_reference(param, grad, exp_avg, exp_avg_sq, **kwargs):
 
 
 def simd_path() -> str:
-    """The CPU kernel path in use now: avx512 | avx2 | scalar, or 'reference'."""
+    """The CPU kernel path in use now: avx512vbmi | avx512 | avx2 | scalar, or 'reference'."""
     ops = native_ops()
     return ops.module.selected_simd_path() if ops.available else "reference"
 
