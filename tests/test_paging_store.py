@@ -301,3 +301,15 @@ def test_host_store_chunks_hold_whole_pages_and_keep_them_as_they_grow(monkeypat
     out = torch.empty(page, dtype=torch.uint8)
     store.read(7, out).result()
     assert torch.equal(out, buf) and bool((store.page_view(6) == 7).all()) and bool((store.page_view(8) == 9).all())
+
+
+def test_nvme_store_collected_from_its_own_io_thread_closes_without_joining(tmp_path):
+    """The store's finalizer runs wherever garbage collection happens, which can be one of its
+    IO threads or a thread still starting. It must not join the IO threads there (joining from
+    inside one raises; from a starting thread it deadlocked a CI run): the file still goes."""
+    from offload_engine.paging.nvme_store import NvmeStore
+    store = NvmeStore(4096, str(tmp_path), io_threads=2)
+    store.allocate(2)
+    path = store.path
+    store._io.submit(store._finalizer).result(timeout=30)  # as if collected inside an IO thread
+    assert not os.path.exists(path)

@@ -82,7 +82,12 @@ def _open_state_file(path: str) -> tuple[int, bool]:
 
 
 def _close_file(fd: int, path: str, pool: concurrent.futures.ThreadPoolExecutor) -> None:
-    pool.shutdown(wait=True)
+    # Never joins the IO threads: as the store's finalizer this runs inside garbage collection,
+    # in whatever thread triggered it - an IO thread itself, or a thread still starting up
+    # while another waits in Thread.start() for it (a join there deadlocked a test run). No IO
+    # is in flight then: every queued or running transfer holds a reference to its store.
+    # close() waits for the threads before it gets here.
+    pool.shutdown(wait=False)
     try:
         os.close(fd)
     except OSError:
@@ -179,6 +184,7 @@ class NvmeStore:
         return out
 
     def close(self) -> None:
+        self._io.shutdown(wait=True)  # transfers the caller's futures still await finish before the fd goes
         self._finalizer()
 
     # ---- IO thread side -------------------------------------------------------------------
