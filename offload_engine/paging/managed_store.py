@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .stores import PageIOError
+from .stores import PageIOError, done_future, register_store
 
 
 def _ops():
@@ -28,12 +28,16 @@ def _ops():
     return torch.ops.offload_engine
 
 
+@register_store
 class ManagedStore:
     """All pages in one cudaMallocManaged arena; updated in place by the CUDA kernels."""
 
     kind = "managed"
+    access = "managed"  # page_view() in managed memory, prefetch()/evict() ([PageStore] in protocols.py)
     in_place = True
     pin_memory = False
+    path = None
+    direct = None
 
     def __init__(self, page_bytes: int, device: torch.device):
         if device.type != "cuda":
@@ -48,6 +52,10 @@ class ManagedStore:
         self.num_pages = 0
         self._ops = ops
         self._arena = torch.empty(0, dtype=torch.uint8, device=self.device)
+
+    @classmethod
+    def from_spec(cls, spec, pinned: bool) -> "ManagedStore":
+        return cls(spec.page_bytes, spec.device)
 
     def describe(self) -> str:
         return f"CUDA managed memory ({self.device})"
@@ -87,11 +95,22 @@ class ManagedStore:
         view = self._arena[first * self.page_bytes:(first + count) * self.page_bytes]
         self._ops.managed_prefetch(view, -1)
 
+    def read(self, page: int, buf: torch.Tensor):
+        buf.copy_(self.page_view(page))
+        return done_future()
+
+    def write(self, page: int, buf: torch.Tensor):
+        self.page_view(page).copy_(buf)
+        return done_future()
+
     def commit(self, pages) -> None:
         """Writes land in place: nothing to switch."""
 
     def check(self) -> None:
         """Managed memory cannot go missing between steps."""
+
+    def take_io_seconds(self) -> tuple[float, float]:
+        return 0.0, 0.0
 
     def close(self) -> None:
         self._arena = torch.empty(0, dtype=torch.uint8, device=self.device)

@@ -26,7 +26,7 @@ import weakref
 
 import torch
 
-from .stores import PageIOError
+from .stores import PageIOError, register_store
 
 _file_ids = itertools.count()
 
@@ -98,11 +98,13 @@ def _close_file(fd: int, path: str, pool: concurrent.futures.ThreadPoolExecutor)
         pass
 
 
+@register_store
 class NvmeStore:
     """Pages in `<nvme_path>/offload_engine-rank<r>-<pid>-<n>.pages`, two places per page
     ([Note: shadow pages]); the file is removed when the store is closed or collected."""
 
     kind = "nvme"
+    access = "io"  # read/write through slots only ([PageStore] in protocols.py)
     in_place = False
 
     def __init__(self, page_bytes: int, nvme_path: str, *, io_threads: int = 4):
@@ -121,6 +123,12 @@ class NvmeStore:
         # several pages proceed while the main thread runs the update kernel.
         self._io = concurrent.futures.ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="oe-nvme")
         self._finalizer = weakref.finalize(self, _close_file, self._fd, self.path, self._io)
+
+    copies_per_page = 2  # [Note: shadow pages]
+
+    @classmethod
+    def from_spec(cls, spec, pinned: bool) -> "NvmeStore":
+        return cls(spec.page_bytes, spec.nvme_path, io_threads=spec.io_threads)  # pinned: the pool's concern
 
     def describe(self) -> str:
         return self.path

@@ -1,6 +1,6 @@
 """Page stores: where optimizer state rests between steps.
 
-Every store moves whole pages (``page_bytes``) between its storage and a caller's buffer:
+Every store (the PageStore Protocol in protocols.py) moves whole pages (``page_bytes``) between its storage and a caller's buffer:
 ``read(page, buf)`` and ``write(page, buf)`` return a Future to wait on, ``commit(pages)``
 makes the pages written in a step the current ones. A store whose ``in_place`` is true also
 hands out ``page_view(page)``: the CPU executor then updates the stored bytes directly.
@@ -28,6 +28,36 @@ class PageIOError(PagingError):
     """Reading, writing or reserving a page of the store failed."""
 
 
+# The stores by the config's name for them (``paging.store``, the optimizers' ``store=``). A new
+# store is one class with the PageStore members (protocols.py) and a ``from_spec(spec, pinned)``
+# constructor, registered with @register_store; the pager, the slot rule and the config's
+# validation find it here.
+_STORE_TYPES: dict = {}
+
+
+def register_store(cls):
+    _STORE_TYPES[cls.kind] = cls
+    return cls
+
+
+def store_names() -> tuple:
+    _load_builtin_stores()
+    return tuple(_STORE_TYPES)
+
+
+def store_type(name: str):
+    """The store class registered as `name`; ValueError naming the allowed ones otherwise."""
+    _load_builtin_stores()
+    try:
+        return _STORE_TYPES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"store must be one of {', '.join(map(repr, _STORE_TYPES))}; got store={name!r}") from None
+
+
+def _load_builtin_stores() -> None:
+    from . import managed_store, nvme_store  # noqa: F401 -- each registers its class
+
+
 def done_future(result=None) -> concurrent.futures.Future:
     future = concurrent.futures.Future()
     future.set_result(result)
@@ -42,12 +72,16 @@ def done_future(result=None) -> concurrent.futures.Future:
 HOST_CHUNK_BYTES = 1 << 30
 
 
+@register_store
 class HostStore:
     """All pages in host memory (chunks of whole pages, [Note: pinned chunks]); the CPU
     executor updates them in place."""
 
     kind = "cpu"
+    access = "view"  # page_view() is the stored bytes ([PageStore] in protocols.py)
     in_place = True
+    path = None
+    direct = None
 
     def __init__(self, page_bytes: int, *, pin_memory: bool = False):
         self.page_bytes = page_bytes
@@ -55,6 +89,10 @@ class HostStore:
         self.num_pages = 0
         self.pages_per_chunk = max(1, HOST_CHUNK_BYTES // page_bytes)
         self._chunks: list[torch.Tensor] = []
+
+    @classmethod
+    def from_spec(cls, spec, pinned: bool) -> "HostStore":
+        return cls(spec.page_bytes, pin_memory=pinned)  # pinned: async H2D/D2H copies
 
     def describe(self) -> str:
         return "host memory"
@@ -98,6 +136,10 @@ class HostStore:
 
     def check(self) -> None:
         """Host memory cannot go missing between steps."""
+
+    def take_io_seconds(self) -> tuple[float, float]:
+        """Copies run on the caller's thread: no IO thread time to report."""
+        return 0.0, 0.0
 
     def close(self) -> None:
         self._chunks = []
