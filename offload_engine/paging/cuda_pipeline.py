@@ -10,8 +10,10 @@ a page, one per store:
   ManagedPagePipeline  CUDA managed memory (ManagedStore): prefetched to the GPU and back by
                        the driver, updated in place; no device slots
 
-GPU memory for optimizer state is the device slots alone (prefetch_depth + 2 pages), whatever
-the model size; for managed memory, the pages in flight.
+GPU memory for optimizer state is the device slots alone ([Note: slot rule] in footprint.py:
+prefetch_depth + 2 pages), whatever the model size; for managed memory, the pages in flight.
+Each class here is a PagePipeline (protocols.py); executors/cuda.py picks one by the store's
+access.
 
 [Note: CUDA page pipeline] Three streams beside the caller's, ordered by events only (the CPU
 never waits on the GPU inside a step, it only enqueues; the NVMe pipeline's CPU waits are on
@@ -35,20 +37,20 @@ import time
 
 import torch
 
-from .scheduler import StepStats, _io_seconds, _update_error
+from .scheduler import StepStats, _update_error, phase
 
 
 class CudaPagePipeline:
     """Pinned host pages <-> device slots ([Note: CUDA page pipeline])."""
 
-    def __init__(self, store, device: torch.device, prefetch_depth: int):
+    def __init__(self, store, device: torch.device, prefetch_depth: int, num_slots: int):
         self._check_store(store)
         self.store = store
         self.device = device
         self.prefetch_depth = prefetch_depth
-        # prefetch_depth coming in, one being updated, one going out: a copy in never queues
-        # behind the copy out of the page just updated.
-        self.num_slots = prefetch_depth + 2
+        # [Note: slot rule] in footprint.py: prefetch_depth coming in, one being updated, one
+        # going out, so a copy in never queues behind the copy out of the page just updated.
+        self.num_slots = num_slots
         # One allocation for every slot: GPU memory for optimizer state is this, and constant.
         self._slots_mem = torch.empty(self.num_slots * store.page_bytes, dtype=torch.uint8, device=device)
         self.slots = [self._slots_mem[i * store.page_bytes:(i + 1) * store.page_bytes] for i in range(self.num_slots)]
@@ -102,21 +104,23 @@ class CudaPagePipeline:
             for i in range(first, len(self._pages)):
                 page = self._pages[i]
                 # Pages i+1..i+k are brought in while page i updates.
-                while self._next_fetch < len(self._pages) and self._next_fetch <= i + self.prefetch_depth:
-                    self._bring_in(self._next_fetch, self._pages[self._next_fetch], stats)
-                    self._next_fetch += 1
-                buf, ready = self._arrived(i, page, stats)
+                with phase("fetch"):
+                    while self._next_fetch < len(self._pages) and self._next_fetch <= i + self.prefetch_depth:
+                        self._bring_in(self._next_fetch, self._pages[self._next_fetch], stats)
+                        self._next_fetch += 1
+                    buf, ready = self._arrived(i, page, stats)
                 compute.wait_event(ready)                # the update reads the page only once it is in
                 t = time.perf_counter()
                 try:
-                    with torch.cuda.stream(compute):
+                    with torch.cuda.stream(compute), phase("update"):
                         self._update(page, buf)          # enqueues the kernels on the update stream
                 except Exception as err:
                     torch.cuda.synchronize(self.device)
                     raise _update_error(page, self.store, err) from err
                 stats.update_s += time.perf_counter() - t
                 self.pages_updated += 1
-                self._send_back(i, page, compute.record_event(), stats)
+                with phase("writeback"):
+                    self._send_back(i, page, compute.record_event(), stats)
         except BaseException:
             self._abandon()
             raise
@@ -132,7 +136,8 @@ class CudaPagePipeline:
         stats = self._stats
         t = time.perf_counter()
         try:
-            self._finish(self._compute, stats)
+            with phase("writeback"):
+                self._finish(self._compute, stats)
         except BaseException:
             self._abandon()
             raise
@@ -193,11 +198,11 @@ class NvmePagePipeline(CudaPagePipeline):
     write to the file has landed. Nothing is committed unless every write completed ([Note:
     shadow pages] in nvme_store.py), so a failed step leaves the file's state the pre-step one."""
 
-    def __init__(self, store, device: torch.device, prefetch_depth: int, staging):
-        if not getattr(staging, "pinned", False):
+    def __init__(self, store, device: torch.device, prefetch_depth: int, staging, num_slots: int):
+        if staging is None or not staging.pinned:
             raise ValueError("NVMe -> GPU paging needs a pinned staging pool (non_blocking copies)")
         self.staging = staging
-        super().__init__(store, device, prefetch_depth)
+        super().__init__(store, device, prefetch_depth, num_slots)
 
     @staticmethod
     def _check_store(store) -> None:
@@ -215,7 +220,7 @@ class NvmePagePipeline(CudaPagePipeline):
         while not self.staging.has_free():  # a staging slot frees when a write lands
             if not self._retire_one(block=True):
                 raise RuntimeError("NVMe staging pool exhausted with nothing in flight (a pipeline bug: it needs "
-                                   "prefetch_depth + 2 staging slots)")
+                                   "the staging slots of [Note: slot rule] in footprint.py)")
         s = self.staging.acquire()
         self._staging_of[k] = s
         # An IO thread reads the page while the GPU works on earlier pages.
@@ -280,7 +285,7 @@ class NvmePagePipeline(CudaPagePipeline):
         compute.wait_event(self.d2h.record_event())  # later work on the caller's stream sees the slots free
         while self._draining or self._writing:
             self._retire_one(block=True, timed=False)  # run() times the whole finish as waiting
-        stats.fetch_s, stats.writeback_s = _io_seconds(self.store, stats)
+        stats.fetch_s, stats.writeback_s = self.store.take_io_seconds()
         self.store.commit(self._pages)  # every write landed: the new pages become current together
 
     def _abandon(self) -> None:

@@ -2,8 +2,8 @@
 
 For a store that is not updated in place (NvmeStore), pages i+1..i+k (k = prefetch_depth)
 are fetched into slots while page i is updated and page i-1 is written back; the pool has
-prefetch_depth + 2 slots (k fetching, one updating, one writing back; a further write-back
-waits for the oldest to land), so a step allocates nothing. For an in-place store (HostStore with the CPU executor)
+the slots of [Note: slot rule] in footprint.py (k fetching, one updating, one writing back; a
+further write-back waits for the oldest to land), so a step allocates nothing. For an in-place store (HostStore with the CPU executor)
 the update runs on the stored bytes directly: no slot, no copy.
 
 [Note: update threads] While pages are in flight, the IO threads need a core now and then to
@@ -59,7 +59,8 @@ class StepStats:
 
 
 class PageScheduler:
-    """Runs `update(page, buf)` over pages through a store; one per optimizer (per rank)."""
+    """Runs `update(page, buf)` over pages through a store; one per optimizer (per rank). The
+    CPU executors' PagePipeline (protocols.py)."""
 
     def __init__(self, store, pool: SlotPool | None, prefetch_depth: int):
         self.store = store
@@ -81,9 +82,10 @@ class PageScheduler:
         self._pages = []
         self._stats = StepStats(slots=self.pool.num_slots if self.pool else 0)
 
-    def feed(self, pages) -> None:
+    def feed(self, pages, after=None) -> None:
         """An in-place store updates `pages` now; a store read through slots queues them for
-        finish(), whose pipeline reads ahead over the whole list (the result is the same)."""
+        finish(), whose pipeline reads ahead over the whole list (the result is the same).
+        `after` (a CUDA pipeline's event) has no meaning on the CPU."""
         self._pages.extend(pages)
         if self.store.in_place:
             self._run_in_place(pages, self._update, self._stats)
@@ -91,6 +93,11 @@ class PageScheduler:
     def abandon(self) -> None:
         """Drops an open step: queued pages are not run, nothing more is stored."""
         self._pages, self._update = [], None
+
+    @property
+    def nbytes(self) -> int:
+        """GPU bytes held: none."""
+        return 0
 
     def finish(self) -> StepStats:
         stats = self._stats
@@ -106,7 +113,8 @@ class PageScheduler:
         for page in pages:
             t = time.perf_counter()
             try:
-                update(page, self.store.page_view(page))
+                with phase("update"):
+                    update(page, self.store.page_view(page))
             except Exception as err:
                 raise _update_error(page, self.store, err) from err
             stats.update_s += time.perf_counter() - t
@@ -139,34 +147,38 @@ class PageScheduler:
                 # Keep prefetch_depth fetches in flight beyond this page's own (which may still
                 # be landing), so pages i+1..i+k are read while page i updates; a slot comes free
                 # when a write-back completes, so wait for the oldest one if none is free.
-                while next_fetch < len(pages) and len(fetching) <= self.prefetch_depth:
-                    if not pool.has_free():
-                        retire_write(block=True)
-                    slot = pool.acquire()
-                    fetching.append((pages[next_fetch], slot, store.read(pages[next_fetch], slots[slot])))
-                    next_fetch += 1
-                occupancy_sum, events = occupancy_sum + pool.in_use, events + 1
-                stats.peak_slots_in_use = max(stats.peak_slots_in_use, pool.in_use)
-                fetched_page, slot, future = fetching.popleft()
-                assert fetched_page == page
-                t = time.perf_counter()
-                future.result()  # the IO thread's read is complete: the slot holds the page
-                stats.wait_s += time.perf_counter() - t
+                with phase("fetch"):
+                    while next_fetch < len(pages) and len(fetching) <= self.prefetch_depth:
+                        if not pool.has_free():
+                            retire_write(block=True)
+                        slot = pool.acquire()
+                        fetching.append((pages[next_fetch], slot, store.read(pages[next_fetch], slots[slot])))
+                        next_fetch += 1
+                    occupancy_sum, events = occupancy_sum + pool.in_use, events + 1
+                    stats.peak_slots_in_use = max(stats.peak_slots_in_use, pool.in_use)
+                    fetched_page, slot, future = fetching.popleft()
+                    assert fetched_page == page
+                    t = time.perf_counter()
+                    future.result()  # the IO thread's read is complete: the slot holds the page
+                    stats.wait_s += time.perf_counter() - t
                 stats.bytes_read += store.page_bytes
                 t = time.perf_counter()
                 try:
-                    update(page, slots[slot])
+                    with phase("update"):
+                        update(page, slots[slot])
                 except Exception as err:
                     pool.release(slot)
                     raise _update_error(page, store, err) from err
                 stats.update_s += time.perf_counter() - t
                 self.pages_updated += 1
-                # Hand the updated slot to an IO thread; it stays taken until the write lands.
-                writing.append((page, slot, store.write(page, slots[slot])))
-                while writing and retire_write(block=False):
-                    pass
-            while writing:
-                retire_write(block=True)
+                with phase("writeback"):
+                    # Hand the updated slot to an IO thread; it stays taken until the write lands.
+                    writing.append((page, slot, store.write(page, slots[slot])))
+                    while writing and retire_write(block=False):
+                        pass
+            with phase("writeback"):
+                while writing:
+                    retire_write(block=True)
         except BaseException:
             # Let every IO still in flight finish before the slots are reused, then report the
             # first failure; nothing is committed, so the stored state is the pre-step one.
@@ -179,7 +191,7 @@ class PageScheduler:
             raise
         if events:
             stats.mean_slots_in_use = occupancy_sum / events
-        stats.fetch_s, stats.writeback_s = _io_seconds(store, stats)
+        stats.fetch_s, stats.writeback_s = store.take_io_seconds()
         store.commit(pages)
 
 
@@ -195,10 +207,11 @@ def _torch_threads(n: int):
             torch.set_num_threads(before)
 
 
-def _io_seconds(store, stats: StepStats) -> tuple[float, float]:
-    """Thread-side read and write time, when the store measures it."""
-    take = getattr(store, "take_io_seconds", None)
-    return take() if take else (0.0, 0.0)
+def phase(name: str):
+    """A profiler label on one phase of the step (``offload_engine::fetch``, ``::update``,
+    ``::writeback``; the engine adds ``::grad_reduce`` and ``::param_gather``), so a user's
+    torch.profiler trace shows where the step goes."""
+    return torch.profiler.record_function(f"offload_engine::{name}")
 
 
 def _update_error(page: int, store, err: Exception) -> PagingError:

@@ -1,4 +1,5 @@
-"""CudaParamsOnCpu: the CPU executor for a CUDA model (the ZeRO-Offload-style path).
+"""CpuForCudaExecutor: the CPU executor for a CUDA model (the ZeRO-Offload-style path), and
+CudaParamsOnCpu, the pinned host copies of its params and grads.
 
 The params and grads live on the GPU; the state lives in a page store (host or NVMe) and the
 SIMD CPU kernels update it. Per step:
@@ -17,6 +18,46 @@ dtypes, so results are bit for bit those of the CUDA kernels and the CPU kernels
 from __future__ import annotations
 
 import torch
+
+from ..scheduler import PageScheduler
+from . import DirectFeeder
+
+
+class CpuForCudaExecutor:
+    """CUDA params, SIMD CPU kernels: every param and grad is copied to the host before the
+    pages run (stage()), so none can run while backward does."""
+
+    name = "cpu"
+    pins_host = False
+    overlaps = False
+
+    def __init__(self, device: torch.device):
+        self.copies = CudaParamsOnCpu(device)
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.copies.pinned_bytes
+
+    def make_pipeline(self, store, pool, prefetch_depth: int, device_slots: int) -> PageScheduler:
+        return PageScheduler(store, pool, prefetch_depth)
+
+    def feeder(self, pipeline, threaded: bool) -> DirectFeeder:
+        return DirectFeeder(pipeline)
+
+    def stage(self, jobs: dict) -> dict:
+        return self.copies.begin_step(jobs)
+
+    def wrap_update(self, update, table):
+        copies = self.copies
+
+        def around(page, buf):
+            copies.before_update(table.pages[page])  # the CPU reads the host copies once they landed
+            update(page, buf)
+            copies.after_update(table.pages[page])   # this page's param slices back to the GPU
+        return around
+
+    def end_step(self) -> None:
+        self.copies.end_step()
 
 
 class CudaParamsOnCpu:
