@@ -313,7 +313,7 @@ def test_a_failed_optimizer_load_restores_the_groups_and_the_model(tmp_path, mon
     def broken(*args, **kwargs):
         raise OSError(5, "Input/output error (injected)")
 
-    monkeypatch.setattr(engine.optimizer, "_write_pages", broken)
+    monkeypatch.setattr(engine.optimizer.pager, "write_states", broken)
     with pytest.raises(CheckpointError, match="optimizer.pt: loading it into the optimizer failed: OSError"):
         engine.load_checkpoint(tmp_path, tag="a")
     _same_full(_full_fingerprint(engine), current)
@@ -322,7 +322,7 @@ def test_a_failed_optimizer_load_restores_the_groups_and_the_model(tmp_path, mon
 def test_save_is_refused_after_a_failed_step(tmp_path, monkeypatch):
     engine = _engine(tmp_path)
     engine.save_checkpoint(tmp_path)
-    engine.optimizer._failed = "a step failed after updating 2 of 6 pages (injected)"
+    engine.optimizer.mark_failed("a step failed after updating 2 of 6 pages (injected)")
     with pytest.raises(RuntimeError, match="failed state .*nothing is saved"):
         engine.save_checkpoint(tmp_path)
     assert (tmp_path / "latest").read_text() == "global_step2"

@@ -116,7 +116,7 @@ def test_many_tiny_params_share_a_page_and_a_large_one_spans_pages(tmp_path, sto
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
-    table = opt._table
+    table = opt.pager.table
     tiny_pages = {seg.page for key in range(20) for seg in table.segments_of[key]}
     assert tiny_pages == {0}  # 20 tiny params, one page
     big = table.segments_of[20]

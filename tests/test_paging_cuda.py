@@ -134,17 +134,17 @@ def test_nvme_to_gpu_failed_write_keeps_the_pre_step_state(gpu, tmp_path, monkey
     opt.step()
     checkpoint = opt.state_dict()
     before = [opt.logical_state(p) for p in params]
-    real_write = opt._store._write
+    real_write = opt.pager.store._write
 
     def write(page, buf):
         if page == 2:
-            raise PageIOError(f"page {page}: writing {opt._store.path} failed: injected EIO", page=page,
-                              path=opt._store.path)
+            raise PageIOError(f"page {page}: writing {opt.pager.store.path} failed: injected EIO", page=page,
+                              path=opt.pager.store.path)
         return real_write(page, buf)
-    monkeypatch.setattr(opt._store, "_write", write)
+    monkeypatch.setattr(opt.pager.store, "_write", write)
     with pytest.raises(PageIOError, match="page 2") as err:
         opt.step()
-    assert opt._store.path in str(err.value)
+    assert opt.pager.store.path in str(err.value)
     for p, s in zip(params, before):
         now = opt.logical_state(p)
         assert all(torch.equal(now[k], s[k]) for k in s)

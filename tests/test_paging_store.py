@@ -46,9 +46,9 @@ def test_state_lives_in_the_file_between_steps(tmp_path):
     opt = PagedAdamW(params, store="nvme", nvme_path=str(tmp_path), page_size_mb=16 * KB)
     _grads(params, 0)
     opt.step()
-    store = opt._store
+    store = opt.pager.store
     assert os.path.dirname(store.path) == str(tmp_path) and os.path.getsize(store.path) == store.nbytes
-    seg = opt._table.segments_of[0][0]
+    seg = opt.pager.table.segments_of[0][0]
     with open(store.path, "rb") as f:  # the page's current place, read behind the optimizer's back
         f.seek((2 * seg.page + store._current[seg.page]) * store.page_bytes)
         page = torch.frombuffer(bytearray(f.read(store.page_bytes)), dtype=torch.uint8)
@@ -67,7 +67,7 @@ def test_deleted_or_truncated_file_is_a_clear_error_not_garbage(tmp_path, damage
     _grads(params, 0)
     opt.step()
     before = [p.clone() for p in params]
-    path = opt._store.path
+    path = opt.pager.store.path
     if damage == "delete":
         os.unlink(path)
     else:
@@ -84,12 +84,12 @@ def test_short_read_names_the_page_and_file(tmp_path):
     opt = PagedAdamW(params, store="nvme", nvme_path=str(tmp_path), page_size_mb=8 * KB)
     _grads(params, 0)
     opt.step()
-    os.truncate(opt._store.path, 8192 * 3)  # pages 0 and 1 remain, later pages are gone
-    opt._store.check = lambda: None          # skip the pre-step check: exercise the read path
+    os.truncate(opt.pager.store.path, 8192 * 3)  # pages 0 and 1 remain, later pages are gone
+    opt.pager.store.check = lambda: None          # skip the pre-step check: exercise the read path
     _grads(params, 1)
     with pytest.raises(PageIOError, match=r"page \d+: .*ends at byte") as err:
         opt.step()
-    assert err.value.page >= 1 and opt._store.path in str(err.value)
+    assert err.value.page >= 1 and opt.pager.store.path in str(err.value)
 
 
 @pytest.mark.parametrize("store", ["nvme", "cpu"])
@@ -106,14 +106,14 @@ def test_failed_write_back_keeps_the_pre_step_state_and_refuses_until_reload(tmp
     snap = _snapshot(opt, params)
     failing_page = 2
     if store == "nvme":
-        real_write = opt._store._write
+        real_write = opt.pager.store._write
 
         def write(page, buf):
             if page == failing_page:
-                raise PageIOError(f"page {page}: writing {opt._store.path} failed: injected EIO", page=page,
-                                  path=opt._store.path)
+                raise PageIOError(f"page {page}: writing {opt.pager.store.path} failed: injected EIO", page=page,
+                                  path=opt.pager.store.path)
             return real_write(page, buf)
-        monkeypatch.setattr(opt._store, "_write", write)
+        monkeypatch.setattr(opt.pager.store, "_write", write)
         expected = PageIOError
     else:
         import offload_engine.optim.paged_step as paged_mod  # where the page update calls the kernels
@@ -130,7 +130,7 @@ def test_failed_write_back_keeps_the_pre_step_state_and_refuses_until_reload(tmp
     with pytest.raises(expected, match=r"page \d+") as err:
         opt.step()
     if store == "nvme":
-        assert err.value.page == failing_page and opt._store.path in str(err.value)
+        assert err.value.page == failing_page and opt.pager.store.path in str(err.value)
         # the stored state is exactly the pre-step one (params of earlier pages did move)
         for p, s in zip(params, snap[1]):
             now = opt.logical_state(p)
@@ -154,8 +154,8 @@ def test_failure_before_any_page_changes_nothing_and_is_not_recorded(tmp_path, m
     snap = _snapshot(opt, params)
 
     def read(page, buf):
-        raise PageIOError(f"page {page}: injected read error", page=page, path=opt._store.path)
-    monkeypatch.setattr(opt._store, "_read", read)
+        raise PageIOError(f"page {page}: injected read error", page=page, path=opt.pager.store.path)
+    monkeypatch.setattr(opt.pager.store, "_read", read)
     _grads(params, 1)
     with pytest.raises(PageIOError, match="page 0"):
         opt.step()
@@ -261,12 +261,12 @@ def test_failed_initial_write_keeps_the_old_layout(tmp_path, monkeypatch):
     ref = AdamW8bit(twins, min_8bit_size=64)
 
     def write(page, buf):
-        raise PageIOError(f"page {page}: injected", page=page, path=opt._store.path)
-    monkeypatch.setattr(opt._store, "_write", write)
+        raise PageIOError(f"page {page}: injected", page=page, path=opt.pager.store.path)
+    monkeypatch.setattr(opt.pager.store, "_write", write)
     _grads(params, 0)
     with pytest.raises(PageIOError, match="page 0"):
         opt.step()
-    assert opt._table.num_pages == 0 and not opt.logical_state(params[0])
+    assert opt.pager.table.num_pages == 0 and not opt.logical_state(params[0])
     monkeypatch.undo()
     for step in range(2):
         _grads(params, step)

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, PrivateAttr, field_validator
 
+from ..paging.footprint import slot_rule_text
 from .base import NonEmptyStr, NonNegativeFloat, PositiveFloat, PositiveInt, Section
 from .optimizer_models import OPTIMIZER_SECTIONS
 from .scheduler_models import SCHEDULER_SECTIONS
@@ -67,8 +68,9 @@ class OffloadOptimizerConfig(Section):
         None, description="Directory of the state file; required with device 'nvme' (ignored, with a warning, "
                           "otherwise, as DeepSpeed does).")
     buffer_count: Annotated[int, Field(ge=3)] = Field(
-        4, description="Page slots in flight: the slot pool holds buffer_count = prefetch_depth + 2 pages "
-                       "(>= 3). DeepSpeed's default 4 is paging's default prefetch_depth 2.")
+        4, description="Page slots in flight, as DeepSpeed counts them (the NVMe store's host slots with the CPU "
+                       "executor): prefetch_depth = buffer_count - 2 (>= 3). DeepSpeed's default 4 is paging's "
+                       "default prefetch_depth 2.")
     pin_memory: bool = Field(True, description="Mapped to paging.pin_memory, which is accepted and changes nothing: "
                                                "host pages are pinned exactly when the CUDA executor copies them.")
 
@@ -109,8 +111,7 @@ class PagingConfig(Section):
     page_size_mb: Annotated[float, Field(gt=0.0, le=65536.0)] = Field(
         16.0, description="Page size in MiB (> 0; fractions allowed, rounded up to whole 4 KiB blocks).")
     prefetch_depth: PositiveInt = Field(
-        2, description="Pages fetched ahead of the one being updated (>= 1); the slot pool holds "
-                       "prefetch_depth + 2 pages.")
+        2, description="Pages fetched ahead of the one being updated (>= 1); " + slot_rule_text() + ".")
     io_threads: PositiveInt = Field(4, description="Threads doing NVMe reads and writes (>= 1).")
     executor: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the update runs: 'cpu' (SIMD kernels), 'cuda' (CUDA kernels, pages copied to "

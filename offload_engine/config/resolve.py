@@ -11,6 +11,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..paging.footprint import prefetch_depth_for_buffer_count
 from .errors import ConfigError
 from .optimizer_models import OPTIMIZER_KINDS
 
@@ -138,10 +139,10 @@ def check_paging(cfg) -> tuple[PagingSettings | None, list[Problem]]:
 
     prefetch_depth = p.prefetch_depth
     if offloading and _given(o, "buffer_count"):
-        mapped = o.buffer_count - 2
+        mapped = prefetch_depth_for_buffer_count(o.buffer_count)  # [Note: slot rule] in paging/footprint.py
         if _given(p, "prefetch_depth") and p.prefetch_depth != mapped:
             problems.append(_conflict("prefetch_depth", p.prefetch_depth, "buffer_count", o.buffer_count,
-                                      f" (= prefetch_depth {mapped} + 2)"))
+                                      f" (= prefetch_depth {mapped} + {o.buffer_count - mapped})"))
         prefetch_depth = mapped
 
     pin_memory = p.pin_memory

@@ -36,8 +36,6 @@ import torch.distributed as dist
 from ..config import ConfigError
 from ..optim._base import BlockwiseOptimizer
 from ..optim.sharded import local_numel
-from ..paging.layout import PageTable, StateFormat
-from ..paging.pool import SLOT_ALIGN
 
 MEMORY_ENV = "OFFLOAD_ENGINE_NODE_MEMORY_BYTES"
 DISK_ENV = "OFFLOAD_ENGINE_NODE_DISK_BYTES"
@@ -147,31 +145,20 @@ def state_bytes(optimizer) -> tuple[int, int, str | None]:
     from ..optim.paged import PagedOptimizer
 
     if isinstance(optimizer, PagedOptimizer):
+        # The layout the optimizer will make ([Note: lazy layout]), here for all params at once,
+        # sized by the one slot rule ([Note: slot rule] in paging/footprint.py). GPU slots are
+        # not the node's RAM.
+        planned, held = optimizer.planned_footprint()
+        todo = planned.beyond(held)
         stats = optimizer.paging_stats()
-        # The layout the optimizer will make ([Note: lazy layout]), here for all params at once.
-        table = PageTable(stats["page_bytes"])
-        flat, by_group = 0, {}
-        for gi, group in enumerate(optimizer.param_groups):
-            for p in group["params"]:
-                if p.requires_grad:
-                    by_group.setdefault(gi, []).append((flat, local_numel(p), optimizer._state_format(group, p)))
-                flat += 1
-        for gi, entries in by_group.items():
-            table.add_group(gi, entries)
-        pages = table.num_pages * stats["page_bytes"]
-        if stats["store"] == "nvme":
-            pool = (stats["prefetch_depth"] + 2) * stats["page_bytes"] + SLOT_ALIGN  # SlotPool's slots, aligned
-            return (max(0, pool - stats["pool_bytes"]), max(0, 2 * pages - stats["store_bytes"]),
-                    os.path.dirname(stats["path"]))
-        return max(0, pages - stats["store_bytes"]), 0, None
+        path = os.path.dirname(stats["path"]) if stats["path"] else None
+        return todo.host_ram, todo.disk, path
     if isinstance(optimizer, BlockwiseOptimizer):
         total = 0
         for _, group, p in _trainable(optimizer):
             if p.device.type != "cpu" or optimizer.state.get(p):
                 continue
-            fmt = optimizer._format_for(group, p)
-            total += StateFormat(fmt, tuple(optimizer._moments), 0 if fmt == "fp32" else group["block_size"],
-                                 master=optimizer._wants_master(group, p)).logical_bytes(local_numel(p))
+            total += optimizer.state_format_for(group, p).logical_bytes(local_numel(p))
         return total, 0, None
     if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
         total = 0

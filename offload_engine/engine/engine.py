@@ -26,6 +26,7 @@ import torch
 from ..optim._base import BlockwiseOptimizer
 from . import checkpoint as ckpt
 from . import reshard
+from ..paging.scheduler import phase
 from .grad_norm import clip_coefficient, global_grad_norm
 from .loss_scaler import LossScaler
 
@@ -64,6 +65,7 @@ class OffloadEngine:
         self._last_step_skipped = False
         self._param_names = {p: name for name, p in module.named_parameters()}
         self._overlap = None  # a BackwardOverlap with paging.overlap_backward (initialize sets it)
+        self._failed_load = None  # a half-failed load_checkpoint, for an optimizer without mark_failed()
 
     # ---- the training loop ------------------------------------------------------------------
     def __call__(self, *inputs, **kwargs):
@@ -123,7 +125,8 @@ class OffloadEngine:
     @torch.no_grad()
     def _take_model_step(self) -> None:
         if self.partition is not None:
-            self.partition.reduce_grads()  # this rank's shards: their grads averaged over the ranks
+            with phase("grad_reduce"):
+                self.partition.reduce_grads()  # this rank's shards: their grads averaged over the ranks
         grads = self._trainable_grads()
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         norm = None
@@ -178,7 +181,8 @@ class OffloadEngine:
                         torch._foreach_mul_(group, factor.to(device))
                 self.optimizer.step()
             if self.partition is not None:
-                self.partition.gather_params()  # every rank's updated slices to every rank
+                with phase("param_gather"):
+                    self.partition.gather_params()  # every rank's updated slices to every rank
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
         if self.loss_scaler is not None:
@@ -287,10 +291,18 @@ class OffloadEngine:
                            what, ckpt.CheckpointError, share=True)[0]
         return Path(final)
 
+    def _mark_failed(self, reason: str) -> None:
+        """Params and state no longer match: an optimizer of ours refuses to step (mark_failed);
+        for any other, the engine refuses to save until a checkpoint is loaded."""
+        if hasattr(self.optimizer, "mark_failed"):
+            self.optimizer.mark_failed(reason)
+        else:
+            self._failed_load = reason
+
     def _agree_on_save(self, save_dir, tag: str, save_latest: bool) -> list:
         """Refuses (on every rank alike) a save from a failed optimizer or with arguments that
         differ between ranks; returns every rank's RNG states."""
-        failed = getattr(self.optimizer, "_failed", None)
+        failed = getattr(self.optimizer, "failed", None) or self._failed_load
         mine = {"tag": tag, "save_dir": os.path.abspath(save_dir), "save_latest": bool(save_latest),
                 "failed": str(failed) if failed else None, "rng": _rng_states()}
         infos = [mine] if self.partition is None else self.partition.all_gather_object(mine)
@@ -351,11 +363,10 @@ class OffloadEngine:
             self._everywhere(take, f"load_checkpoint({path})")
         except Exception as err:
             if loaded:  # another rank failed after this one took the checkpoint: the ranks now differ
-                self.optimizer._failed = (f"load_checkpoint of {path} failed on another rank after this one loaded "
-                                          f"it ({err}); load a checkpoint again")
+                self._mark_failed(f"load_checkpoint of {path} failed on another rank after this one loaded it "
+                                  f"({err}); load a checkpoint again")
             raise
-        if getattr(self.optimizer, "_failed", None):
-            self.optimizer._failed = None  # (a paged optimizer clears its own in load_state_dict)
+        self._failed_load = None  # (an optimizer of ours clears its own failed state in load_state_dict)
         if self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(engine_state["lr_scheduler"])
         if self.loss_scaler is not None:

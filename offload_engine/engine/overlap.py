@@ -52,15 +52,12 @@ class BackwardOverlap:
 
     def pages_done(self) -> int:
         """Pages of the open step updated (or, for CUDA, enqueued) so far."""
-        if self._open is None:
-            return 0
-        self._open.stop_pager()
-        return self.optimizer._scheduler.pages_updated
+        return 0 if self._open is None else self._open.pages_done()
 
     def close(self) -> None:
         """Updates the pages still waiting and records the step (engine.step())."""
         step, self._open = self._open, None
-        self.pages_in_backward = self.optimizer._scheduler.pages_updated
+        self.pages_in_backward = step.pages_done()
         step.close()
 
     def abort(self, why: str) -> None:
@@ -68,18 +65,8 @@ class BackwardOverlap:
         updated cannot be taken back, so then the optimizer refuses to step until a checkpoint
         is loaded ([Note: failed steps] in optim/paged.py)."""
         step, self._open = self._open, None
-        if step is None:
-            return
-        try:
-            step.stop_pager()  # every page already posted is enqueued: then nothing is in flight unseen
-        except Exception as err:  # the step is dropped either way; the pager's own error joins the reason
-            why = f"{why}; the pager failed too ({type(err).__name__}: {err})"
-        scheduler = self.optimizer._scheduler
-        done = scheduler.pages_updated
-        scheduler.abandon()
-        if done:
-            self.optimizer._failed = (f"{why} after {done} pages were updated during backward "
-                                      "(paging.overlap_backward)")
+        if step is not None:
+            step.abort(why)
 
     def remove(self) -> None:
         for handle in self._handles:

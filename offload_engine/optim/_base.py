@@ -23,6 +23,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import kernels, reference
+from ..paging.layout import StateFormat
 from ..quant import FORMATS, codec
 from . import sharded
 from ._update import group_hyper, step_state_
@@ -64,6 +65,25 @@ class BlockwiseOptimizer(Optimizer):
         # group rounds stochastically, so other optimizers' users see no shift in their RNG.
         needs_seed = any(g["stochastic_rounding"] for g in self.param_groups)
         self._seed_base = int(torch.randint(0, 2**62, (1,)).item()) if needs_seed else 0
+        self._failed: str | None = None  # why params and state no longer match ([Note: failed steps] in paged.py)
+
+    # ---- failed state -------------------------------------------------------------------
+    @property
+    def failed(self) -> str | None:
+        """Why this optimizer refuses to step (a step or a checkpoint load failed half-way, so
+        params and state no longer match), or None. load_state_dict() clears it."""
+        return self._failed
+
+    def mark_failed(self, reason: str) -> None:
+        """Records that params and state no longer match (the engine calls it when a step it
+        drove, or a load on another rank, failed half-way); step() refuses until
+        load_state_dict() restores a checkpoint."""
+        self._failed = str(reason)
+
+    def _check_not_failed(self) -> None:
+        if self._failed:
+            raise RuntimeError(f"{type(self).__name__}: {self._failed}; params and state no longer match, so the "
+                               "optimizer refuses to step: restore a checkpoint with load_state_dict()")
 
     def add_param_group(self, param_group):
         """Validates the group completely before adding it: a rejected group is not kept."""
@@ -109,6 +129,13 @@ class BlockwiseOptimizer(Optimizer):
         if numel is None:
             raise ValueError(self._unknown_size_message(1, minimum))
         return "fp32" if numel < minimum else fmt
+
+    def state_format_for(self, group, p) -> StateFormat:
+        """How `p`'s state is laid out (format, moments, block size, master): what the pager
+        and the admission check size it by."""
+        fmt = self._format_for(group, p)
+        return StateFormat(fmt, tuple(self._moments), 0 if fmt == "fp32" else group["block_size"],
+                           master=self._wants_master(group, p))
 
     @staticmethod
     def _wants_master(group, p) -> bool:
@@ -163,6 +190,7 @@ class BlockwiseOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_not_failed()
         self._check_step_inputs(grad_scale)
         adam_step_ = kernels.adam_step_impl()
         for group_index, group in enumerate(self.param_groups):
@@ -279,6 +307,7 @@ class BlockwiseOptimizer(Optimizer):
         for p, state in converted.items():
             self.state[p] = state
         self._seed_base = int(state_dict.get("seed_base", self._seed_base))
+        self._failed = None
 
     def _saved_master(self, saved: dict, p, group, where: str):
         """The fp32 master of `p` for its loaded state: the saved one, or (a checkpoint saved

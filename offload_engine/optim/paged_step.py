@@ -1,7 +1,7 @@
 """One paged step (_PagedStep), fed all at once by PagedOptimizer.step() or page by page from
-backward hooks with overlap_backward, and the pager thread that feeds the CUDA pipeline in
-the overlapped case (_PagerThread). Split from paged.py, which holds the optimizers, their
-layout and their state access."""
+backward hooks with overlap_backward: the per-param jobs and which pages are ready. The pages
+themselves move through the Pager's PageStep (paging/pager.py). Split from paged.py, which
+holds the optimizers, their layout and their state access."""
 from __future__ import annotations
 
 import torch
@@ -26,28 +26,26 @@ class _PagedStep:
     after the pages already in flight are done, and its pages run then.
     """
 
-    def __init__(self, opt, grad_scale: float, pager_thread: bool = False):
+    def __init__(self, opt, grad_scale: float, overlapped: bool = False):
         self.opt = opt  # a PagedOptimizer (paged.py imports this module, not the reverse)
         self.grad_scale = grad_scale
+        self.table = opt.pager.table
         self.work = {}                 # key -> (flat param, flat grad, step, seed, hyper)
         self.strided = []              # (param's local tensor, contiguous copy updated in its place)
         self.joined = set()            # keys whose grads are final
-        self.fed = set()               # pages already handed to the scheduler
+        self.fed = set()               # pages already handed to the pipeline
         self.waiting = {}              # page -> keys on it that have not joined
-        for key, page_list in ((k, opt._table.segments_of[k]) for k in opt._keys.values()):
-            for seg in page_list:
+        for key in opt._keys.values():
+            for seg in self.table.segments_of[key]:
                 self.waiting.setdefault(seg.page, set()).add(key)
         self.late = []                 # params that joined without pages
         self.where = {p: (gi, index, group) for gi, group in enumerate(opt.param_groups)
                       for index, p in enumerate(group["params"])}
+        self.adam_step_ = kernels.adam_step_impl()
+        self.pages = opt.pager.open_step(self._update, overlapped=overlapped)
         # The CPU executor for CUDA params copies every param and grad to the host first
         # (close()), so its pages all run there.
-        self.deferred = opt._offload is not None
-        self.adam_step_ = kernels.adam_step_impl()
-        self.pages_before_close = 0
-        self.opt._store.check()  # a deleted or truncated state file is reported before anything changes
-        self.opt._scheduler.start(self._update)
-        self.pager = _PagerThread(opt._scheduler, opt._device) if pager_thread else None
+        self.deferred = self.pages.defers
 
     def ready(self, params) -> None:
         """Params whose grads are final: builds their jobs and updates every page that now has
@@ -65,7 +63,7 @@ class _PagedStep:
                 continue
             self.joined.add(key)
             self.work[key] = self._job(p)
-            for seg in opt._table.segments_of[key]:
+            for seg in self.table.segments_of[key]:
                 keys = self.waiting.get(seg.page)
                 if keys is not None:
                     keys.discard(key)
@@ -79,7 +77,7 @@ class _PagedStep:
         gi, index, group = self.where[p]
         state = opt.state[p]
         if not state:
-            fmt = opt._format_for(group, p)
+            fmt = opt.state_format_for(group, p).name
             state.update({"step": torch.tensor(0.0), "format": fmt})
             if fmt != "fp32":
                 state["block_size"] = group["block_size"]
@@ -88,7 +86,7 @@ class _PagedStep:
         p_local = sharded.local(p)  # this rank's shard of a sharded param ([Note: sharded params])
         p_work = p_local if p_local.is_contiguous() else p_local.contiguous()  # kernels need contiguous memory
         if p_work is not p_local:
-            if opt._offload is not None:
+            if self.deferred:
                 raise ValueError(f"{type(opt).__name__}(executor='cpu') needs contiguous CUDA params; a param of "
                                  f"shape {list(p.shape)} is strided")
             self.strided.append((p_local, p_work))
@@ -96,135 +94,95 @@ class _PagedStep:
         return (p_work.view(-1), grad.view(-1), step, seed, group_hyper(group, self.grad_scale))
 
     def _update(self, page, buf):
-        opt = self.opt
-        table, offload = opt._table, opt._offload
-        if offload is not None:
-            offload.before_update(table.pages[page])
-        for seg in table.pages[page].segments:
+        for seg in self.table.pages[page].segments:
             job = self.work.get(seg.key)
             if job is None:
                 continue
             p_flat, g_flat, step, seed, hyper = job
             end = seg.start + seg.length
-            step_state_(opt._algorithm, p_flat[seg.start:end], g_flat[seg.start:end], seg.views(buf), seg.fmt.name,
-                        seg.fmt.block, step, seed, hyper, self.adam_step_, index_offset=seg.start)
-        if offload is not None:
-            offload.after_update(table.pages[page])
+            step_state_(self.opt._algorithm, p_flat[seg.start:end], g_flat[seg.start:end], seg.views(buf),
+                        seg.fmt.name, seg.fmt.block, step, seed, hyper, self.adam_step_, index_offset=seg.start)
 
     def _feed(self, pages) -> None:
         pages = [q for q in pages if q not in self.fed]
         if not pages or self.deferred:
             return
         self.fed.update(pages)
-        if self.pager is not None:
-            self.pager.post(pages)  # raises the pager thread's error, if it had one
-            return
         try:
-            with torch.no_grad():  # from a backward hook too: the updates write params in place, untracked
-                self.opt._scheduler.feed(pages)
+            self.pages.feed(pages)  # with a pager thread: raises its error, if it had one
         except BaseException as err:
             self._fail(err)
             raise
 
+    def pages_done(self) -> int:
+        """Pages updated (or, for CUDA, enqueued) so far; waits for a pager thread to have
+        enqueued what was posted to it."""
+        self.stop_pager()
+        return self.pages.pages_done
+
     def stop_pager(self) -> None:
         """Waits for the pager thread to have enqueued every page posted to it; raises its error."""
-        pager, self.pager = self.pager, None
-        if pager is not None:
-            try:
-                pager.join()
-            except BaseException as err:
-                self._fail(err)
-                raise
+        try:
+            self.pages.drain()
+        except BaseException as err:
+            self._fail(err)
+            raise
+
+    def abort(self, why: str) -> None:
+        """Drops the step (backward failed, or its grads must not be applied). Pages already
+        updated cannot be taken back, so then the optimizer refuses to step until a checkpoint
+        is loaded ([Note: failed steps] in paged.py)."""
+        try:
+            self.pages.drain()  # every page already posted is enqueued: then nothing is in flight unseen
+        except Exception as err:  # the step is dropped either way; the pager's own error joins the reason
+            why = f"{why}; the pager failed too ({type(err).__name__}: {err})"
+        done = self.pages.pages_done
+        self.pages.abort()
+        if done:
+            self.opt.mark_failed(f"{why} after {done} pages were updated during backward (paging.overlap_backward)")
 
     def _fail(self, err) -> None:
-        done = self.opt._scheduler.pages_updated + self.pages_before_close
+        done = self.pages.pages_done
         if done:
-            total = len({seg.page for key in self.work for seg in self.opt._table.segments_of[key]})
-            self.opt._failed = (f"a step failed after updating {done} of {max(total, done)} pages "
-                                f"({type(err).__name__}: {err})")
+            total = len({seg.page for key in self.work for seg in self.opt.pager.table.segments_of[key]})
+            self.opt.mark_failed(f"a step failed after updating {done} of {max(total, done)} pages "
+                                 f"({type(err).__name__}: {err})")
 
     def close(self) -> None:
         """Updates the pages still waiting for the params that have grads, lays out and updates
         params that joined without pages, waits for the write-backs and records the step."""
         opt = self.opt
-        stats = None
+        ok = False
         self.stop_pager()
         try:
-            if opt._offload is not None:  # CUDA params, CPU kernels ([Note: CPU executor for CUDA params])
+            if self.deferred:  # CUDA params, CPU kernels ([Note: CPU executor for CUDA params])
                 on_gpu = {key: job[:2] for key, job in self.work.items()}  # flat param and grad
-                host = opt._offload.begin_step(on_gpu)  # pinned host copies of each param and grad
+                host = self.pages.stage(on_gpu)  # pinned host copies of each param and grad
                 self.work = {key: (*host[key], *job[2:]) for key, job in self.work.items()}
                 self.deferred = False
-            rest = sorted({seg.page for key in self.work for seg in opt._table.segments_of[key]} - self.fed)
+            rest = sorted({seg.page for key in self.work for seg in self.table.segments_of[key]} - self.fed)
             self._feed(rest)
-            stats = opt._scheduler.finish()
+            self.pages.finish()
             if self.late:
                 # New params: laid out once the pages in flight are stored, then run as a second pass.
-                self.pages_before_close = opt._scheduler.pages_updated
                 opt._ensure_layout(self.late)
+                self.table = opt.pager.table
                 late, self.late = self.late, []
                 keys_before = set(self.work)
-                opt._scheduler.start(self._update)
+                self.pages.next_pass()
                 self.ready(late)
                 new_pages = sorted({seg.page for key in set(self.work) - keys_before
-                                    for seg in opt._table.segments_of[key]} - self.fed)
+                                    for seg in self.table.segments_of[key]} - self.fed)
                 self._feed(new_pages)
-                stats.accumulate(opt._scheduler.finish())
+                self.pages.finish()
+            ok = True
         except BaseException as err:
             self._fail(err)
             raise
         finally:
             for p, p_work in self.strided:
                 p.copy_(p_work)
-            if opt._offload is not None:
-                opt._offload.end_step()
+            self.pages.close(record=ok)
         for p, key in opt._keys.items():
             if key in self.work:
                 opt.state[p]["step"].fill_(self.work[key][2])
-        opt._record(stats)
-
-
-class _PagerThread:
-    """Feeds an overlapped step's pages to the CUDA pipeline from its own thread.
-
-    Why a thread: the backward hooks run on the autograd thread, which also issues the backward
-    kernels. Enqueuing a page's copies and update takes that thread some tens of microseconds,
-    and once the GPU's launch queues are full each enqueue waits for the GPU; done in the hook,
-    both would hold back backward's own kernels. The hook only records an event on backward's
-    stream (the grads of these pages are enqueued before it) and posts the pages here; this
-    thread makes the update stream wait for that event ([Note: CUDA page pipeline])."""
-
-    def __init__(self, scheduler, device: torch.device):
-        import queue
-        import threading
-
-        self.scheduler = scheduler
-        self.device = device
-        self.error: BaseException | None = None
-        self._queue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="oe-pager", daemon=True)
-        self._thread.start()
-
-    def post(self, pages) -> None:
-        if self.error is not None:
-            raise self.error
-        self._queue.put((pages, torch.cuda.current_stream(self.device).record_event()))
-
-    @torch.no_grad()  # grad mode is per thread: the updates write params in place, untracked
-    def _run(self) -> None:
-        torch.cuda.set_device(self.device)
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self.error is None:
-                try:
-                    self.scheduler.feed(*item)
-                except BaseException as err:  # reported by the next post() or by join()
-                    self.error = err
-
-    def join(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
