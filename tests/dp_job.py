@@ -23,6 +23,9 @@ ap.add_argument("--shared-memory", choices=("on", "off"), default="on",
                 help="data_parallel.shared_memory (on: the ranks of this host share params and grads)")
 ap.add_argument("--shm-fallback", choices=("", "small-dir", "hosts"), default="",
                 help="make shared memory impossible: a directory it cannot be created in, or each rank on its own host")
+ap.add_argument("--perturb-inputs", type=int, default=0,
+                help="with this seed, move each input element by -1, 0 or +1 ulp: a difference at the level of "
+                     "fp32 rounding, as another summation order or another CPU's GEMM makes")
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
 
@@ -77,6 +80,9 @@ for step in range(1, args.steps + 1):
         x = torch.randn(args.global_micro, 33, generator=data)
         y = torch.randn(args.global_micro, 5, generator=data)
         mine = slice(rank * micro, (rank + 1) * micro)
+        if args.perturb_inputs:
+            ulps = torch.randint(-1, 2, x.shape, generator=torch.Generator().manual_seed(args.perturb_inputs * 1000 + step))
+            x = x * (1 + ulps.float() * 2.0 ** -23)
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         loss = torch.nn.functional.mse_loss(engine(x[mine].to(dtype)).float(), y[mine])
         if step == args.nonfinite_at and rank == world - 1:

@@ -10,6 +10,7 @@ import torch
 
 from offload_engine.engine.partition import ALIGN, split_points
 from multirank import launch_ranks
+from tolerances import TRAJECTORY_PARAM_MEAN_ABS, TRAJECTORY_REL
 
 JOB = Path(__file__).with_name("dp_job.py")
 
@@ -20,21 +21,24 @@ def run_job(tmp_path, world: int, *args) -> list[dict]:
 
 @pytest.mark.parametrize("name, eight_bit", [("PagedAdamW", False), ("AdamW", False), ("PagedAdamW8bit", True)])
 def test_two_ranks_match_one_process(tmp_path, name, eight_bit):
-    """fp32 state: losses within 1e-6 relative every step (only the grad all-reduce's summation
-    order differs). 8-bit state: that tiny difference flips a code now and then, so the bound
-    is the 8-bit accuracy bound instead (param mean abs error < 6e-5, docs/optimizers.md)."""
+    """fp32 state: losses within the fp32 trajectory tolerance every step (only the grad
+    all-reduce's summation order differs). 8-bit state: that rounding-level difference flips a
+    code now and then, and the flips compound over the steps, so the bound is the 8-bit
+    trajectory's own sensitivity to rounding-level noise ([Note: 8-bit trajectories] in
+    tests/tolerances.py; test_int8_trajectory_bound_covers_rounding_noise measures it)."""
     single = run_job(tmp_path, 1, "--optimizer", name)[0]
     ranks = run_job(tmp_path, 2, "--optimizer", name)
     one = single["result"]
+    fmt = "int8" if eight_bit else "fp32"
     for r in ranks:
         res = r["result"]
-        assert res["losses"] == pytest.approx(one["losses"], rel=1e-4 if eight_bit else 1e-6)
-        assert res["norms"] == pytest.approx(one["norms"], rel=1e-4 if eight_bit else 1e-5)
+        assert res["losses"] == pytest.approx(one["losses"], rel=TRAJECTORY_REL[fmt])
+        assert res["norms"] == pytest.approx(one["norms"], rel=TRAJECTORY_REL[fmt])
     # Every rank ends with the same params (the all-gather), and they track the single process.
     for key, value in single["params"].items():
         assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), key
         if eight_bit:
-            assert (ranks[0]["params"][key] - value).abs().mean() < 6e-5, key
+            assert (ranks[0]["params"][key] - value).abs().mean() < TRAJECTORY_PARAM_MEAN_ABS["int8"], key
         else:
             torch.testing.assert_close(ranks[0]["params"][key], value, rtol=1e-5, atol=1e-6)
     # destroy_process_group freed the group: no gloo or TCPStore thread outlives it to exit
@@ -47,6 +51,25 @@ def test_two_ranks_match_one_process(tmp_path, name, eight_bit):
     held = [r["result"]["elements_with_state"] for r in ranks]
     assert sum(held) == one["elements_with_state"] == sum(p.numel() for p in single["params"].values())
     assert min(held) > 0.4 * sum(held)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt, name", [("int8", "PagedAdamW8bit"), ("fp32", "PagedAdamW")])
+def test_int8_trajectory_bound_covers_rounding_noise(tmp_path, fmt, name):
+    """Why the 8-bit bound is what it is: one process against itself with its inputs moved by
+    at most one ulp (the size of difference another summation order or another CPU's GEMM
+    makes). With fp32 state the runs stay within the fp32 tolerance; with 8-bit state the code
+    flips compound to deviations of the order of the int8 bound. Every seeded run must stay
+    inside its format's bound, or the data-parallel test above would be flaky by design."""
+    base = run_job(tmp_path, 1, "--optimizer", name)[0]
+    for seed in (1, 2, 3):
+        run = launch_ranks(JOB, 1, tmp_path / f"perturbed{seed}", "--optimizer", name, "--perturb-inputs", seed,
+                           rank_env=False)[0]
+        assert run["result"]["norms"] != base["result"]["norms"] or fmt == "fp32"  # the perturbation took effect
+        assert run["result"]["norms"] == pytest.approx(base["result"]["norms"], rel=TRAJECTORY_REL[fmt])
+        assert run["result"]["losses"] == pytest.approx(base["result"]["losses"], rel=TRAJECTORY_REL[fmt])
+        for key, value in base["params"].items():
+            assert (run["params"][key] - value).abs().mean() < TRAJECTORY_PARAM_MEAN_ABS[fmt], key
 
 
 def test_gloo_collectives_reduce_to_owners_in_chunks_through_reused_buffers(tmp_path):
