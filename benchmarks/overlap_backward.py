@@ -83,7 +83,7 @@ def run(args, opt_type: str, overlap, tokens: int) -> dict:
         stats = opt.paging_stats()
         row["moved_each_way"] = stats["last_step"]["bytes_read"]
         row["pages"] = stats["num_pages"]
-        row["pages_in_backward"] = engine._overlap.pages_in_backward if engine._overlap is not None else 0
+        row["pages_in_backward"] = engine.overlap.pages_in_backward if engine.overlap is not None else 0
         opt.close()
     del net, opt
     torch.cuda.empty_cache()

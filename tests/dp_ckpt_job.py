@@ -43,7 +43,7 @@ def held_state(engine) -> dict:
     """{param name: {"range": (start, end), "format", "step", "exp_avg", "exp_avg_sq"}} of this
     rank's optimizer, fp32 (dequantized where quantized)."""
     out = {}
-    for q, piece in zip(engine._ordered_params(), engine._slices()):
+    for q, piece in zip(engine.checkpointer.ordered_params(), engine.checkpointer.slices()):
         state = engine.optimizer.logical_state(q)
         out[piece.name] = {"range": (piece.start, piece.end), "format": engine.optimizer.state[q].get("format"),
                            **{k: v.reshape(-1).clone() for k, v in state.items()}}

@@ -47,7 +47,7 @@ def train(engine, steps: int) -> list:
 
 def snapshot(engine) -> dict:
     return {"params": {k: v.detach().clone() for k, v in engine.module.state_dict().items()},
-            "optimizer": engine._optimizer_state_by_name(), "global_steps": engine.global_steps,
+            "optimizer": engine.checkpointer.optimizer_state_by_name(), "global_steps": engine.global_steps,
             "lr": engine.get_lr(), "rng": torch.get_rng_state()}
 
 

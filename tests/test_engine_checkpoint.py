@@ -111,7 +111,7 @@ def _engine(tmp_path, steps=2):
 
 def _fingerprint(engine):
     return ([p.detach().clone() for p in engine.module.parameters()], engine.global_steps, engine.get_lr(),
-            copy.deepcopy(engine._optimizer_state_by_name()["state"]))  # state_dict shares live step tensors
+            copy.deepcopy(engine.checkpointer.optimizer_state_by_name()["state"]))  # state_dict shares live step tensors
 
 
 def _same_fingerprint(a, b):

@@ -65,7 +65,7 @@ def _train(cfg, steps, gas, device, dtype, model=None):
             assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
         engine.step()
         if (i + 1) % gas == 0:
-            pages = engine._overlap.pages_in_backward if engine._overlap is not None else 0
+            pages = engine.overlap.pages_in_backward if engine.overlap is not None else 0
             after.append(([p.detach().clone() for p in model.parameters()], pages))
     return after, optimizer.state_dict(), engine
 
@@ -127,7 +127,7 @@ def test_non_finite_grad_after_pages_were_updated_raises_and_refuses_until_reloa
 
     one_step(0)  # lays out the pages; not overlapped
     one_step(1)
-    assert engine._overlap.pages_in_backward > 0
+    assert engine.overlap.pages_in_backward > 0
     checkpoint = optimizer.state_dict()
     saved = [p.detach().clone() for p in model.parameters()]
     # The first layer's grad is the last to arrive: the pages of the later layers are updated by then.

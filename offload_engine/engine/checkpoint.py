@@ -117,7 +117,7 @@ def write_checkpoint(save_dir, tag: str, parts: dict, *, save_latest: bool = Tru
 # A save in steps, for several writers (data-parallel ranks): one process begins it, every
 # writer adds its files to the temporary directory, and the one process commits the manifest
 # of all of them (or aborts) once every writer has finished ([Note: saving from several ranks]
-# in engine.py).
+# in checkpointer.py).
 def begin_save(save_dir, tag: str) -> Path:
     """Checks `tag`, creates `save_dir` if needed, removes this host's dead temporaries and
     returns a fresh temporary directory for the checkpoint's files."""

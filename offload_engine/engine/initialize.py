@@ -119,9 +119,9 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
             if built and hasattr(optimizer, "close"):
                 optimizer.close()
             raise
-    engine = OffloadEngine(model, cfg, optimizer, lr_scheduler, partition=partition)
-    if paging.overlap_backward:
-        engine._overlap = BackwardOverlap([p for g in optimizer.param_groups for p in g["params"]], optimizer)
+    overlap = (BackwardOverlap([p for g in optimizer.param_groups for p in g["params"]], optimizer)
+               if paging.overlap_backward else None)
+    engine = OffloadEngine(model, cfg, optimizer, lr_scheduler, partition=partition, overlap=overlap)
     return engine, optimizer, dataloader, lr_scheduler
 
 
