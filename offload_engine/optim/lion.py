@@ -1,14 +1,12 @@
 """Lion front-ends (bitsandbytes' constructors): fp32 momentum (Lion) or block-quantized
-(Lion8bit). Update: p -= lr * sign(beta1 * m + (1 - beta1) * g), then
-m = beta2 * m + (1 - beta2) * g, with decoupled weight decay."""
+(Lion8bit); the docstrings are composed in _docs.py."""
 from __future__ import annotations
 
+from . import _docs
 from ._base import BlockwiseOptimizer
 
 
 class Lion(BlockwiseOptimizer):
-    """Lion with an fp32 momentum."""
-
     _algorithm = "lion"
     _moments = ("exp_avg",)
     _format = "fp32"
@@ -22,7 +20,19 @@ class Lion(BlockwiseOptimizer):
 
 
 class Lion8bit(Lion):
-    """Lion with an 8-bit block-quantized momentum (block 256 by default); params with fewer
-    than ``min_8bit_size`` elements keep an fp32 momentum."""
-
     _format = "int8"
+
+
+_MOMENTUM = "The momentum ``m`` (``exp_avg``, Lion's only state)"
+for _cls, _summary, _fmt in [(Lion, "Lion with an fp32 momentum, with bitsandbytes' Lion constructor.", "fp32"),
+                             (Lion8bit, "Lion with an 8-bit block-quantized momentum, with bitsandbytes' Lion8bit "
+                              "constructor.", "int8")]:
+    _docs.document(_cls, _summary, math=_docs.lion_math(),
+                   state=_docs.state_text(moments=_MOMENTUM, plural=False, fmt=_fmt),
+                   example=f""">>> model = torch.nn.Linear(256, 256)
+>>> opt = {_cls.__name__}(model.parameters(), lr=1e-4, weight_decay=1e-2)
+>>> model(torch.randn(8, 256)).square().mean().backward()
+>>> opt.step()
+>>> opt.zero_grad()""", block=256,
+                   entries={"betas": "betas_lion", **({"min_8bit_size": "min_8bit_size_unused",
+                                                       "block_size": "block_size_unused"} if _fmt == "fp32" else {})})
