@@ -5,7 +5,8 @@
 # and this package with its native ops built; then runs the main job or the tests.
 #
 #   bash launch/quickstart.sh train [args for python -m offload_engine.train]
-#   bash launch/quickstart.sh test  [args for pytest]
+#   bash launch/quickstart.sh test  [args for pytest]   (the fast suite: -m "not slow"; pass
+#                                                        -m slow for the rest, or -m "" for all)
 #
 # OFFLOAD_ENGINE_VENV picks the environment (default: .venv in the repository);
 # OFFLOAD_ENGINE_TORCH the torch requirement installed when torch is missing.
@@ -48,4 +49,5 @@ cd "$ROOT"
 if [ "$cmd" = train ]; then
   exec python -m offload_engine.train "$@"
 fi
-exec python -m pytest -q tests "$@"
+# The fast suite by default; a later -m in "$@" replaces this one (pytest keeps the last).
+exec python -m pytest -q tests -m "not slow" "$@"

@@ -26,6 +26,9 @@ ap.add_argument("--shm-fallback", choices=("", "small-dir", "hosts"), default=""
 ap.add_argument("--perturb-inputs", type=int, default=0,
                 help="with this seed, move each input element by -1, 0 or +1 ulp: a difference at the level of "
                      "fp32 rounding, as another summation order or another CPU's GEMM makes")
+ap.add_argument("--mutant-last-rank-loss-scale", type=float, default=1.0,
+                help="a deliberate defect for the tests to catch: the last rank's loss (so its grads) times this, "
+                     "as a wrong weight in the grad average would do")
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
 
@@ -87,6 +90,8 @@ for step in range(1, args.steps + 1):
         loss = torch.nn.functional.mse_loss(engine(x[mine].to(dtype)).float(), y[mine])
         if step == args.nonfinite_at and rank == world - 1:
             loss = loss * float("inf")
+        if args.mutant_last_rank_loss_scale != 1.0 and rank == world - 1 and world > 1:
+            loss = loss * args.mutant_last_rank_loss_scale
         engine.backward(loss)
         engine.step()
         mean = loss.detach().clone()

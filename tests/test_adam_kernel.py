@@ -7,6 +7,7 @@ import torch
 
 from offload_engine import kernels, reference
 from conftest import bits
+from tolerances import ORACLE, ORACLE_EXP_AVG, ORACLE_EXP_AVG_SQ, STEP_VS_TORCH
 
 SIZES = [1, 7, 15, 16, 17, 4097, 1_000_003]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -54,7 +55,7 @@ def test_bit_identical_to_reference(simd_path, n, param_dtype):
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("adamw", [True, False])
 def test_matches_torch_optim(simd_path, n, adamw):
-    """fp32 params against torch.optim.AdamW / Adam at every step: atol 1e-6, rtol 1e-5."""
+    """fp32 params against torch.optim.AdamW / Adam at every step (STEP_VS_TORCH)."""
     gen = torch.Generator().manual_seed(1000 + n)
     p0 = torch.randn(n, generator=gen)
     ours = p0.clone()
@@ -68,9 +69,10 @@ def test_matches_torch_optim(simd_path, n, adamw):
         topt.step()
         kernels.adam_step_(ours, g, m, v, **_hyper(step, adamw_mode=adamw))
         st = topt.state[theirs]
-        torch.testing.assert_close(ours, theirs.detach(), atol=1e-6, rtol=1e-5, msg=lambda s: f"param step {step}: {s}")
-        torch.testing.assert_close(m, st["exp_avg"], atol=1e-6, rtol=1e-5, msg=lambda s: f"exp_avg step {step}: {s}")
-        torch.testing.assert_close(v, st["exp_avg_sq"], atol=1e-6, rtol=1e-5, msg=lambda s: f"exp_avg_sq step {step}: {s}")
+        tol = STEP_VS_TORCH[torch.float32]
+        tol.check(ours, theirs.detach(), msg=lambda s: f"param step {step}: {s}")
+        tol.check(m, st["exp_avg"], msg=lambda s: f"exp_avg step {step}: {s}")
+        tol.check(v, st["exp_avg_sq"], msg=lambda s: f"exp_avg_sq step {step}: {s}")
 
 
 @pytest.mark.parametrize("grad_scale_of_magnitude", [1e15, 1e-15])
@@ -88,11 +90,13 @@ def test_extreme_gradients_match_torch(simd_path, grad_scale_of_magnitude, maxim
         theirs.grad = g.clone()
         topt.step()
         kernels.adam_step_(ours, g, m, v, **_hyper(step, lr=1e-3, weight_decay=0.0, adamw_mode=False, maximize=maximize))
-        torch.testing.assert_close(ours, theirs.detach(), atol=1e-6, rtol=1e-5)
+        tol = STEP_VS_TORCH[torch.float32]
+        tol.check(ours, theirs.detach())
         # torch updates m by lerp, we by beta1*m + (1-beta1)*g: where m cancels to near zero the
-        # two differ by an ulp of g, so atol 1e-6 is taken in units of the gradient's scale.
-        torch.testing.assert_close(m, topt.state[theirs]["exp_avg"], atol=1e-6 * grad_scale_of_magnitude, rtol=1e-5)
-        torch.testing.assert_close(v, topt.state[theirs]["exp_avg_sq"], atol=0, rtol=1e-5)
+        # two differ by an ulp of g, so the atol is taken in units of the gradient's scale (and
+        # of its square for v, where it is nothing against the relative bound).
+        tol.check(m, topt.state[theirs]["exp_avg"], scale=grad_scale_of_magnitude)
+        tol.check(v, topt.state[theirs]["exp_avg_sq"], scale=grad_scale_of_magnitude ** 2)
 
 
 @pytest.mark.parametrize("param_dtype", DTYPES)
@@ -116,7 +120,6 @@ def test_close_to_float64_oracle(simd_path, param_dtype, adamw):
     p = torch.randn(n, generator=gen).to(param_dtype)
     m, v = torch.zeros(n), torch.zeros(n)
     p64, m64, v64 = p.clone(), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    ulp = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[param_dtype]
     for step in range(1, STEPS + 1):
         g = _grads(n, torch.float32, gen)
         hyper = _hyper(step, adamw_mode=adamw)
@@ -125,10 +128,10 @@ def test_close_to_float64_oracle(simd_path, param_dtype, adamw):
         # m can cancel to near zero; its error is measured against the element's own gradient
         # scale (the bias-corrected RMS, sqrt(v / (1 - beta2^t))) rather than against m.
         grad_rms = (v64 / (1 - 0.999 ** step)).sqrt()
-        assert ((m.double() - m64).abs() <= 1e-6 * grad_rms + 1e-30).all(), f"exp_avg step {step}"
-        torch.testing.assert_close(v.double(), v64, rtol=1e-5, atol=1e-12)
-        # fp32: a few fp32 ulps of drift; bf16/fp16: at most one ulp of the param dtype.
-        torch.testing.assert_close(p.double(), p64.double(), rtol=max(4 * ulp, 1e-6), atol=1e-6)
+        assert ((m.double() - m64).abs() <= ORACLE_EXP_AVG * grad_rms + 1e-30).all(), f"exp_avg step {step}"
+        ORACLE_EXP_AVG_SQ.check(v.double(), v64)
+        # fp32: a few fp32 ulps of drift; bf16/fp16: about one ulp of the param dtype.
+        ORACLE[param_dtype].check(p.double(), p64.double())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

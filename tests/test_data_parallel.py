@@ -10,7 +10,7 @@ import torch
 
 from offload_engine.engine.partition import ALIGN, split_points
 from multirank import launch_ranks
-from tolerances import TRAJECTORY_PARAM_MEAN_ABS, TRAJECTORY_REL
+from tolerances import MIXED_PRECISION, STEP_VS_TORCH, TRAJECTORY_PARAM_MEAN_ABS, TRAJECTORY_REL
 
 JOB = Path(__file__).with_name("dp_job.py")
 
@@ -29,18 +29,10 @@ def test_two_ranks_match_one_process(tmp_path, name, eight_bit):
     single = run_job(tmp_path, 1, "--optimizer", name)[0]
     ranks = run_job(tmp_path, 2, "--optimizer", name)
     one = single["result"]
-    fmt = "int8" if eight_bit else "fp32"
-    for r in ranks:
-        res = r["result"]
-        assert res["losses"] == pytest.approx(one["losses"], rel=TRAJECTORY_REL[fmt])
-        assert res["norms"] == pytest.approx(one["norms"], rel=TRAJECTORY_REL[fmt])
-    # Every rank ends with the same params (the all-gather), and they track the single process.
-    for key, value in single["params"].items():
+    assert _departures(single, ranks, "int8" if eight_bit else "fp32") == []
+    # Every rank ends with the same params (the all-gather).
+    for key in single["params"]:
         assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), key
-        if eight_bit:
-            assert (ranks[0]["params"][key] - value).abs().mean() < TRAJECTORY_PARAM_MEAN_ABS["int8"], key
-        else:
-            torch.testing.assert_close(ranks[0]["params"][key], value, rtol=1e-5, atol=1e-6)
     # destroy_process_group freed the group: no gloo or TCPStore thread outlives it to exit
     # ([Note: import torch.distributed.nn early] in offload_engine/optim/sharded.py).
     for r in ranks:
@@ -51,6 +43,38 @@ def test_two_ranks_match_one_process(tmp_path, name, eight_bit):
     held = [r["result"]["elements_with_state"] for r in ranks]
     assert sum(held) == one["elements_with_state"] == sum(p.numel() for p in single["params"].values())
     assert min(held) > 0.4 * sum(held)
+
+
+def _departures(single: dict, ranks: list, fmt: str) -> list[str]:
+    """Where the ranks' run leaves the single process's beyond the format's trajectory bounds:
+    per-step losses and grad norms, and the final params (empty: nowhere)."""
+    out, one = [], single["result"]
+    for r, rank in enumerate(ranks):
+        for what in ("losses", "norms"):
+            if rank["result"][what] != pytest.approx(one[what], rel=TRAJECTORY_REL[fmt]):
+                worst = max(abs(a - b) / abs(b) for a, b in zip(rank["result"][what], one[what]))
+                out.append(f"rank {r} {what}: relative difference {worst:.3g} > {TRAJECTORY_REL[fmt]}")
+    for key, value in single["params"].items():
+        got = ranks[0]["params"][key]
+        if fmt == "int8":
+            if (got - value).abs().mean() >= TRAJECTORY_PARAM_MEAN_ABS["int8"]:
+                out.append(f"{key}: mean abs difference {(got - value).abs().mean():.3g}")
+        else:
+            try:
+                STEP_VS_TORCH[torch.float32].check(got, value)
+            except AssertionError as err:
+                out.append(f"{key}: {str(err).splitlines()[0]}")
+    return out
+
+
+def test_the_8bit_bound_catches_a_wrong_grad_average(tmp_path):
+    """Mutant: the last rank's grads weighted 1.05 in the average. It moves the grad norm by
+    3.7% against the 8-bit bound of 0.2% (measured 2026-12-06), so the 8-bit comparison above
+    is not loose enough to hide a real defect."""
+    single = run_job(tmp_path, 1, "--optimizer", "PagedAdamW8bit", "--steps", 10)[0]
+    ranks = run_job(tmp_path, 2, "--optimizer", "PagedAdamW8bit", "--steps", 10,
+                    "--mutant-last-rank-loss-scale", 1.05)
+    assert any("norms" in d for d in _departures(single, ranks, "int8"))
 
 
 @pytest.mark.slow
@@ -83,8 +107,8 @@ def test_gloo_collectives_reduce_to_owners_in_chunks_through_reused_buffers(tmp_
     for r in ranks:
         res = r["result"]
         assert res["transport"] == "gloo" and res["seen_rank0_change"] == (res["rank"] == 0)
-        assert res["losses"] == pytest.approx(single["losses"], rel=1e-6)
-        assert res["norms"] == pytest.approx(single["norms"], rel=1e-5)
+        assert res["losses"] == pytest.approx(single["losses"], rel=TRAJECTORY_REL["fp32"])
+        assert res["norms"] == pytest.approx(single["norms"], rel=TRAJECTORY_REL["fp32"])
         calls = res["calls"]
         assert "all_gather" not in calls and "all_reduce" not in calls, calls
         # 26k params, about 13k per rank in chunks of 1000: many chunks each way, every step.
@@ -116,12 +140,12 @@ def test_same_host_ranks_share_params_and_hand_grads_over_in_shared_memory(tmp_p
         res = r["result"]
         assert res["transport"] == "shared memory"
         assert res["seen_rank0_change"] is True
-        assert res["losses"] == pytest.approx(single["result"]["losses"], rel=1e-6)
-        assert res["norms"] == pytest.approx(single["result"]["norms"], rel=1e-5)
+        assert res["losses"] == pytest.approx(single["result"]["losses"], rel=TRAJECTORY_REL["fp32"])
+        assert res["norms"] == pytest.approx(single["result"]["norms"], rel=TRAJECTORY_REL["fp32"])
         assert not {"isend", "irecv", "broadcast", "all_gather"} & set(res["calls"]), res["calls"]
     for key, value in single["params"].items():
         assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), key
-        torch.testing.assert_close(ranks[0]["params"][key], value, rtol=1e-5, atol=1e-6)
+        STEP_VS_TORCH[torch.float32].check(ranks[0]["params"][key], value)
     assert _offload_engine_shm_files() <= before
 
 
@@ -134,7 +158,7 @@ def test_without_shared_memory_the_ranks_fall_back_to_gloo(tmp_path, fallback):
     for r in ranks:
         res = r["result"]
         assert res["transport"] == "gloo" and res["seen_rank0_change"] == (res["rank"] == 0)
-        assert res["losses"] == pytest.approx(single["losses"], rel=1e-6)
+        assert res["losses"] == pytest.approx(single["losses"], rel=TRAJECTORY_REL["fp32"])
 
 
 def test_a_nonfinite_grad_on_one_rank_skips_the_step_on_all(tmp_path):
@@ -173,7 +197,8 @@ def test_bf16_params_with_fp32_masters_stay_identical_across_ranks(tmp_path):
         assert value.dtype == torch.bfloat16
         assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), key
     for r in ranks:
-        assert r["result"]["losses"] == pytest.approx(single["result"]["losses"], rel=1e-2)
+        assert r["result"]["losses"] == pytest.approx(single["result"]["losses"],
+                                                      rel=MIXED_PRECISION[torch.bfloat16]["trajectory_rel"])
 
 
 def test_reserving_shared_memory_that_does_not_fit_fails_cleanly(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from offload_engine.optim import PagedAdamW, PagedAdamW8bit, record_full_sizes
 from offload_engine.optim.sharded import full_numel, mark_full_numel
 from offload_engine.quant import FORMATS, codec
 from multirank import launch_ranks
+from tolerances import STATE_VS_TORCH, STEP_VS_TORCH
 
 HERE = Path(__file__).parent
 JOB = HERE / "fsdp_job.py"
@@ -59,12 +60,11 @@ def test_paged_adamw_tracks_torch_adamw(runs, label):
     ours, torch_run = rank0[f"{label}/PagedAdamW"], rank0[f"{label}/AdamW"]
     for step, (got, want) in enumerate(zip(ours["params"], torch_run["params"]), 1):
         for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=f"{key} after step {step}")
+            STEP_VS_TORCH[torch.float32].check(got[key], want[key], msg=f"{key} after step {step}")
     for name, state in torch_run["state"].items():
         for key in ("exp_avg", "exp_avg_sq"):
-            scale = state[key].abs().max().item()
-            torch.testing.assert_close(ours["state"][name][key], state[key], rtol=1e-5, atol=1e-5 * scale,
-                                       msg=f"{name} {key}")
+            STATE_VS_TORCH.check(ours["state"][name][key], state[key], scale=state[key].abs().max().item(),
+                                 msg=f"{name} {key}")
         assert float(ours["state"][name]["step"]) == float(state["step"]) == 6
     for rank in runs[0]:  # also where the rank's shard is empty (FSDP2: the last layer on rank 1)
         assert {float(s["step"]) for s in rank[f"{label}/PagedAdamW"]["state"].values()} == {6.0}
@@ -214,7 +214,7 @@ def test_torch_adamw_and_paged_optimizers_load_each_others_dcp_checkpoints(runs)
         _state_equal(run["loaded_state"], straight["saved_state"], into)
         for step, (got, want) in enumerate(zip(run["params"], straight["params"][3:]), 4):
             for key in want:
-                torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=f"{key} after step {step}")
+                STEP_VS_TORCH[torch.float32].check(got[key], want[key], msg=f"{key} after step {step}")
     eight = rank0["fsdp2/AdamW->PagedAdamW8bit/resumed"]
     assert_requantized(eight["loaded_state"], rank0["fsdp2/AdamW"]["saved_state"], eight["formats"], 2)
 
@@ -301,7 +301,7 @@ def test_on_the_gpu_fsdp_shards_page_through_device_slots_like_the_plain_run(cud
     for step, (got, want) in enumerate(zip(cuda_runs[f"{label}/PagedAdamW"]["params"],
                                            cuda_runs[f"{label}/AdamW"]["params"]), 1):
         for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=f"{key} after step {step}")
+            STEP_VS_TORCH[torch.float32].check(got[key], want[key], msg=f"{key} after step {step}")
 
 
 @pytest.mark.cuda

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from offload_engine.optim import AdamW8bit, CPUAdam, PagedAdamW, PagedAdamW8bit
+from tolerances import SCHEDULE, STEP_VS_TORCH
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -196,7 +197,7 @@ def test_trainer_builds_paged_optimizer_itself(tmp_path):
     named = dict(model.named_parameters())
     assert id(named["transformer.h.0.mlp.c_fc.weight"]) in decay
     assert id(named["transformer.h.0.mlp.c_fc.bias"]) not in decay and id(named["transformer.ln_f.weight"]) not in decay
-    assert all(group["lr"] == pytest.approx(0.0, abs=1e-12) for group in opt.param_groups)  # cosine ran to its end
+    assert all(group["lr"] == pytest.approx(0.0, abs=SCHEDULE.atol) for group in opt.param_groups)  # cosine ran to its end
     assert opt.state[named["transformer.h.0.mlp.c_fc.weight"]]["format"] == "int8"
     losses = logged_losses(trainer)
     assert losses[-1] < 0.85 * losses[0], losses  # observed 3.91 -> 2.76
@@ -385,7 +386,7 @@ def test_torch_scheduler_drives_paged_optimizer(fmt, sched_name):
                                         make_sched)
         for step, (ps, rs) in enumerate(zip(paged, reference)):
             for p, r in zip(ps, rs):
-                torch.testing.assert_close(p, r, rtol=0, atol=2e-6, msg=f"step {step}")
+                STEP_VS_TORCH[torch.float32].check(p, r, msg=f"step {step}")
     opt.close()
 
 

@@ -19,6 +19,7 @@ import torch
 
 import offload_engine
 from offload_engine.engine import admission, launch_env
+from tolerances import TRAJECTORY_REL
 from offload_engine.engine.admission import AdmissionError, Demand
 from multirank import free_port
 
@@ -64,7 +65,7 @@ def _check_two_ranks(results: list[dict], launcher: str, one_process_loss: float
     assert all(r["launcher"].startswith(launcher) for r in results), results
     assert results[0]["pid"] != results[1]["pid"]
     assert results[0]["final_loss"] == results[1]["final_loss"]
-    assert results[0]["final_loss"] == pytest.approx(one_process_loss, rel=1e-6)
+    assert results[0]["final_loss"] == pytest.approx(one_process_loss, rel=TRAJECTORY_REL["fp32"])
 
 
 # ---- each launcher ----------------------------------------------------------------------------
@@ -135,47 +136,47 @@ def _wait_for(path: Path, text: str, procs, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
-def _exit_within(proc: subprocess.Popen, bound: float) -> tuple[int, float]:
-    start = time.monotonic()
+def _exit_code(proc: subprocess.Popen, hang_guard: float) -> int:
+    """proc's exit code; a rank still running after `hang_guard` seconds is a hang (a guard
+    against waiting forever, not a measurement: what ended the rank is read from its stderr)."""
     try:
-        code = proc.wait(timeout=bound)
+        return proc.wait(timeout=hang_guard)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        pytest.fail(f"rank 0 still running {bound} s after its peer stopped: the job hangs")
-    return code, time.monotonic() - start
+        pytest.fail(f"rank 0 still running {hang_guard} s after its peer stopped: the job hangs")
 
 
-def _signal_rank1_mid_run(tmp_path, sig, **env) -> tuple[int, float, str]:
-    """Starts 2 ranks, sends `sig` to rank 1 at step 3; rank 0's exit code, the seconds it took
-    to exit after the signal (at most 60), and its stderr. Both ranks are gone on return."""
+def _signal_rank1_mid_run(tmp_path, sig, **env) -> tuple[int, str]:
+    """Starts 2 ranks, sends `sig` to rank 1 at step 3; rank 0's exit code and its stderr. Both
+    ranks are gone on return."""
     (p0, _, err0), (p1, out1, _) = ranks = _start_ranks(tmp_path, **env)
     try:
         _wait_for(out1, "step 3 ", [p0, p1])
         p1.send_signal(sig)
-        code, waited = _exit_within(p0, 60)
+        code = _exit_code(p0, 120)
     finally:
         for p, _, _ in ranks:
             if p.poll() is None:
                 p.kill()  # SIGKILL ends a stopped process too
                 p.wait()
-    return code, waited, err0.read_text()
+    return code, err0.read_text()
 
 
 def test_sigkilled_rank_makes_the_other_exit_with_an_error(tmp_path):
     """SIGKILL closes rank 1's sockets; rank 0's next collective raises (gloo: connection closed
-    or reset by peer) and it exits non-zero, well before the collective timeout (600 s)."""
-    code, waited, err = _signal_rank1_mid_run(tmp_path, signal.SIGKILL)
-    assert code != 0 and waited < 60
-    assert "peer" in err and "RuntimeError" in err, err[-2000:]
+    or reset by peer) and it exits non-zero: the peer's error ends it, not the collective
+    timeout (600 s, which the hang guard would have caught first)."""
+    code, err = _signal_rank1_mid_run(tmp_path, signal.SIGKILL)
+    assert code != 0
+    assert "peer" in err and "RuntimeError" in err and "Timed out" not in err, err[-2000:]
 
 
 def test_hung_rank_makes_the_other_exit_after_the_collective_timeout(tmp_path):
     """SIGSTOP keeps rank 1's sockets open: only the collective timeout
-    (OFFLOAD_ENGINE_DIST_TIMEOUT_S, here 5 s) ends rank 0's wait."""
-    code, waited, err = _signal_rank1_mid_run(tmp_path, signal.SIGSTOP, OFFLOAD_ENGINE_DIST_TIMEOUT_S="5")
+    (OFFLOAD_ENGINE_DIST_TIMEOUT_S, here 5 s) ends rank 0's wait, and its error says so."""
+    code, err = _signal_rank1_mid_run(tmp_path, signal.SIGSTOP, OFFLOAD_ENGINE_DIST_TIMEOUT_S="5")
     assert code != 0
-    assert waited >= 4, f"rank 0 exited {waited:.1f} s after the stop: something else than the timeout ended it"
     assert "Timed out" in err and "5000ms" in err, err[-2000:]
 
 

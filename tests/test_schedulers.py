@@ -15,12 +15,13 @@ from offload_engine.schedulers import (
     WarmupLR,
     build_scheduler,
 )
+from tolerances import SCHEDULE, SCHEDULE_FP32_REL
+
 
 GROUP_LRS = (1e-3, 3e-4, 0.05)
 WARMUPS = (1, 7, 100)
 TYPES = ("log", "linear")
-REL = 1e-12
-ABS = 1e-24  # only for values that are 0 in one form and ~1e-36 in the other
+REL, ABS = SCHEDULE.rtol, SCHEDULE.atol
 
 
 def make_opt(lrs=GROUP_LRS, tensor_lr=False):
@@ -211,7 +212,7 @@ def test_tensor_lrs_are_filled_in_place():
         assert all(a is b for a, b in zip(lrs_of(opt), held, strict=True))
         want = [ref_cosine(k, float(torch.tensor(b)), 7, 40, 0.1, 1e-4, "log") for b in GROUP_LRS]
         got = [float(t) for t in lrs_of(opt)]
-        assert got == pytest.approx(want, rel=1e-6)  # float32 lr tensors
+        assert got == pytest.approx(want, rel=SCHEDULE_FP32_REL)  # float32 lr tensors
 
 
 # ---- state_dict ----------------------------------------------------------------------------
