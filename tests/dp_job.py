@@ -29,6 +29,8 @@ ap.add_argument("--perturb-inputs", type=int, default=0,
 ap.add_argument("--mutant-last-rank-loss-scale", type=float, default=1.0,
                 help="a deliberate defect for the tests to catch: the last rank's loss (so its grads) times this, "
                      "as a wrong weight in the grad average would do")
+ap.add_argument("--profile-step", type=int, default=0,
+                help="record the offload_engine:: profiler labels of this step's optimizer step")
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
 
@@ -76,6 +78,7 @@ config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps"
 engine, optimizer, _, _ = offload_engine.initialize(model, config)
 
 data = torch.Generator().manual_seed(1)
+labels = None  # --profile-step
 losses, norms, scratch = [], [], []
 for step in range(1, args.steps + 1):
     step_loss = 0.0
@@ -93,7 +96,13 @@ for step in range(1, args.steps + 1):
         if args.mutant_last_rank_loss_scale != 1.0 and rank == world - 1 and world > 1:
             loss = loss * args.mutant_last_rank_loss_scale
         engine.backward(loss)
-        engine.step()
+        if step == args.profile_step and engine.is_gradient_accumulation_boundary():
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                engine.step()
+            labels = sorted({e.name for e in prof.events() if e.name.startswith("offload_engine::")
+                             and "step_" not in e.name})  # phase labels, not the kernels' ops
+        else:
+            engine.step()
         mean = loss.detach().clone()
         if world > 1:
             dist.all_reduce(mean)
@@ -128,7 +137,7 @@ result = {"rank": rank, "world": world, "losses": losses, "norms": norms, "eleme
           "skipped": engine.skipped_steps, "checkpoint": saved, "global_steps": engine.global_steps,
           "calls": calls, "scratch": scratch,
           "transport": engine.partition.transport if engine.partition is not None else None,
-          "seen_rank0_change": seen,
+          "seen_rank0_change": seen, "profiler_labels": labels,
           "state_bytes": optimizer.paging_stats()["state_bytes"] if hasattr(optimizer, "paging_stats") else None}
 if world > 1:
     dist.barrier()

@@ -27,9 +27,14 @@ def test_two_ranks_match_one_process(tmp_path, name, eight_bit):
     trajectory's own sensitivity to rounding-level noise ([Note: 8-bit trajectories] in
     tests/tolerances.py; test_int8_trajectory_bound_covers_rounding_noise measures it)."""
     single = run_job(tmp_path, 1, "--optimizer", name)[0]
-    ranks = run_job(tmp_path, 2, "--optimizer", name)
+    ranks = run_job(tmp_path, 2, "--optimizer", name, "--profile-step", 3)
     one = single["result"]
     assert _departures(single, ranks, "int8" if eight_bit else "fp32") == []
+    # A profiler trace of a step names its data-parallel phases (and the paged update's).
+    for r in ranks:
+        labels = set(r["result"]["profiler_labels"])
+        assert {"offload_engine::grad_reduce", "offload_engine::param_gather"} <= labels, labels
+        assert ("offload_engine::update" in labels) == name.startswith("Paged"), labels
     # Every rank ends with the same params (the all-gather).
     for key in single["params"]:
         assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), key
