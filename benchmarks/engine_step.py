@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -86,6 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tensors", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--contenders", default="torch,deepspeed,ours-loop,engine,engine-paged8,engine-bf16")
+    ap.add_argument("--json", default=None, help="also write {contender: median seconds} here")
     args = ap.parse_args(argv)
     n_total = int(args.params)
     print(f"# engine step with clipping, {n_total:,} params in {args.tensors} tensors, {torch.get_num_threads()} "
@@ -108,6 +111,10 @@ def main(argv=None) -> int:
         vs_torch = f"{torch_ms / ms:.2f}x" if torch_ms else "-"
         vs_loop = f"{loop_ms / ms:.2f}x" if loop_ms else "-"
         print(f"{name:<15}{ms:>11.1f}{n_total / ms / 1e6:>10.2f}{vs_torch:>10}{vs_loop:>14}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"params": n_total, "median_s": {name: statistics.median(ts) for name, ts in times.items()},
+                       "package": str(Path(offload_engine.__file__).resolve().parents[1])}, f)
     return 0
 
 

@@ -210,7 +210,9 @@ def main():
         print(f"best {fmt} NVMe step: {100 * frac:.1f}% of the disk bound")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": header, "params": numel, "rows": rows, "deepspeed": ds}, f, indent=1)
+            import offload_engine  # which tree ran (benchmarks/paired_commits.py checks it)
+            json.dump({"machine": header, "params": numel, "rows": rows, "deepspeed": ds,
+                       "package": os.path.dirname(os.path.dirname(offload_engine.__file__))}, f, indent=1)
 
 
 if __name__ == "__main__":
