@@ -207,10 +207,17 @@ def _torch_threads(n: int):
             torch.set_num_threads(before)
 
 
+_NO_LABEL = contextlib.nullcontext()
+
+
 def phase(name: str):
     """A profiler label on one phase of the step (``offload_engine::fetch``, ``::update``,
     ``::writeback``; the engine adds ``::grad_reduce`` and ``::param_gather``), so a user's
-    torch.profiler trace shows where the step goes."""
+    torch.profiler trace shows where the step goes. With no profiler running it is a no-op:
+    record_function costs about 4 us even then, and a step enters up to three labels per page
+    (measured: +30% on a 16-page step of 16 KiB pages)."""
+    if not torch.autograd._profiler_enabled():
+        return _NO_LABEL
     return torch.profiler.record_function(f"offload_engine::{name}")
 
 
