@@ -3,11 +3,12 @@ change that should not move performance (a refactor).
 
 The base commit is checked out in a temporary git worktree; with the native ops unchanged
 between the two (ops/ and setup.py), it borrows this tree's built extension, so the two differ
-in their Python only. Each round runs benchmarks/engine_step.py and benchmarks/paging.py (this
-tree's copies, so the harness is the same) once per tree, the order alternating from round to
+in their Python only. Each round runs benchmarks/engine_step.py, benchmarks/paging.py and
+benchmarks/step_overhead.py (this tree's copies, so the harness is the same) once per tree, the order alternating from round to
 round so that a drift of the machine hits both alike. Printed per figure: the median over the
-rounds for each tree, and this tree's time over the base's (below 1: faster), with the spread
-of the per-round ratios, which is the noise to read the median against.
+rounds for each tree, and the paired ratio, this tree's time over the base's in the same round
+(below 1: faster), as the median over the rounds with its range, which is the noise to read
+the median against.
 
     python benchmarks/paired_commits.py --base a593087
     python benchmarks/paired_commits.py --base HEAD~3 --rounds 5 --params 5e7 --json out.json
@@ -64,9 +65,11 @@ def run(tree: Path, script: str, args: list[str]) -> dict:
     return result
 
 
-def figures(engine: dict, paging: dict) -> dict:
+def figures(engine: dict, paging: dict, overhead: dict) -> dict:
     """{figure name: seconds} from one run of each benchmark."""
     out = {f"engine_step {name}": s for name, s in engine["median_s"].items()}
+    for name, row in overhead["rows"].items():
+        out[f"overhead {name} ({row['pages']} pages)"] = row["paged_s"]
     for row in paging["rows"]:
         if "unpaged_s" in row:
             out[f"paging {row['format']} unpaged"] = row["unpaged_s"]
@@ -101,23 +104,24 @@ def main(argv=None) -> int:
             for label in (("base", "head") if r % 2 == 0 else ("head", "base")):
                 tree = trees[label]
                 samples[label].append(figures(run(tree, "engine_step.py", engine_args),
-                                              run(tree, "paging.py", paging_args)))
+                                              run(tree, "paging.py", paging_args),
+                                              run(tree, "step_overhead.py", [])))
                 print(f"round {r + 1}/{args.rounds} {label} done", file=sys.stderr, flush=True)
     finally:
         git("worktree", "remove", "--force", str(base_tree))
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"# {head} against {base_rev}, {args.rounds} rounds, {float(args.params):.0e} params, "
           f"{platform.processor() or platform.machine()}, {datetime.date.today()}")
-    print(f"{'figure':<34}{'base ms':>10}{'head ms':>10}{'head/base':>11}{'per-round ratios':>30}")
+    print(f"{'figure':<36}{'base ms':>10}{'head ms':>10}  {'head/base, paired: median [min, max]':<38}")
     table = {}
     for name in samples["base"][0]:
         b = [s[name] for s in samples["base"]]
         h = [s[name] for s in samples["head"]]
-        ratios = [x / y for x, y in zip(h, b)]
-        med = statistics.median(h) / statistics.median(b)
-        table[name] = {"base_s": b, "head_s": h, "ratio": med}
-        print(f"{name:<34}{statistics.median(b) * 1e3:>10.1f}{statistics.median(h) * 1e3:>10.1f}{med:>11.3f}"
-              f"{' '.join(f'{x:.3f}' for x in ratios):>30}")
+        ratios = [x / y for x, y in zip(h, b)]  # round r's head against round r's base
+        med = statistics.median(ratios)
+        table[name] = {"base_s": b, "head_s": h, "paired_ratios": ratios, "paired_median": med}
+        print(f"{name:<36}{statistics.median(b) * 1e3:>10.3f}{statistics.median(h) * 1e3:>10.3f}  "
+              f"{med:.3f} [{min(ratios):.3f}, {max(ratios):.3f}]")
     if args.json:
         Path(args.json).write_text(json.dumps({"head": head, "base": base_rev, "rounds": args.rounds,
                                                "params": float(args.params), "figures": table}, indent=1))

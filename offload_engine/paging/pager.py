@@ -19,7 +19,7 @@ import torch
 
 from ..quant import FORMATS
 from . import footprint as fp
-from .executors import make_executor
+from .executors import DirectFeeder, make_executor
 from .layout import PageTable
 from .pool import SlotPool
 from .scheduler import StepStats
@@ -181,7 +181,7 @@ class Pager:
         pinned = self.executor.pins_host
         disk = store if self.store.access == "io" else 0
         host_store = 0 if self.store.access == "io" else store
-        return fp.Footprint(gpu=getattr(self.pipeline, "nbytes", 0) if self.pipeline is not None else 0,
+        return fp.Footprint(gpu=self.pipeline.nbytes if self.pipeline is not None else 0,
                             pinned_host=(host_store + pool if pinned else 0) + self.executor.pinned_bytes,
                             host=0 if pinned else host_store + pool, disk=disk)
 
@@ -247,7 +247,6 @@ class PageStep:
         """Waits until every page fed is in the pipeline; raises the feeding's error."""
         feeder, self._feeder = self._feeder, None
         if feeder is not None:
-            from .executors import DirectFeeder
             self._feeder = DirectFeeder(self._pipeline)  # later pages go in directly
             feeder.join()
 

@@ -21,6 +21,7 @@ import collections
 import contextlib
 import dataclasses
 import time
+from typing import Callable
 
 import torch
 
@@ -110,11 +111,11 @@ class PageScheduler:
         return stats
 
     def _run_in_place(self, pages, update, stats: StepStats) -> None:
+        update = labelled("update", update)  # the default store's hot loop: decided once per pass
         for page in pages:
             t = time.perf_counter()
             try:
-                with phase("update"):
-                    update(page, self.store.page_view(page))
+                update(page, self.store.page_view(page))
             except Exception as err:
                 raise _update_error(page, self.store, err) from err
             stats.update_s += time.perf_counter() - t
@@ -219,6 +220,18 @@ def phase(name: str):
     if not torch.autograd._profiler_enabled():
         return _NO_LABEL
     return torch.profiler.record_function(f"offload_engine::{name}")
+
+
+def labelled(name: str, fn: Callable) -> Callable:
+    """`fn` under phase(name) on every call when a profiler runs now, else `fn` itself: for a
+    per-page loop, where even the no-op label's ~0.5 us per page shows on small pages."""
+    if not torch.autograd._profiler_enabled():
+        return fn
+
+    def run(*args):
+        with phase(name):
+            return fn(*args)
+    return run
 
 
 def _update_error(page: int, store, err: Exception) -> PagingError:
