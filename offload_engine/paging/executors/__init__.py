@@ -14,7 +14,7 @@ to nothing else.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from typing import Callable, Protocol
 
 import torch
 
