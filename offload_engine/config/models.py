@@ -52,7 +52,20 @@ class FP16Config(Section):
 class BF16Config(Section):
     """bf16 mixed precision (DeepSpeed's ``bf16`` section; the old key ``bfloat16`` is accepted)."""
 
-    enabled: bool = Field(False, description="Train with bf16 params/activations (no loss scaling).")
+    enabled: bool | Literal["auto"] = Field(
+        False, description="Train with bf16 params/activations (no loss scaling). \"auto\": bf16 where the params' "
+                           "device computes it fast (a CUDA device with bf16; a CPU whose bf16 matmul is measured "
+                           "no slower than the fp32 one, as with avx512_bf16 or AMX), fp32 elsewhere; "
+                           "initialize() decides and logs why (engine/precision.py).",
+        json_schema_extra={"allowed": 'true, false or "auto"'})
+
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _enabled(cls, value):
+        # One error naming the key, not one per member of the union (bool | "auto").
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError(f'must be true or false (or "auto"), got {value!r}')
 
 
 class OffloadOptimizerConfig(Section):
@@ -173,8 +186,17 @@ class EngineConfig(Section):
 
     @property
     def precision(self) -> str:
-        """``"bf16"``, ``"fp16"`` or ``"fp32"``."""
+        """``"bf16"``, ``"fp16"`` or ``"fp32"`` (``bf16.enabled: "auto"`` must be decided first:
+        with_bf16)."""
+        if self.bf16.enabled == "auto":
+            raise ValueError('bf16.enabled is "auto": initialize() decides it for the params\' device (with_bf16)')
         return "bf16" if self.bf16.enabled else "fp16" if self.fp16.enabled else "fp32"
+
+    def with_bf16(self, enabled: bool) -> "EngineConfig":
+        """This config with bf16.enabled decided (for ``"auto"``)."""
+        cfg = self.model_copy(update={"bf16": self.bf16.model_copy(update={"enabled": bool(enabled)})})
+        cfg._world_size = self._world_size
+        return cfg
 
     @property
     def zero_stage(self) -> int:

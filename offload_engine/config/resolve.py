@@ -70,8 +70,11 @@ def resolve_batch(train: int | None, micro: int | None, accum: int | None,
 
 
 def precision_problems(cfg) -> list[Problem]:
-    if cfg.fp16.enabled and cfg.bf16.enabled:
+    if cfg.fp16.enabled and cfg.bf16.enabled is True:
         return [("fp16.enabled", "fp16.enabled and bf16.enabled are both true; enable at most one")]
+    if cfg.fp16.enabled and cfg.bf16.enabled == "auto":
+        return [("bf16.enabled", '"auto" with fp16.enabled true: "auto" chooses between bf16 and fp32; set '
+                                 "bf16.enabled to false to train in fp16")]
     return []
 
 

@@ -2,6 +2,8 @@
 from a DeepSpeed-style config, the way deepspeed.initialize does."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .. import optim
@@ -13,6 +15,9 @@ from . import admission, launch_env
 from .engine import OffloadEngine
 from .overlap import BackwardOverlap
 from .partition import Partition
+from .precision import choose_bf16
+
+log = logging.getLogger("offload_engine")
 
 _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,6 +43,15 @@ def initialize(model: torch.nn.Module, config, model_parameters=None, optimizer=
     launch_env.init_distributed(device=next(model.parameters(), torch.empty(0)).device)
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     cfg = config if isinstance(config, EngineConfig) else load_config(config, world_size=world_size)
+    if cfg.bf16.enabled == "auto":  # decided for the params' device, by measuring ([precision.py])
+        device = next(model.parameters(), torch.empty(0)).device
+        use_bf16, why = choose_bf16(device)
+        if world_size > 1:  # every rank must train in the same precision: bf16 only where all run it fast
+            agreed = _all_ranks_agree(use_bf16, device)
+            if agreed != use_bf16:
+                use_bf16, why = agreed, f"another rank's device runs bf16 slowly; here {why}"
+        log.info("bf16.enabled auto: %s (%s)", "bf16" if use_bf16 else "fp32", why)
+        cfg = cfg.with_bf16(use_bf16)
     paging = cfg.paging_settings()
     if paging.overlap_backward:
         _check_overlap_config(cfg, world_size)
@@ -126,6 +140,14 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
 
 
 _OVERLAP = "paging.overlap_backward"
+
+
+def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """True only if `flag` is true on every rank (a MIN all-reduce, on the device the backend wants)."""
+    on = device if device.type == "cuda" else torch.device("cpu")
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=on)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def _check_overlap_config(cfg, world_size: int) -> None:
