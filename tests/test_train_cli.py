@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from offload_engine.engine.precision import choose_bf16
 from offload_engine.optim import PagedAdamW8bit
 from offload_engine.train import job
 from offload_engine.train.data import BatchSampler, Corpus, CorpusError, load_corpus
@@ -24,6 +25,8 @@ from tolerances import MIXED_PRECISION
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--no-progress"]
+# What the default config's bf16 "auto" picks on this machine (measured; engine/precision.py).
+AUTO_PRECISION = "bf16" if choose_bf16(torch.device("cpu"))[0] else "fp32"
 
 
 def cli(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
@@ -46,7 +49,8 @@ def test_end_to_end_writes_its_files(tmp_path):
         assert m["loss"] > 0 and m["tokens_per_s"] > 0 and m["step_s"] >= m["optimizer_s"] > 0
         assert m["state_bytes"]["host"] > 0 and m["state_bytes"]["gpu"] == 0 and m["state_bytes"]["nvme"] == 0
     summary = json.loads((out / job.SUMMARY_FILE).read_text())
-    assert summary["optimizer"] == "PagedAdamW8bit" and summary["precision"] == "bf16"
+    assert summary["optimizer"] == "PagedAdamW8bit" and summary["precision"] == AUTO_PRECISION
+    assert f"{AUTO_PRECISION} (bf16 auto: a bf16 matmul takes" in r.stdout  # the header says which and why
     assert summary["loss_start"] == records[0]["loss"]
     assert summary["loss_end"] == pytest.approx(statistics.median(m["loss"] for m in records))
     assert summary["steps_done"] == 6 and summary["last_step"] == 6
@@ -124,7 +128,7 @@ def test_compare_prints_both_legs(tmp_path):
     base = json.loads((tmp_path / "torch_adamw" / job.SUMMARY_FILE).read_text())
     ours = json.loads((tmp_path / "offload_engine" / job.SUMMARY_FILE).read_text())
     assert base["optimizer"] == "AdamW" and base["precision"] == "fp32"
-    assert ours["optimizer"] == "PagedAdamW8bit" and ours["precision"] == "bf16"
+    assert ours["optimizer"] == "PagedAdamW8bit" and ours["precision"] == AUTO_PRECISION
     # torch's AdamW state: fp32 m and v, 8 bytes per param, all in host memory on a CPU run.
     assert base["state_bytes"] == {"gpu": 0, "host": 8 * base["trainable"], "nvme": 0}
     # Same init and batches: the first loss is the same model on the same batch (fp32 vs bf16).
@@ -135,6 +139,9 @@ def test_compare_prints_both_legs(tmp_path):
     (["--model", "gigantic"], "unknown --model 'gigantic'"),
     (["--config", "no/such/config.json"], "--config 'no/such/config.json': no such file"),
     (["--steps", "0"], "--steps: must be >= 1"),
+    (["--steps", "abc"], "argument --steps: must be a whole number >= 1, got 'abc'"),
+    (["--device", "tpu"], "--device 'tpu' is not a device: use cpu, cuda or cuda:N"),
+    (["--device", "meta"], "--device 'meta': offload-train runs on cpu, cuda or cuda:N"),
 ])
 def test_bad_arguments_get_one_line(tmp_path, args, message):
     r = cli(*TINY, "--out", tmp_path / "run", *args)
@@ -166,6 +173,54 @@ def test_short_corpus_unwritable_out_and_bad_config(tmp_path):
 
     r = cli(*TINY, "--out", tmp_path / "c", "--model", "gigantic", "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr and "ModelChoiceError" in r.stderr
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path):
+    out = tmp_path / "run"
+    assert cli(*TINY, "--steps", 2, "--out", out).returncode == 0
+    before = {p.relative_to(out): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    r = cli("--no-progress", "--resume", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "already reached step 2 (--steps 2): nothing to do" in r.stdout and "loss" in r.stdout
+    after = {p.relative_to(out): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_refused_run_leaves_no_out_directory(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_batch_size": 4, "optimizer": {"type": "PagedAdamW8bit",
+                                                                    "params": {"lrr": 1e-3}}}))
+    r = cli(*TINY, "--config", bad, "--out", tmp_path / "runs" / "a")
+    assert r.returncode == 2 and "optimizer.params.lrr" in r.stderr
+    assert not (tmp_path / "runs").exists()  # neither --out nor the parent it created
+    r = cli(*TINY, "--device", "tpu", "--out", tmp_path / "b")
+    assert r.returncode == 2 and not (tmp_path / "b").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_refused_before_anything_is_built(tmp_path):
+    r = cli(*TINY, "--device", "cuda", "--out", tmp_path / "run")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+    why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+    assert f"--device 'cuda': {why}; use --device cpu" in r.stderr
+
+
+def test_out_where_no_directory_can_be_made_names_the_parent(tmp_path):
+    r = cli(*TINY, "--out", "/proc/forbidden")
+    assert r.returncode == 2 and "'/proc' does not accept a new directory" in r.stderr, r.stderr
+
+
+def test_config_warnings_are_one_line_each_naming_the_key(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"train_batch_size": 4, "wall_clock_breakdown": False,
+                                  "zero_optimization": {"stage": 0, "overlap_comm": True},
+                                  "optimizer": {"type": "PagedAdamW8bit", "params": {"lr": 1e-3}}}))
+    r = cli(*TINY, "--config", config, "--steps", 1, "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    warned = [line for line in r.stderr.splitlines() if "warning" in line.lower()]
+    assert [w.split(" has no effect")[0] for w in warned] == [
+        "offload-train: warning: wall_clock_breakdown", "offload-train: warning: zero_optimization.overlap_comm"]
+    assert "warnings.warn" not in r.stderr and "ConfigWarning" not in r.stderr
 
 
 def test_resume_refuses_another_model(tmp_path):
@@ -276,3 +331,15 @@ def test_hugging_face_directory_with_its_tokenizer(tmp_path):
     bytes_count = len(load_corpus(None))
     token_count = int(r.stdout.split("built-in corpus (")[1].split(" tokens")[0].replace(",", ""))
     assert 0 < token_count < bytes_count  # merged pairs: fewer ids than bytes
+
+
+def test_the_plots_mean_is_centred_on_each_step():
+    """A trailing mean lagged the raw loss by half its window; the centred one does not."""
+    from offload_engine.train.plot import centered_mean
+    ramp = [float(i) for i in range(40)]
+    assert centered_mean(ramp, 9)[4:36] == ramp[4:36]
+    spike = [0.0] * 10 + [9.0] + [0.0] * 10
+    m = centered_mean(spike, 3)
+    # a centred window of 3 spreads the spike over steps 9..11 and nowhere else;
+    # a trailing one would put it at 10..12.
+    assert m[9:12] == [3.0, 3.0, 3.0] and m[8] == m[12] == 0.0 and m[0] == 0.0

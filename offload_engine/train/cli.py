@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 from . import job
@@ -29,7 +30,10 @@ COMPARE_STEPS = 60
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
@@ -64,12 +68,30 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """One line per warning, as the CLI's own messages are (a config warning names its key);
+    Python's default adds the file, the line number and the source line of the warn() call."""
+    print(f"{PROG}: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main(args)
+
+
+def _main(args) -> int:
     try:
         if args.compare:
             return _compare(args)
         return _train(args)
+    except job.NothingToDo as done:
+        print(f"{PROG}: {done}")
+        saved = done.out / job.SUMMARY_FILE
+        if saved.is_file():
+            print(format_summary(json.loads(saved.read_text(encoding="utf-8"))))
+        return 0
     except (job.JobError, ModelChoiceError, CorpusError) as e:
         return _fail(args, e, EXIT_BAD_INPUT)
     except KeyboardInterrupt:

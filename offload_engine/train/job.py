@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from .. import initialize
 from ..config import ConfigError
+from ..engine.precision import choose_bf16
 from .data import BatchSampler, load_corpus
 from .models import build_model, logits
 from .report import plain_adamw_bytes, state_bytes_by_tier
@@ -43,6 +44,14 @@ class JobError(RuntimeError):
     """A setting or file this run cannot use; the message says which and why."""
 
 
+class NothingToDo(Exception):
+    """--resume of a run that already reached --steps: nothing is trained and no file changes."""
+
+    def __init__(self, message: str, out: Path):
+        super().__init__(message)
+        self.out = out
+
+
 @dataclasses.dataclass
 class JobSettings:
     config: str | None = None        # a JSON path; None: the embedded default
@@ -60,14 +69,61 @@ class JobSettings:
 
 
 # ---- the run directory ----------------------------------------------------------------------
-def prepare_out(out: Path) -> None:
-    """Creates --out and proves a file can be written there, before any training time is spent."""
+def prepare_out(out: Path) -> list[Path]:
+    """Creates --out and proves a file can be written there, before any training time is spent.
+    Returns the directories it created, outermost first (remove_created takes them back)."""
+    missing = [d for d in (out, *out.parents) if not d.exists()][::-1]
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise JobError(f"--out {str(out)!r} cannot be written: {e.strerror or e}") from None
+        remove_created(missing)
+        raise JobError(f"--out {str(out)!r} cannot be written: {_why_unwritable(out, e)}") from None
+    return missing
+
+
+def _why_unwritable(out: Path, err: OSError) -> str:
+    """What stands in the way, named: the nearest part of the path that exists."""
+    existing = next((d for d in (out, *out.parents) if d.exists()), None)
+    reason = err.strerror or str(err)
+    if existing is None:
+        return reason
+    if not existing.is_dir():
+        return f"{str(existing)!r} is a file, not a directory"
+    if existing == out:
+        return f"no file can be created in it ({reason})"
+    return f"{str(existing)!r} does not accept a new directory ({reason})"
+
+
+def remove_created(dirs: list[Path]) -> None:
+    """Removes the directories prepare_out created, innermost first, where they are still empty:
+    a refused run leaves nothing behind."""
+    for d in reversed(dirs):
+        try:
+            d.rmdir()
+        except OSError:
+            return  # not empty (or gone): it and its parents stay
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device as a torch.device this machine has, checked before anything is built."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise JobError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise JobError(f"--device {name!r}: offload-train runs on cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise JobError(f"--device {name!r}: {why}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise JobError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def _write_json(path: Path, data) -> None:
@@ -144,6 +200,12 @@ def _resolve(settings: JobSettings) -> tuple[JobSettings, dict, str, list[str]]:
         settings = dataclasses.replace(settings, model=saved["model"], corpus=saved["corpus"],
                                        context=saved["context"], seed=saved["seed"], config=saved["config"],
                                        steps=settings.steps if settings.steps is not None else saved["steps"])
+        tag = (out / CHECKPOINTS / "latest").read_text(encoding="utf-8").strip()
+        prefix = "global_step"  # the engine's checkpoint tags (save_checkpoint's default)
+        at = int(tag[len(prefix):]) if tag.startswith(prefix) and tag[len(prefix):].isdigit() else None
+        if at is not None and at >= settings.steps:
+            raise NothingToDo(f"the run in {str(out)!r} already reached step {at} (--steps {settings.steps}): nothing "
+                              "to do, and its files are left as they are; pass a larger --steps to train on", out)
         config = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
         return settings, config, saved["config_name"], notes
     settings = dataclasses.replace(settings, model=settings.model or "small",
@@ -165,10 +227,18 @@ def run(settings: JobSettings, stop: threading.Event | None = None, log=print) -
         raise JobError(f"--steps must be >= 1, got {settings.steps}")
     if settings.save_every < 0:
         raise JobError(f"--save-every must be >= 0 (0: only at the end), got {settings.save_every}")
-    prepare_out(settings.out)
+    device = resolve_device(settings.device)
+    created = prepare_out(settings.out)
+    try:
+        return _run(settings, device, stop, log)
+    except BaseException:
+        remove_created(created)  # only what is still empty: a run that wrote files keeps them
+        raise
+
+
+def _run(settings: JobSettings, device: torch.device, stop: threading.Event, log) -> dict:
     settings, config, config_name, notes = _resolve(settings)
     out = settings.out
-    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     torch.manual_seed(settings.seed)
     loaded = build_model(settings.model, settings.context)
@@ -205,8 +275,11 @@ def run(settings: JobSettings, stop: threading.Event | None = None, log=print) -
 
     n_params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    precision = engine.precision
+    if (engine_config.get("bf16") or {}).get("enabled") == "auto":
+        precision += f" (bf16 auto: {choose_bf16(device)[1]})"  # initialize's decision; measured once
     log(f"offload-train: {loaded.description}, {n_params / 1e6:.2f}M params; {type(optimizer).__name__}, "
-        f"{engine.precision}, on {device}; {corpus.name} ({len(corpus):,} tokens); steps "
+        f"{precision}, on {device}; {corpus.name} ({len(corpus):,} tokens); steps "
         f"{engine.global_steps} -> {settings.steps}; writing {out}")
 
     first_step = engine.global_steps
