@@ -13,13 +13,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .report import TIER_NAMES, TIERS  # noqa: E402
 
 
-def _moving_mean(values: list[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
+def centered_mean(values: list[float], window: int) -> list[float]:
+    """The mean of the `window` values centred on each one (fewer at the ends). A trailing mean
+    would lag the curve by half its window (10 steps of a 300-step run's 20)."""
+    half = window // 2
+    prefix = [0.0]
+    for v in values:
+        prefix.append(prefix[-1] + v)
+    out = []
+    for i in range(len(values)):
+        lo, hi = max(0, i - half), min(len(values), i + half + 1)
+        out.append((prefix[hi] - prefix[lo]) / (hi - lo))
     return out
 
 
@@ -29,8 +33,9 @@ def write_plot(path: Path, history: list[dict], summary: dict) -> Path:
     losses = [r["loss"] for r in history]
     ax_loss.plot(steps, losses, color="#9bb7d4", linewidth=0.8, label="loss")
     if len(losses) > 1:
-        ax_loss.plot(steps, _moving_mean(losses, max(1, len(losses) // 20)), color="#1f4e79", linewidth=1.6,
-                     label="moving mean")
+        window = max(1, len(losses) // 20)
+        ax_loss.plot(steps, centered_mean(losses, window), color="#1f4e79", linewidth=1.6,
+                     label=f"mean of {window} steps around each")
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("training loss (nats/token)")
     ax_loss.set_title(f"{summary['optimizer']}, {summary['precision']}, {summary['device']}")
@@ -45,8 +50,9 @@ def write_plot(path: Path, history: list[dict], summary: dict) -> Path:
         ax_mem.bar("offload_engine", held[tier] / mib, bottom=bottom, color=colors[tier], label=TIER_NAMES[tier])
         bottom += held[tier] / mib
     plain_on = "gpu" if summary["device"].startswith("cuda") else "host"
+    # Hatched: what torch's AdamW would hold on that tier for these params, not memory this run used.
     ax_mem.bar("torch AdamW", summary["plain_adamw_bytes"] / mib, color=colors[plain_on], hatch="//",
-               edgecolor="white")
+               edgecolor="white", label=f"torch AdamW would hold ({TIER_NAMES[plain_on]}; not allocated)")
     ax_mem.set_ylabel("optimizer state (MiB)")
     ax_mem.set_title("optimizer state by tier")
     ax_mem.legend()
