@@ -10,11 +10,13 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from offload_engine.config import load_config
 from offload_engine.engine.precision import choose_bf16
 from offload_engine.optim import PagedAdamW8bit
 from offload_engine.train import job
@@ -221,6 +223,14 @@ def test_config_warnings_are_one_line_each_naming_the_key(tmp_path):
     assert [w.split(" has no effect")[0] for w in warned] == [
         "offload-train: warning: wall_clock_breakdown", "offload-train: warning: zero_optimization.overlap_comm"]
     assert "warnings.warn" not in r.stderr and "ConfigWarning" not in r.stderr
+    # The DeepSpeed-style example, nine ignored keys: nine lines, each naming its key, nothing else.
+    r = cli(*TINY, "--config", REPO / "configs" / "deepspeed_compat.json", "--steps", 1, "--out", tmp_path / "ds")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_config(REPO / "configs" / "deepspeed_compat.json")
+    assert lines == [f"offload-train: warning: {w.message}" for w in caught] and len(lines) >= 5, lines
 
 
 def test_resume_refuses_another_model(tmp_path):
@@ -343,3 +353,20 @@ def test_the_plots_mean_is_centred_on_each_step():
     # a centred window of 3 spreads the spike over steps 9..11 and nowhere else;
     # a trailing one would put it at 10..12.
     assert m[9:12] == [3.0, 3.0, 3.0] and m[8] == m[12] == 0.0 and m[0] == 0.0
+
+
+def test_the_plots_legend_says_what_the_hatched_bar_is(tmp_path, monkeypatch):
+    from offload_engine.train import plot
+    legends = {}
+
+    def keep(fig):  # read the legends before the figure is closed
+        legends.update({ax.get_title(): [t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes})
+
+    monkeypatch.setattr(plot.plt, "close", keep)
+    history = [{"step": i + 1, "loss": 5.0 - 0.01 * i} for i in range(40)]
+    summary = {"optimizer": "PagedAdamW8bit", "precision": "fp32", "device": "cpu",
+               "state_bytes": {"gpu": 0, "host": 5 << 20, "nvme": 0}, "plain_adamw_bytes": 9 << 20}
+    assert plot.write_plot(tmp_path / "p.png", history, summary).is_file()
+    assert legends["PagedAdamW8bit, fp32, cpu"] == ["loss", "mean of 2 steps around each"]
+    assert any(t.startswith("torch AdamW would hold") and "not allocated" in t
+               for t in legends["optimizer state by tier"])
