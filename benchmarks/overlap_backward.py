@@ -1,4 +1,4 @@
-"""paging.overlap_backward on a GPU: how much of the paged step backward hides.
+"""paging.overlap "exact" on a GPU: how much of the paged step backward hides.
 
 A stack of bf16 MLP blocks (d -> 4d -> d) trained through offload_engine.initialize with a
 paged optimizer whose state (8-bit or fp32 moments, fp32 masters) rests in pinned host pages.
@@ -53,7 +53,7 @@ def run(args, opt_type: str, overlap, tokens: int) -> dict:
         cfg = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
                "optimizer": {"type": opt_type, "params": {"lr": 1e-4, "weight_decay": 0.01}},
                "paging": {"store": "cpu", "page_size_mb": args.page_size_mb, "prefetch_depth": args.depth,
-                          "overlap_backward": overlap}}
+                          "overlap": "exact" if overlap else "off"}}
         if opt_type.endswith("8bit"):
             cfg["optimizer"]["params"]["min_8bit_size"] = 0
         engine, opt, *_ = offload_engine.initialize(net, cfg)

@@ -286,7 +286,7 @@ def test_defaults():
     assert not cfg.fp16.enabled and cfg.fp16.initial_scale_power == 16 and cfg.fp16.loss_scale == 0
     s = cfg.paging_settings()
     assert (s.store, s.page_size_mb, s.prefetch_depth, s.io_threads, s.executor) == (None, 16, 2, 4, "auto")
-    assert s.master_weights and s.pin_memory and not s.overlap_backward
+    assert s.master_weights and s.pin_memory and s.overlap == "off" and s.speculation_budget_bytes == 1024 * 2 ** 20
     with pytest.raises(ValidationError):
         cfg.gradient_clipping = 2.0  # frozen
 

@@ -260,9 +260,9 @@ def test_initialize_errors_are_clear():
     with pytest.raises(ConfigError, match="optimizer section and initialize"):
         offload_engine.initialize(model, {"optimizer": {"type": "AdamW"}},
                                   optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ConfigError, match="overlap_backward.*gradient_clipping 0"):
-        offload_engine.initialize(model, {"optimizer": {"type": "PagedAdamW"}, "gradient_clipping": 1.0,
-                                          "paging": {"overlap_backward": True}})
+    with pytest.raises(ConfigError, match="paging.overlap: 'exact' needs a paged optimizer"):
+        offload_engine.initialize(model, {"optimizer": {"type": "AdamW"}, "gradient_clipping": 1.0,
+                                          "paging": {"overlap": "exact"}})
     other = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="not one of the model's"):
         offload_engine.initialize(model, {}, optimizer=torch.optim.SGD(other.parameters(), lr=0.1))

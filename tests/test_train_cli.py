@@ -370,3 +370,21 @@ def test_the_plots_legend_says_what_the_hatched_bar_is(tmp_path, monkeypatch):
     assert legends["PagedAdamW8bit, fp32, cpu"] == ["loss", "mean of 2 steps around each"]
     assert any(t.startswith("torch AdamW would hold") and "not allocated" in t
                for t in legends["optimizer state by tier"])
+
+
+def test_overlap_exact_reports_its_guesses(tmp_path):
+    """paging.overlap "exact" with clipping: the summary says how the guesses went. (At the
+    default's clipping of 1.0 the tiny model clips every early step, so no step guesses.)"""
+    config = json.loads((REPO / "configs" / "default.json").read_text())
+    config["paging"]["overlap"] = "exact"
+    config["gradient_clipping"] = 50.0
+    path = tmp_path / "exact.json"
+    path.write_text(json.dumps(config))
+    r = cli(*TINY, "--config", path, "--steps", 6, "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    spec = json.loads((tmp_path / "run" / job.SUMMARY_FILE).read_text())["speculation"]
+    assert spec["steps"] == 5  # every step but the first, which lays out the pages
+    assert spec["kept"] + spec["redo"] + spec["skipped"] + spec["waited"] == 5
+    assert spec["kept"] >= 1 and spec["peak_kept_bytes"] > 0
+    line = next(line for line in r.stdout.splitlines() if line.startswith("  overlap "))
+    assert f" 5 steps: {spec['kept']} kept their pages updated in backward" in line and "hit rate" in line

@@ -131,10 +131,19 @@ class PagingConfig(Section):
                             "the GPU) or 'auto' (the params' device).")
     master_weights: bool = Field(
         True, description="Keep fp32 master weights for bf16/fp16 params (fp32 params are their own master).")
+    overlap: Literal["off", "exact"] = Field(
+        "off", description="'exact': update each page during backward as soon as its params' grads are final, on "
+                           "the micro-batch that ends an accumulation window, bit for bit the step after backward. "
+                           "Where clipping or an fp16/non-finite skip could change the step, pages run early as a "
+                           "guess that is checked after backward and taken back when wrong (host pages updated by "
+                           "the CPU executor; elsewhere they wait). One process (docs/engine.md, \"Overlap with "
+                           "backward\"). 'off': the step runs after backward.")
     overlap_backward: bool = Field(
-        False, description="Update each page during backward as soon as its params' grads are final, on the "
-                           "micro-batch that ends an accumulation window (docs/paging.md). Needs gradient_clipping "
-                           "0, no fp16 and one process; bit for bit the step after backward.")
+        False, description="The older spelling of overlap: true means overlap 'exact'.")
+    speculation_budget_mb: NonNegativeFloat = Field(
+        1024.0, description="With overlap 'exact': host memory (MiB) that may hold the pre-step copies of pages "
+                            "(and their params' values) updated before backward ends; pages past it wait for the "
+                            "check. 0 = none run early where the check could take them back.")
     pin_memory: bool = Field(
         True, description="Accepted for DeepSpeed compatibility; it changes nothing. Host pages are pinned "
                           "(page-locked) exactly when the CUDA executor copies them, since asynchronous copies "

@@ -101,7 +101,8 @@ class PagingSettings:
     io_threads: int
     executor: str                 # "auto" | "cpu" | "cuda"
     master_weights: bool
-    overlap_backward: bool
+    overlap: str                  # "off" | "exact"
+    speculation_budget_bytes: int
     pin_memory: bool
 
 
@@ -168,12 +169,18 @@ def check_paging(cfg) -> tuple[PagingSettings | None, list[Problem]]:
                                                       "(fp32 master copies or stochastically rounded bf16 params); "
                                                       "choose one")))
         master_weights = False
+    overlap = p.overlap
+    if p.overlap_backward:
+        if _given(p, "overlap") and p.overlap != "exact":
+            problems.append((f"{_P}.overlap_backward", (f"{_P}.overlap_backward = true (overlap 'exact') and {_P}.overlap = "
+                                                        f"{p.overlap!r} disagree; keep {_P}.overlap only")))
+        overlap = "exact"
     if problems:
         return None, problems
     return PagingSettings(store=store, nvme_path=nvme_path if store == "nvme" else None, state_dtype=p.state_dtype,
                           page_size_mb=p.page_size_mb, prefetch_depth=prefetch_depth, io_threads=p.io_threads,
-                          executor=executor, master_weights=master_weights, overlap_backward=p.overlap_backward,
-                          pin_memory=pin_memory), []
+                          executor=executor, master_weights=master_weights, overlap=overlap,
+                          speculation_budget_bytes=int(p.speculation_budget_mb * 2 ** 20), pin_memory=pin_memory), []
 
 
 def merge_paging(cfg) -> PagingSettings:

@@ -56,7 +56,7 @@ class OffloadEngine:
         self.global_samples = 0
         self._last_grad_norm = None
         self._last_step_skipped = False
-        self.overlap = overlap  # a BackwardOverlap with paging.overlap_backward ([Note: overlap with backward])
+        self.overlap = overlap  # a BackwardOverlap with paging.overlap "exact" ([Note: overlap with backward])
         self.checkpointer = Checkpointer(self)  # save_checkpoint / load_checkpoint (checkpointer.py)
 
     # ---- the training loop ------------------------------------------------------------------
@@ -90,7 +90,9 @@ class OffloadEngine:
             scaled = scaled.float() * self.loss_scaler.scale
         overlap = self.overlap if self.overlap is not None and self.is_gradient_accumulation_boundary() else None
         if overlap is not None:
-            overlap.arm()  # pages update as their grads become final ([Note: overlap with backward])
+            # pages update as their grads become final, with the scale the step takes unless it
+            # clips or is skipped ([Note: overlap with backward])
+            overlap.arm(self._unclipped_grad_scale())
         try:
             scaled.backward(retain_graph=retain_graph)
         except BaseException as err:
@@ -131,13 +133,14 @@ class OffloadEngine:
         overflow = norm is not None and not bool(torch.isfinite(norm))
         overlapped = self.overlap is not None and self.overlap.is_open
         if overflow and overlapped:
+            restorable = self.overlap.can_take_back
             done = self.overlap.pages_done()
-            self.overlap.abort(f"non-finite gradients (norm {float(norm)}) at step {self.global_steps + 1}")
-            if done:
+            self.overlap.skip(f"non-finite gradients (norm {float(norm)}) at step {self.global_steps + 1}")
+            if done and not restorable:
                 self.zero_grad()
                 raise FloatingPointError(
                     f"non-finite gradients (norm {float(norm)}) at step {self.global_steps + 1}, found after backward "
-                    f"had already updated {done} pages (paging.overlap_backward), so the step cannot be skipped; "
+                    f"had already updated {done} pages (paging.overlap), so the step cannot be skipped; "
                     "the optimizer refuses to step until a checkpoint is loaded")
         if overflow:
             # The optimizer never sees these grads: params and state stay exactly as they were.
@@ -160,10 +163,11 @@ class OffloadEngine:
                 coef = clip_coefficient(norm, self.gradient_clipping)
                 factor = coef if factor is None else factor * coef.to(factor.device)
             self._last_grad_norm = float(norm) if norm is not None else None
-            if overlapped:  # factor is None: initialize allows overlap without clipping or fp16 only
-                self.overlap.close()
+            grad_scale = 1.0 if factor is None else float(factor)
+            if overlapped:  # early pages kept if they guessed grad_scale right, else redone
+                self.overlap.close(grad_scale)
             elif isinstance(self.optimizer, BlockwiseOptimizer):
-                self.optimizer.step(grad_scale=1.0 if factor is None else float(factor))
+                self.optimizer.step(grad_scale=grad_scale)
             else:
                 if factor is not None:
                     by_device: dict = {}
@@ -177,6 +181,8 @@ class OffloadEngine:
                     self.partition.gather_params()  # every rank's updated slices to every rank
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
+        if self.overlap is not None:  # worth guessing the next step's scale? ([Note: overlap with backward])
+            self.overlap.observe(not overflow and grad_scale == self._unclipped_grad_scale())
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow)
         self._last_step_skipped = overflow
@@ -186,6 +192,13 @@ class OffloadEngine:
         if self.global_steps % self.config.steps_per_print == 0:
             log.info("step %d: lr %s%s", self.global_steps, self.get_lr(),
                      f", loss scale {self.loss_scaler.scale:g}" if self.loss_scaler else "")
+
+    def _unclipped_grad_scale(self) -> float:
+        """The grad_scale of a step that neither clips nor is skipped: 1 / loss scale with fp16
+        (as the factor below computes it, in float32), else 1."""
+        if self.loss_scaler is None:
+            return 1.0
+        return float(torch.tensor(1.0 / self.loss_scaler.scale))
 
     def _next_scale_after_overflow(self) -> float:
         probe = LossScaler(dynamic=self.loss_scaler.dynamic, init_scale=self.loss_scaler.scale,

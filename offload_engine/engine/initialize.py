@@ -53,7 +53,7 @@ def initialize(model: torch.nn.Module, config, model_parameters=None, optimizer=
         log.info("bf16.enabled auto: %s (%s)", "bf16" if use_bf16 else "fp32", why)
         cfg = cfg.with_bf16(use_bf16)
     paging = cfg.paging_settings()
-    if paging.overlap_backward:
+    if paging.overlap == "exact":
         _check_overlap_config(cfg, world_size)
 
     low = _LOW_PRECISION.get(cfg.precision)
@@ -126,20 +126,25 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
                    else None)
         dataloader = torch.utils.data.DataLoader(training_data, batch_size=cfg.train_micro_batch_size_per_gpu,
                                                  shuffle=sampler is None, sampler=sampler)
-    if paging.overlap_backward:
+    if paging.overlap == "exact":
         try:
-            _check_overlap_optimizer(optimizer)
+            _check_overlap_optimizer(optimizer, _overlap_key(cfg))
         except ConfigError:
             if built and hasattr(optimizer, "close"):
                 optimizer.close()
             raise
-    overlap = (BackwardOverlap([p for g in optimizer.param_groups for p in g["params"]], optimizer)
-               if paging.overlap_backward else None)
+    overlap = None
+    if paging.overlap == "exact":
+        overlap = BackwardOverlap([p for g in optimizer.param_groups for p in g["params"]], optimizer,
+                                  scale_is_fixed=cfg.gradient_clipping == 0 and cfg.precision != "fp16",
+                                  retain_bytes=paging.speculation_budget_bytes)
     engine = OffloadEngine(model, cfg, optimizer, lr_scheduler, partition=partition, overlap=overlap)
     return engine, optimizer, dataloader, lr_scheduler
 
 
-_OVERLAP = "paging.overlap_backward"
+def _overlap_key(cfg) -> str:
+    """The key the user wrote: paging.overlap, or its older spelling."""
+    return "paging.overlap_backward" if cfg.paging.overlap_backward else "paging.overlap"
 
 
 def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
@@ -151,29 +156,23 @@ def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
 
 
 def _check_overlap_config(cfg, world_size: int) -> None:
-    """[Note: overlap with backward]: pages updated before backward ends must not depend on
-    anything computed from every grad."""
-    if cfg.gradient_clipping > 0:
-        raise ConfigError.single(_OVERLAP, f"true needs gradient_clipping 0 (got {cfg.gradient_clipping:g}): pages are "
-                                 "updated during backward, before the global grad norm that clipping scales by is "
-                                 "known; set gradient_clipping to 0 or overlap_backward to false")
-    if cfg.precision == "fp16":
-        raise ConfigError.single(_OVERLAP, "true does not combine with fp16: a loss-scale overflow anywhere must "
-                                 "skip the whole step, which pages updated during backward cannot; use bf16, or set "
-                                 "overlap_backward to false")
+    """[Note: overlap with backward]: clipping and fp16 are checked after backward (pages that
+    ran early on a wrong guess are taken back); data-parallel grads are not final on a rank
+    until they are reduced, after backward."""
     if world_size > 1:
-        raise ConfigError.single(_OVERLAP, f"true needs one process (world size is {world_size}): data-parallel "
-                                 "grads are averaged across ranks only after backward; set overlap_backward to false")
+        raise ConfigError.single(_overlap_key(cfg), f"'exact' needs one process (world size is {world_size}): "
+                                 "data-parallel grads are averaged across ranks only after backward; set "
+                                 "paging.overlap to 'off'")
 
 
-def _check_overlap_optimizer(optimizer) -> None:
+def _check_overlap_optimizer(optimizer, key: str) -> None:
     if not isinstance(optimizer, PagedOptimizer):
-        raise ConfigError.single(_OVERLAP, f"true needs a paged optimizer (a Paged* type, or paging.store set); "
+        raise ConfigError.single(key, f"'exact' needs a paged optimizer (a Paged* type, or paging.store set); "
                                  f"the optimizer is {type(optimizer).__name__}")
     if optimizer.paging_stats()["executor"] == "cpu" and optimizer.paging_stats()["device"].startswith("cuda"):
-        raise ConfigError.single(_OVERLAP, "true is not supported with paging.executor 'cpu' for CUDA params (the "
+        raise ConfigError.single(key, "'exact' is not supported with paging.executor 'cpu' for CUDA params (the "
                                  "grads are copied to the host after backward); use executor 'cuda' or set "
-                                 "overlap_backward to false")
+                                 "paging.overlap to 'off'")
 
 
 def _trainable(model, model_parameters):

@@ -1,4 +1,4 @@
-"""BackwardOverlap: ``paging.overlap_backward`` — the optimizer step runs while backward does.
+"""BackwardOverlap: ``paging.overlap: "exact"`` — the optimizer step runs while backward does.
 
 [Note: overlap with backward] On the micro-batch that ends an accumulation window, the engine
 opens a paged step before backward (PagedOptimizer.begin_overlapped_step) and every trainable
@@ -8,17 +8,25 @@ layers below ([Note: overlapped step] in optim/paged_step.py). engine.step() the
 still waiting (params that got no grad, or share a page with one that came late) and waits for
 the write-backs. On the other micro-batches the hooks do nothing: grads keep accumulating.
 
-The rule: a page is updated from its own grads before backward ends, so nothing that needs
-every grad first may change the update. Hence overlap_backward requires
-  * gradient_clipping 0: the global norm, and so the clipping coefficient, is known only
-    after the last grad; a page updated earlier could not be clipped by it;
-  * no fp16 loss scaling: an overflow anywhere must skip the whole step;
-  * one process: data-parallel grads are averaged across ranks after backward.
-initialize() refuses the other combinations, naming the key. With bf16 the engine still takes
-the global norm after backward; a non-finite norm cannot skip a step whose pages are already
-updated, so it raises FloatingPointError and the optimizer refuses to step until a checkpoint
-is loaded (as after any failed step), instead of silently training on.
-Under those conditions the overlapped step is bit for bit the step after backward.
+What a page's update takes from outside its own grads is one number, the step's grad_scale
+(1 / loss scale, times the clipping coefficient), and whether the step runs at all (a
+non-finite grad or fp16 overflow skips it). Both are known only after the last grad. So:
+  * with no clipping and no fp16 the scale is fixed before backward: every page may run early;
+  * otherwise the engine guesses that the step will neither clip nor be skipped (scale 1, or
+    1 / loss scale), when the last step did neither, and pages run early on that guess
+    ([Note: speculative step] in optim/paged_step.py). After backward the engine computes the
+    norm as always and settles the step: a right guess keeps the pages; a wrong one restores
+    every early page and its params from host copies of their pre-step bytes and runs them
+    again with the right scale, or drops the step. The result is bit for bit the step after
+    backward either way. The copies cost host memory, bounded by paging.speculation_budget_mb
+    (pages past it wait), and exist only where the update writes the stored page itself (the
+    CPU executor on host pages); with the CUDA executor, or when the last step clipped or was
+    skipped, the pages wait for the check instead (no guess, nothing to restore).
+  * bf16 with no clipping, where pages cannot be restored: a non-finite norm found after pages
+    were updated cannot skip the step, so it raises FloatingPointError and the optimizer
+    refuses to step until a checkpoint is loaded (as after any failed step). Where they can be
+    restored, the step is skipped as without overlap.
+  * one process: data-parallel grads are averaged across ranks only after backward.
 """
 from __future__ import annotations
 
@@ -26,10 +34,14 @@ import torch
 
 
 class BackwardOverlap:
-    def __init__(self, params, optimizer):
+    def __init__(self, params, optimizer, *, scale_is_fixed: bool, retain_bytes: int):
         self.optimizer = optimizer
+        self.scale_is_fixed = scale_is_fixed  # no clipping and no fp16: the guess cannot be wrong but for inf/nan
+        self.retain_bytes = retain_bytes
         self._open = None
+        self._guess_ok = True   # the last step neither clipped nor was skipped: worth guessing again
         self.pages_in_backward = 0  # of the last overlapped step: pages done before engine.step()
+        self.last_outcome = None    # of the last overlapped step: settle()'s word, or "fixed"
         # Hooks fire on the autograd thread (for CUDA, with the stream backward produced the
         # grad on as the current stream), after the grad is accumulated into p.grad.
         self._handles = [p.register_post_accumulate_grad_hook(self._grad_is_final) for p in params
@@ -39,12 +51,19 @@ class BackwardOverlap:
     def is_open(self) -> bool:
         return self._open is not None
 
-    def arm(self) -> None:
-        """Before the backward that ends an accumulation window: opens the step, or leaves it
-        to engine.step() when the optimizer cannot overlap yet (its first step lays out the
-        pages)."""
+    def _early(self) -> str:
+        """Which pages may run before backward ends ([Note: overlap with backward])."""
+        if self.optimizer.can_restore_pages:
+            return "kept" if self._guess_ok or self.scale_is_fixed else "none"
+        return "all" if self.scale_is_fixed else "none"
+
+    def arm(self, grad_scale: float) -> None:
+        """Before the backward that ends an accumulation window: opens the step with the
+        guessed `grad_scale`, or leaves it to engine.step() when the optimizer cannot overlap
+        yet (its first step lays out the pages)."""
         if self._open is None:
-            self._open = self.optimizer.begin_overlapped_step()
+            self._open = self.optimizer.begin_overlapped_step(grad_scale, early=self._early(),
+                                                              retain_bytes=self.retain_bytes)
 
     def _grad_is_final(self, param: torch.Tensor) -> None:
         if self._open is not None:
@@ -54,18 +73,41 @@ class BackwardOverlap:
         """Pages of the open step updated (or, for CUDA, enqueued) so far."""
         return 0 if self._open is None else self._open.pages_done()
 
-    def close(self) -> None:
-        """Updates the pages still waiting and records the step (engine.step())."""
+    @property
+    def can_take_back(self) -> bool:
+        """Whether the open step can still be dropped with params and state as before it."""
+        step = self._open
+        return step is not None and (not step.settled or step.pages_done() == 0)
+
+    def observe(self, guess_held: bool) -> None:
+        """After every optimizer step: whether it took the guessed scale (no clipping, not skipped)."""
+        self._guess_ok = guess_held
+
+    def close(self, grad_scale: float) -> None:
+        """The step's grad_scale is known: keeps or redoes the early pages, updates the pages
+        still waiting and records the step (engine.step())."""
         step, self._open = self._open, None
         self.pages_in_backward = step.pages_done()
+        self.last_outcome = "fixed" if step.settled else step.settle(grad_scale)
         step.close()
 
+    def skip(self, why: str) -> None:
+        """The step must not run (non-finite grads): takes back the early pages (can_take_back)
+        and drops it."""
+        step, self._open = self._open, None
+        self.pages_in_backward = step.pages_done()
+        if not step.settled:
+            self.last_outcome = step.settle(None)
+        step.abort(why)
+
     def abort(self, why: str) -> None:
-        """Backward failed, or its grads must not be applied: drops the open step. Pages already
-        updated cannot be taken back, so then the optimizer refuses to step until a checkpoint
-        is loaded ([Note: failed steps] in optim/paged.py)."""
+        """Backward failed: drops the open step. Early pages are taken back where they were kept;
+        otherwise they cannot be, and the optimizer refuses to step until a checkpoint is loaded
+        ([Note: failed steps] in optim/paged.py)."""
         step, self._open = self._open, None
         if step is not None:
+            if not step.settled:
+                step.settle(None, count=False)
             step.abort(why)
 
     def remove(self) -> None:

@@ -78,6 +78,9 @@ class PagedOptimizer(BlockwiseOptimizer):
                                      prefetch_depth=prefetch_depth, io_threads=io_threads, nvme_path=nvme_path))
         self._device = device
         self._keys: dict = {}          # param -> key (its index in the flat param order)
+        # Overlapped steps opened with early="kept" or "none", by how settle() found them
+        # ([Note: speculative step] in paged_step.py); reported by paging_stats().
+        self._speculation = {"steps": 0, "kept": 0, "redo": 0, "skipped": 0, "waited": 0, "peak_kept_bytes": 0}
 
     # ---- layout ---------------------------------------------------------------------------
     def _layout_entries(self, wanted, keys: dict) -> list:
@@ -158,16 +161,37 @@ class PagedOptimizer(BlockwiseOptimizer):
         run.close()
         return loss
 
-    def begin_overlapped_step(self, grad_scale: float = 1.0) -> "_PagedStep | None":
+    def begin_overlapped_step(self, grad_scale: float = 1.0, early: str = "all",
+                              retain_bytes: int = 0) -> "_PagedStep | None":
         """Opens a step whose pages are updated while backward still runs ([Note: overlapped
         step]): call ``ready(params)`` when their grads are final (post-accumulate-grad hooks),
-        ``close()`` after backward, or ``abort(why)`` to drop it. Returns None when this
-        optimizer cannot overlap (no pages laid out yet, or the CPU executor with CUDA params);
-        step() then does it all."""
+        ``close()`` after backward, or ``abort(why)`` to drop it. `early` says which pages may
+        run before backward ends: "all" (`grad_scale` is the step's, whatever the grads),
+        "kept" (a guess: pages whose pre-step bytes fit in `retain_bytes` of host memory run
+        and are kept; ``settle(grad_scale)`` after backward keeps or takes them back) or "none"
+        (pages wait for settle()) ([Note: speculative step]). Returns None when this optimizer
+        cannot overlap (no pages laid out yet, or the CPU executor with CUDA params); step()
+        then does it all."""
+        if early not in ("all", "kept", "none"):
+            raise ValueError(f"early must be 'all', 'kept' or 'none', got {early!r}")
         if not self.pager.ready or not self.pager.executor.overlaps:
             return None
         self._check_can_step(grad_scale)
-        return _PagedStep(self, grad_scale, overlapped=True)
+        return _PagedStep(self, grad_scale, overlapped=True, early=early, retain_bytes=retain_bytes)
+
+    @property
+    def can_restore_pages(self) -> bool:
+        """Whether an overlapped step's early pages can be taken back (begin_overlapped_step's
+        early="kept"): the update writes the stored pages themselves, so host copies of their
+        pre-step bytes restore them."""
+        return self.pager.restorable
+
+    def note_speculation(self, outcome: str, peak_kept_bytes: int) -> None:
+        """Counts a settled step (paged_step.py calls it): "kept", "redo", "skipped" or "waited"."""
+        spec = self._speculation
+        spec["steps"] += 1
+        spec[outcome] += 1
+        spec["peak_kept_bytes"] = max(spec["peak_kept_bytes"], peak_kept_bytes)
 
     def _check_can_step(self, grad_scale: float) -> None:
         self._check_not_failed()
@@ -181,8 +205,13 @@ class PagedOptimizer(BlockwiseOptimizer):
     def paging_stats(self) -> dict:
         """The last step's paging figures (bytes read/written, seconds in fetch, update,
         write-back and waiting, slot occupancy), totals over all steps, and where the state
-        lives (store, file, page and pool sizes, bytes at rest, bytes per tier)."""
-        return self.pager.stats()
+        lives (store, file, page and pool sizes, bytes at rest, bytes per tier), and how
+        speculative overlapped steps went ("speculation": hit_rate = kept / (kept + redo +
+        skipped), the steps whose early pages stood)."""
+        spec = dict(self._speculation)
+        guessed = spec["kept"] + spec["redo"] + spec["skipped"]
+        spec["hit_rate"] = spec["kept"] / guessed if guessed else None
+        return {**self.pager.stats(), "speculation": spec}
 
     def close(self) -> None:
         """Releases the store (for NVMe: deletes the state file). The optimizer is unusable after."""

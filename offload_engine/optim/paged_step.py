@@ -1,5 +1,5 @@
 """One paged step (_PagedStep), fed all at once by PagedOptimizer.step() or page by page from
-backward hooks with overlap_backward: the per-param jobs and which pages are ready. The pages
+backward hooks with paging.overlap "exact": the per-param jobs and which pages are ready. The pages
 themselves move through the Pager's PageStep (paging/pager.py). Split from paged.py, which
 holds the optimizers, their layout and their state access."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ class _PagedStep:
     """One paged step: params join with ready() once their grads are final, a page is updated
     as soon as every param on it has joined, and close() updates the rest and records the step.
 
-    [Note: overlapped step] step() joins every param at once. With overlap_backward the engine
+    [Note: overlapped step] step() joins every param at once. With paging.overlap "exact" the engine
     opens the step before the backward of an accumulation window's last micro-batch and joins
     each param from its post-accumulate-grad hook, so pages are paged in, updated and written
     back while backward goes on. A page's update reads only its own params' grads and the
@@ -24,11 +24,37 @@ class _PagedStep:
     in this backward keeps its pages waiting until close(), which updates them for the params
     that did get one (as step() would). A param that has no pages yet is laid out in close(),
     after the pages already in flight are done, and its pages run then.
+
+    [Note: speculative step] A page's update depends on the rest of the step through one
+    number, grad_scale, and through whether the step runs at all. When the engine cannot know
+    those before backward ends (clipping, fp16, non-finite grads), it opens the step with the
+    scale it guesses and early="kept": a page runs as soon as it is ready if the host bytes to
+    take it back fit retain_bytes (the page itself, kept by the PageStep just before its update,
+    and its params' values, kept here), and waits otherwise. settle(grad_scale) after backward
+    keeps the early pages when the guess was the scale; else it writes the kept params' values
+    and pages back, so params and state are the pre-step ones bit for bit, and the pages run
+    again with the real scale in close() (or abort() drops the step). Either way the result is
+    step()'s. With early="none" nothing runs before settle(); with "all" (the scale is fixed)
+    nothing is kept and settle() is not called.
     """
 
-    def __init__(self, opt, grad_scale: float, overlapped: bool = False):
+    def __init__(self, opt, grad_scale: float, overlapped: bool = False, early: str = "all",
+                 retain_bytes: int = 0):
         self.opt = opt  # a PagedOptimizer (paged.py imports this module, not the reverse)
         self.grad_scale = grad_scale
+        # Which pages may run before settle() says what grad_scale the step takes
+        # ([Note: speculative step]): "all" (the scale cannot change), "kept" (pages whose
+        # pre-step bytes fit `retain_bytes`, kept so that settle() can take them back), "none".
+        self.early = early
+        self.retain_bytes = retain_bytes
+        self.settled = early == "all"
+        self.held = []                 # pages ready before settle() that wait for it
+        self.kept_params = []          # (flat param, start, end, its values before the update)
+        self.kept_param_bytes = 0
+        self.kept_bytes_planned = 0    # what the pages fed before settle() will keep, at most
+        self.peak_kept_bytes = 0       # measured: pages and param values held at once
+        self.group_of = {}             # key -> its param group
+        self.restored = False          # settle() took the early pages back
         self.table = opt.pager.table
         self.work = {}                 # key -> (flat param, flat grad, step, seed, hyper)
         self.strided = []              # (param's local tensor, contiguous copy updated in its place)
@@ -42,7 +68,9 @@ class _PagedStep:
         self.where = {p: (gi, index, group) for gi, group in enumerate(opt.param_groups)
                       for index, p in enumerate(group["params"])}
         self.adam_step_ = kernels.adam_step_impl()
-        self.pages = opt.pager.open_step(self._update, overlapped=overlapped)
+        self.pages = opt.pager.open_step(self._update, overlapped=overlapped, retain=early == "kept")
+        if early == "kept" and not self.pages.can_restore:
+            self.early = "none"  # nothing to restore from (the pager's restorable): wait for settle()
         # The CPU executor for CUDA params copies every param and grad to the host first
         # (close()), so its pages all run there.
         self.deferred = self.pages.defers
@@ -63,6 +91,7 @@ class _PagedStep:
                 continue
             self.joined.add(key)
             self.work[key] = self._job(p)
+            self.group_of[key] = self.where[p][2]
             for seg in self.table.segments_of[key]:
                 keys = self.waiting.get(seg.page)
                 if keys is not None:
@@ -100,19 +129,95 @@ class _PagedStep:
                 continue
             p_flat, g_flat, step, seed, hyper = job
             end = seg.start + seg.length
+            if not self.settled:  # the param's values too: fp32 params are updated outside the page
+                values = p_flat[seg.start:end].clone()
+                self.kept_params.append((p_flat, seg.start, end, values))
+                self.kept_param_bytes += values.numel() * values.element_size()
             step_state_(self.opt._algorithm, p_flat[seg.start:end], g_flat[seg.start:end], seg.views(buf),
                         seg.fmt.name, seg.fmt.block, step, seed, hyper, self.adam_step_, index_offset=seg.start)
+        if not self.settled:
+            self.peak_kept_bytes = max(self.peak_kept_bytes, self.kept_bytes)
 
     def _feed(self, pages) -> None:
         pages = [q for q in pages if q not in self.fed]
         if not pages or self.deferred:
             return
+        if not self.settled:
+            pages = self._within_budget(pages)
+            if not pages:
+                return
         self.fed.update(pages)
         try:
             self.pages.feed(pages)  # with a pager thread: raises its error, if it had one
         except BaseException as err:
             self._fail(err)
             raise
+
+    def _within_budget(self, pages) -> list:
+        """The pages that may run before settle(): none, or those whose kept bytes (the page
+        and its params' values) fit what is left of retain_bytes; the others are held."""
+        if self.early == "none":
+            self.held += pages
+            return []
+        now = []
+        for page in pages:
+            cost = self.opt.pager.page_bytes + self._param_bytes(page)
+            if self.kept_bytes_planned + cost <= self.retain_bytes:
+                self.kept_bytes_planned += cost
+                now.append(page)
+            else:
+                self.held.append(page)
+        return now
+
+    def _param_bytes(self, page) -> int:
+        total = 0
+        for seg in self.table.pages[page].segments:
+            job = self.work.get(seg.key)
+            if job is not None:
+                total += seg.length * job[0].element_size()
+        return total
+
+    def settle(self, grad_scale: float | None, count: bool = True) -> str:
+        """After backward, once the engine knows the step's grad_scale (None: skip the step):
+        keeps the pages updated early when they used that scale; otherwise restores them (and
+        their params) to the pre-step bytes. Returns "kept", "redo" (they run again with
+        `grad_scale` in close()), "skipped" (abort() follows) or "waited" (nothing ran early).
+        [Note: speculative step]"""
+        if self.settled:
+            raise RuntimeError("settle() is for a step opened with early='kept' or 'none', once")
+        self.stop_pager()
+        self.settled = True
+        if not self.fed:
+            outcome = "waited"
+        elif grad_scale is not None and grad_scale == self.grad_scale:
+            outcome = "kept"
+        else:
+            self._restore()
+            outcome = "skipped" if grad_scale is None else "redo"
+        if grad_scale is not None and grad_scale != self.grad_scale:
+            self.grad_scale = grad_scale
+            self.work = {key: (*job[:4], group_hyper(self.group_of[key], grad_scale))
+                         for key, job in self.work.items()}
+        if self.pages.can_restore:
+            self.pages.release()  # settled: what runs from here on is final
+        if count:
+            self.opt.note_speculation(outcome, self.peak_kept_bytes)
+        self.kept_params, self.kept_param_bytes = [], 0
+        self.held = []
+        return outcome
+
+    def _restore(self) -> None:
+        """The params' and pages' pre-step values back, newest first; every page runs again."""
+        for p_flat, start, end, values in reversed(self.kept_params):
+            p_flat[start:end].copy_(values)
+        self.pages.restore()
+        self.fed.clear()
+        self.restored = True
+
+    @property
+    def kept_bytes(self) -> int:
+        """Host bytes kept now to take early pages back (their pages and params' values)."""
+        return self.pages.retained_bytes + self.kept_param_bytes
 
     def pages_done(self) -> int:
         """Pages updated (or, for CUDA, enqueued) so far; waits for a pager thread to have
@@ -138,8 +243,8 @@ class _PagedStep:
             why = f"{why}; the pager failed too ({type(err).__name__}: {err})"
         done = self.pages.pages_done
         self.pages.abort()
-        if done:
-            self.opt.mark_failed(f"{why} after {done} pages were updated during backward (paging.overlap_backward)")
+        if done and not self.restored:
+            self.opt.mark_failed(f"{why} after {done} pages were updated during backward (paging.overlap)")
 
     def _fail(self, err) -> None:
         done = self.pages.pages_done

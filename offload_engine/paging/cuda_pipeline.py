@@ -22,7 +22,7 @@ its IO threads):
   update stream   the update of page i, after it is in and after the caller's work enqueued
                   before the page was handed over (its grads)
   d2h stream      send page i back, after the update
-The caller's stream never waits for a page while the step runs, so with overlap_backward the
+The caller's stream never waits for a page while the step runs, so with paging.overlap the
 backward kernels are not held up by page copies (a first version ran the updates on the
 caller's stream, which then waited for each page's copy in: backward stretched by most of
 the paged step). The step ends by making the caller's stream wait for the last write-back

@@ -157,10 +157,19 @@ class Pager:
         self._write_pages(pages, fill)
 
     # ---- the step -------------------------------------------------------------------------
-    def open_step(self, update: Callable, *, overlapped: bool = False) -> "PageStep":
+    def open_step(self, update: Callable, *, overlapped: bool = False, retain: bool = False) -> "PageStep":
         """One step: `update(page, buf)` runs on each page fed to it. `overlapped`: pages arrive
-        from backward hooks (a CUDA executor then feeds them from a thread of its own)."""
-        return PageStep(self, update, overlapped)
+        from backward hooks (a CUDA executor then feeds them from a thread of its own).
+        `retain`: keep each page's pre-step bytes where that is possible (PageStep.can_restore),
+        so that restore() can take the step back ([Note: speculative pages])."""
+        return PageStep(self, update, overlapped, retain)
+
+    @property
+    def restorable(self) -> bool:
+        """Whether a step's updated pages can be restored from host copies of their pre-step
+        bytes: the update writes the stored pages themselves (the CPU executor on an in-place
+        store). Elsewhere the update writes a slot that goes back to the store by copy."""
+        return self.store.in_place and self.executor.updates_in_store
 
     def record(self, stats: StepStats) -> None:
         self._last = stats
@@ -218,12 +227,28 @@ class Pager:
 class PageStep:
     """One step's pages through the pager's pipeline: feed(pages) as they become ready,
     finish() once all are fed (next_pass() may reopen it for pages laid out meanwhile),
-    then close(); abort() drops it. pages_done counts pages updated (or, on a GPU, enqueued)."""
+    then close(); abort() drops it. pages_done counts pages updated (or, on a GPU, enqueued).
 
-    def __init__(self, pager: Pager, update: Callable, overlapped: bool):
+    [Note: speculative pages] Opened with `retain` on a restorable pager, each page's bytes are
+    copied to host memory just before its update, on the thread that runs it (the hook thread:
+    the CPU executor updates in place in feed()). restore() writes every kept page back, so the
+    stored state is the pre-step state again, bit for bit (8-bit codes and absmax included:
+    quantization cannot be undone arithmetically, so the bytes are kept, not recomputed).
+    The caller bounds how many pages it feeds before it knows whether to keep the step
+    (retained_bytes); an NVMe store's pages never need this: they are written to the page's
+    other place and only committed at finish().
+    """
+
+    def __init__(self, pager: Pager, update: Callable, overlapped: bool, retain: bool = False):
         self._pager = pager
         self._pipeline = pager.pipeline
         self._executor = pager.executor
+        self.can_restore = retain and pager.restorable
+        self._kept: dict[int, torch.Tensor] = {}  # page -> its bytes before this step's first update of it
+        self.peak_retained_bytes = 0
+        self._retaining = self.can_restore
+        if self.can_restore:
+            update = self._keeping(update)
         self._raw_update = update
         self.defers = not self._executor.overlaps  # pages run only after stage() (CPU kernels on CUDA params)
         self._earlier = 0  # pages done in earlier passes
@@ -235,6 +260,39 @@ class PageStep:
     @property
     def pages_done(self) -> int:
         return self._earlier + self._pipeline.pages_updated
+
+    def _keeping(self, update: Callable) -> Callable:
+        kept = self._kept
+
+        def keep_then_update(page, buf):
+            if self._retaining and page not in kept:  # a page updated again after restore() keeps its first bytes
+                kept[page] = buf.clone()
+                self.peak_retained_bytes = max(self.peak_retained_bytes, self.retained_bytes)
+            update(page, buf)
+        return keep_then_update
+
+    @property
+    def retained_bytes(self) -> int:
+        """Host bytes held now for restore()."""
+        return len(self._kept) * self._pager.page_bytes
+
+    def restore(self) -> list[int]:
+        """Writes every page kept by this step back into the store (its pre-step bytes) and
+        returns those pages; the step stays open (the pages may be fed again)."""
+        if not self.can_restore:
+            raise RuntimeError("this step keeps no pre-step pages (open_step(retain=True) on a restorable pager)")
+        self.drain()
+        store = self._pager.store
+        pages = sorted(self._kept)
+        for page in pages:
+            store.page_view(page).copy_(self._kept[page])
+        self._kept.clear()
+        return pages
+
+    def release(self) -> None:
+        """The step is settled: keeps no more pages and lets go of those kept."""
+        self._retaining = False
+        self._kept.clear()
 
     def stage(self, jobs: dict) -> dict:
         """{key: (flat param, flat grad)} as the kernels read them ([Executor.stage])."""
@@ -271,7 +329,8 @@ class PageStep:
 
     def close(self, record: bool = True) -> None:
         """Ends the executor's step (copies back to the GPU) and, with `record`, records the
-        step's stats (a failed step is not counted)."""
+        step's stats (a failed step is not counted); pages kept for restore() are let go."""
+        self._kept.clear()
         self._executor.end_step()
         if record and self._stats is not None:
             self._pager.record(self._stats)

@@ -437,6 +437,8 @@ def _summary(loaded, config_name, engine, optimizer, history, device, n_params, 
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "time": {"forward_backward_s": fb_s, "optimizer_s": opt_s,
                  **{k: totals.get(k, 0.0) for k in ("fetch_s", "update_s", "writeback_s", "wait_s")}},
+        # paging.overlap "exact": how the steps' early pages fared ([Note: speculative step])
+        "speculation": stats["speculation"] if stats and stats["speculation"]["steps"] else None,
         "interrupted": interrupted, "checkpoint": checkpoint,
     }
 

@@ -77,7 +77,18 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
                        f"{_share(t['forward_backward_s'], t['forward_backward_s'] + opt_s)}, optimizer step "
                        f"{_seconds(opt_s)}{_share(opt_s, t['forward_backward_s'] + opt_s)}{paging}"),
         ("  paging", io),
+        *_speculation_rows(s.get("speculation")),
     ]
+
+
+def _speculation_rows(spec) -> list[tuple[str, str]]:
+    """paging.overlap "exact": steps whose pages ran during backward on a guess, and how it went."""
+    if not spec:
+        return []
+    hit = "-" if spec["hit_rate"] is None else f"{spec['hit_rate']:.0%}"
+    return [("  overlap", f"{spec['steps']} steps: {spec['kept']} kept their pages updated in backward, "
+                          f"{spec['redo']} redid them (clipped), {spec['skipped']} took them back (skipped), "
+                          f"{spec['waited']} waited; hit rate {hit}; kept at most {mib(spec['peak_kept_bytes'])}")]
 
 
 def _plain_what(precision: str) -> str:

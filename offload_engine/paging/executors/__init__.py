@@ -34,6 +34,7 @@ class Executor(Protocol):
     name: str           # "cpu" | "cuda": what the config and paging_stats() call it
     pins_host: bool     # host pages and slots are pinned (a GPU copies from them)
     overlaps: bool      # can take pages while backward runs
+    updates_in_store: bool  # with an in-place store, update(page, buf) gets the stored page itself
 
     @property
     def pinned_bytes(self) -> int:

@@ -10,6 +10,7 @@ class CpuExecutor:
     name = "cpu"
     pins_host = False
     overlaps = True
+    updates_in_store = True  # with an in-place store the update writes the stored page itself
     pinned_bytes = 0
 
     def make_pipeline(self, store, pool, prefetch_depth: int, device_slots: int) -> PageScheduler:

@@ -30,6 +30,7 @@ class CpuForCudaExecutor:
     name = "cpu"
     pins_host = False
     overlaps = False
+    updates_in_store = False  # pages run only after backward (stage())
 
     def __init__(self, device: torch.device):
         self.copies = CudaParamsOnCpu(device)

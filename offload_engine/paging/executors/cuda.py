@@ -16,6 +16,7 @@ class CudaExecutor:
     name = "cuda"
     pins_host = True   # host pages and staging slots: the async H2D/D2H copies need pinned memory
     overlaps = True
+    updates_in_store = False  # the update writes a device slot; the page comes back by copy
     pinned_bytes = 0
 
     def __init__(self, device: torch.device):
