@@ -16,12 +16,13 @@ non-finite grad or fp16 overflow skips it). Both are known only after the last g
     1 / loss scale), when the last step did neither, and pages run early on that guess
     ([Note: speculative step] in optim/paged_step.py). After backward the engine computes the
     norm as always and settles the step: a right guess keeps the pages; a wrong one restores
-    every early page and its params from host copies of their pre-step bytes and runs them
-    again with the right scale, or drops the step. The result is bit for bit the step after
-    backward either way. The copies cost host memory, bounded by paging.speculation_budget_mb
-    (pages past it wait), and exist only where the update writes the stored page itself (the
-    CPU executor on host pages); with the CUDA executor, or when the last step clipped or was
-    skipped, the pages wait for the check instead (no guess, nothing to restore).
+    every early page and its params to their pre-step bytes and runs them again with the
+    right scale, or drops the step. The result is bit for bit the step after backward either
+    way. On host pages the CPU executor keeps copies of the pages it updates early (host
+    memory, bounded by paging.speculation_budget_mb; pages past it wait); on NVMe it streams
+    them during backward and commits only at the step, so taking them back is forgetting the
+    writes. With the CUDA executor, or when the last step clipped or was skipped, the pages
+    wait for the check instead (no guess, nothing to restore).
   * bf16 with no clipping, where pages cannot be restored: a non-finite norm found after pages
     were updated cannot skip the step, so it raises FloatingPointError and the optimizer
     refuses to step until a checkpoint is loaded (as after any failed step). Where they can be

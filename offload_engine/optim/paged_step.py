@@ -161,7 +161,7 @@ class _PagedStep:
             return []
         now = []
         for page in pages:
-            cost = self.opt.pager.page_bytes + self._param_bytes(page)
+            cost = self.pages.retain_bytes_per_page + self._param_bytes(page)
             if self.kept_bytes_planned + cost <= self.retain_bytes:
                 self.kept_bytes_planned += cost
                 now.append(page)
@@ -186,14 +186,14 @@ class _PagedStep:
         if self.settled:
             raise RuntimeError("settle() is for a step opened with early='kept' or 'none', once")
         self.stop_pager()
-        self.settled = True
         if not self.fed:
             outcome = "waited"
         elif grad_scale is not None and grad_scale == self.grad_scale:
             outcome = "kept"
         else:
-            self._restore()
+            self._restore()  # before settled flips: a streamed page still running keeps its params' values
             outcome = "skipped" if grad_scale is None else "redo"
+        self.settled = True
         if grad_scale is not None and grad_scale != self.grad_scale:
             self.grad_scale = grad_scale
             self.work = {key: (*job[:4], group_hyper(self.group_of[key], grad_scale))
@@ -208,9 +208,9 @@ class _PagedStep:
 
     def _restore(self) -> None:
         """The params' and pages' pre-step values back, newest first; every page runs again."""
+        self.pages.restore()  # first: a streamed step's thread may still be updating params
         for p_flat, start, end, values in reversed(self.kept_params):
             p_flat[start:end].copy_(values)
-        self.pages.restore()
         self.fed.clear()
         self.restored = True
 

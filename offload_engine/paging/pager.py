@@ -166,10 +166,10 @@ class Pager:
 
     @property
     def restorable(self) -> bool:
-        """Whether a step's updated pages can be restored from host copies of their pre-step
-        bytes: the update writes the stored pages themselves (the CPU executor on an in-place
-        store). Elsewhere the update writes a slot that goes back to the store by copy."""
-        return self.store.in_place and self.executor.updates_in_store
+        """Whether a step's updated pages can be taken back (Executor.restore_by): the CPU
+        executor's, from host copies (an in-place store) or by dropping uncommitted writes (a
+        store read through slots); not yet the CUDA executor's."""
+        return self.executor.restore_by(self.store) is not None
 
     def record(self, stats: StepStats) -> None:
         self._last = stats
@@ -235,19 +235,22 @@ class PageStep:
     stored state is the pre-step state again, bit for bit (8-bit codes and absmax included:
     quantization cannot be undone arithmetically, so the bytes are kept, not recomputed).
     The caller bounds how many pages it feeds before it knows whether to keep the step
-    (retained_bytes); an NVMe store's pages never need this: they are written to the page's
-    other place and only committed at finish().
+    (retained_bytes). A store read through slots (NVMe) needs no copies: the CPU executor
+    streams its pages during backward ([Note: streamed pages] in scheduler.py), each written
+    to the page's other place and committed only at finish(), so restore() rewinds: it waits
+    for the pages in flight and forgets them, and the store still holds the pre-step bytes.
     """
 
     def __init__(self, pager: Pager, update: Callable, overlapped: bool, retain: bool = False):
         self._pager = pager
         self._pipeline = pager.pipeline
         self._executor = pager.executor
-        self.can_restore = retain and pager.restorable
+        self._restore_by = pager.executor.restore_by(pager.store) if retain else None
+        self.can_restore = self._restore_by is not None
         self._kept: dict[int, torch.Tensor] = {}  # page -> its bytes before this step's first update of it
         self.peak_retained_bytes = 0
-        self._retaining = self.can_restore
-        if self.can_restore:
+        self._retaining = self._restore_by == "copy"
+        if self._retaining:
             update = self._keeping(update)
         self._raw_update = update
         self.defers = not self._executor.overlaps  # pages run only after stage() (CPU kernels on CUDA params)
@@ -276,12 +279,21 @@ class PageStep:
         """Host bytes held now for restore()."""
         return len(self._kept) * self._pager.page_bytes
 
+    @property
+    def retain_bytes_per_page(self) -> int:
+        """Host bytes restore() needs per page run before it: a copy of the page, or nothing
+        where the pages' writes are not committed until finish()."""
+        return self._pager.page_bytes if self._restore_by == "copy" else 0
+
     def restore(self) -> list[int]:
         """Writes every page kept by this step back into the store (its pre-step bytes) and
         returns those pages; the step stays open (the pages may be fed again)."""
         if not self.can_restore:
             raise RuntimeError("this step keeps no pre-step pages (open_step(retain=True) on a restorable pager)")
         self.drain()
+        if self._restore_by == "rewind":
+            self._executor.rewind(self._pipeline)  # waits for the pages in flight; none is committed
+            return []
         store = self._pager.store
         pages = sorted(self._kept)
         for page in pages:

@@ -12,6 +12,13 @@ worker descheduled for an IO completion stalls the whole parallel region (seen o
 machine: page updates 5-10x slower and erratic). So a pipelined step runs the kernels on one
 core fewer than torch's thread count (at least one) and restores the count afterwards.
 
+[Note: streamed pages] An overlapped step on a store read through slots (stream()) runs the
+same pipeline on a thread of its own, fed from backward's hooks through a queue: the pages'
+reads, updates and writes then happen while backward computes, instead of all at finish().
+Prefetch reaches as far as the pages fed so far. Nothing is committed until finish(), so
+rewind() can drop every page run so far (their writes went to each page's other place) and
+the step can run them again from the committed bytes ([Note: speculative pages] in pager.py).
+
 Errors: any failure raises PagingError naming the page (and the store's file). Nothing is
 committed unless every page's write-back completed ([Note: shadow pages] in nvme_store.py).
 """
@@ -20,6 +27,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import queue
+import threading
 import time
 from typing import Callable
 
@@ -68,6 +77,7 @@ class PageScheduler:
         self.pool = pool
         self.prefetch_depth = prefetch_depth
         self.pages_updated = 0  # of the step in progress (or the last one): how far it got
+        self._runner = None     # the thread of a streamed step ([Note: streamed pages])
 
     def run(self, pages, update) -> StepStats:
         self.start(update)
@@ -85,14 +95,55 @@ class PageScheduler:
 
     def feed(self, pages, after=None) -> None:
         """An in-place store updates `pages` now; a store read through slots queues them for
-        finish(), whose pipeline reads ahead over the whole list (the result is the same).
-        `after` (a CUDA pipeline's event) has no meaning on the CPU."""
+        finish(), whose pipeline reads ahead over the whole list (the result is the same), or
+        hands them to the step's thread when streamed. `after` (a CUDA pipeline's event) has
+        no meaning on the CPU."""
         self._pages.extend(pages)
         if self.store.in_place:
             self._run_in_place(pages, self._update, self._stats)
+        elif self._runner is not None:
+            self._queue.put(list(pages))
+
+    def stream(self) -> None:
+        """This step's pages run on a thread of their own as they are fed ([Note: streamed
+        pages]); nothing changes for an in-place store, whose feed() runs them already."""
+        if self.store.in_place or self._runner is not None:
+            return
+        self._queue = queue.SimpleQueue()
+        self._runner_error = None
+        self._runner = threading.Thread(target=self._stream_body, name="oe-pager-cpu", daemon=True)
+        self._runner.start()
+
+    def _stream_body(self) -> None:
+        try:
+            with torch.no_grad():  # grad mode is per thread: the updates write params in place, untracked
+                self._run_pipelined(_QueuedPages(self._queue), self._update, self._stats, commit=False)
+        except BaseException as err:  # finish() or rewind() raises it on the caller's thread
+            self._runner_error = err
+
+    def _stop_runner(self) -> BaseException | None:
+        """Ends the streamed step's thread once it has run every page fed; its error, if any."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return None
+        self._queue.put(None)
+        runner.join()
+        return self._runner_error
+
+    def rewind(self) -> None:
+        """Drops every page of the streamed step run so far (nothing was committed: the store
+        still holds their pre-step bytes) and streams on, empty ([Note: streamed pages])."""
+        err = self._stop_runner()
+        if err is not None:
+            raise err
+        self._pages = []
+        self.stream()
 
     def abandon(self) -> None:
         """Drops an open step: queued pages are not run, nothing more is stored."""
+        self._stop_runner()  # its error, if any, is moot: nothing it wrote is committed
+        if self.pool is not None:
+            self.pool.release_all()
         self._pages, self._update = [], None
 
     @property
@@ -102,9 +153,14 @@ class PageScheduler:
 
     def finish(self) -> StepStats:
         stats = self._stats
-        if not self.store.in_place:
+        if self._runner is not None:
+            err = self._stop_runner()
+            if err is not None:
+                raise err
+            self.store.commit(self._pages)  # every write-back landed: the step's pages become current
+        elif not self.store.in_place:
             with _torch_threads(max(1, torch.get_num_threads() - 1)):  # [Note: update threads]
-                self._run_pipelined(self._pages, self._update, stats)
+                self._run_pipelined(_ListedPages(self._pages), self._update, stats)
         stats.pages = len(self._pages)
         stats.step_s = time.perf_counter() - self._t0
         self._update = None
@@ -121,8 +177,10 @@ class PageScheduler:
             stats.update_s += time.perf_counter() - t
             self.pages_updated += 1
 
-    def _run_pipelined(self, pages, update, stats: StepStats) -> None:
+    def _run_pipelined(self, source, update, stats: StepStats, commit: bool = True) -> None:
+        """Runs the pages `source` yields through the slots, in order; commits them unless told not to."""
         store, pool = self.store, self.pool
+        pages = source.pages  # grows as source.more() takes in pages fed later
         slots = pool.slots
         fetching = collections.deque()   # (page, slot, future), oldest first
         writing = collections.deque()
@@ -144,7 +202,13 @@ class PageScheduler:
             return True
 
         try:
-            for page in pages:
+            done = 0
+            while done < len(pages) or source.more(block=True):
+                if done == len(pages):
+                    continue  # more() took in new pages
+                source.more(block=False)
+                page = pages[done]
+                done += 1
                 # Keep prefetch_depth fetches in flight beyond this page's own (which may still
                 # be landing), so pages i+1..i+k are read while page i updates; a slot comes free
                 # when a write-back completes, so wait for the oldest one if none is free.
@@ -192,8 +256,46 @@ class PageScheduler:
             raise
         if events:
             stats.mean_slots_in_use = occupancy_sum / events
-        stats.fetch_s, stats.writeback_s = store.take_io_seconds()
-        store.commit(pages)
+        fetch_s, writeback_s = store.take_io_seconds()
+        stats.fetch_s += fetch_s
+        stats.writeback_s += writeback_s
+        if commit:
+            store.commit(pages)
+
+
+class _ListedPages:
+    """A pipelined pass's pages, all known at the start (step(), or finish() of a queued step)."""
+
+    def __init__(self, pages):
+        self.pages = list(pages)
+
+    def more(self, block: bool) -> bool:
+        return False
+
+
+class _QueuedPages:
+    """A streamed step's pages as the hooks feed them; None on the queue ends the step."""
+
+    def __init__(self, q: queue.SimpleQueue):
+        self.pages: list = []
+        self._queue = q
+        self._ended = False
+
+    def more(self, block: bool) -> bool:
+        """Takes in what was fed (waiting for something with `block`); False once the step ended
+        and nothing new came."""
+        grew = False
+        while not self._ended:
+            try:
+                item = self._queue.get(block=block and not grew)
+            except queue.Empty:
+                break
+            if item is None:
+                self._ended = True
+            else:
+                self.pages.extend(item)
+                grew = True
+        return grew
 
 
 @contextlib.contextmanager

@@ -34,7 +34,6 @@ class Executor(Protocol):
     name: str           # "cpu" | "cuda": what the config and paging_stats() call it
     pins_host: bool     # host pages and slots are pinned (a GPU copies from them)
     overlaps: bool      # can take pages while backward runs
-    updates_in_store: bool  # with an in-place store, update(page, buf) gets the stored page itself
 
     @property
     def pinned_bytes(self) -> int:
@@ -53,6 +52,14 @@ class Executor(Protocol):
         host copy, copying it back to the GPU)."""
 
     def end_step(self) -> None: ...
+
+    def restore_by(self, store: PageStore) -> str | None:
+        """How a step's pages can be taken back ([Note: speculative pages] in pager.py): "copy"
+        (the update writes the stored page itself: keep host copies of the pre-step bytes),
+        "rewind" (pages go to uncommitted places: rewind() drops them), or None (not here)."""
+
+    def rewind(self, pipeline: PagePipeline) -> None:
+        """Drops the pages of the open step run so far ("rewind" above)."""
 
 
 class DirectFeeder:

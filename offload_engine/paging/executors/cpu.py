@@ -10,14 +10,23 @@ class CpuExecutor:
     name = "cpu"
     pins_host = False
     overlaps = True
-    updates_in_store = True  # with an in-place store the update writes the stored page itself
     pinned_bytes = 0
 
     def make_pipeline(self, store, pool, prefetch_depth: int, device_slots: int) -> PageScheduler:
         return PageScheduler(store, pool, prefetch_depth)
 
     def feeder(self, pipeline, threaded: bool) -> DirectFeeder:
-        return DirectFeeder(pipeline)  # the kernels run on the caller's thread anyway
+        if threaded:  # an overlapped step: a store read through slots streams ([Note: streamed pages])
+            pipeline.stream()
+        return DirectFeeder(pipeline)  # in place, the kernels run on the caller's (hook's) thread
+
+    def restore_by(self, store) -> str:
+        # In place the update writes the stored page; through slots the writes go to each page's
+        # other place, committed only at finish().
+        return "copy" if store.in_place else "rewind"
+
+    def rewind(self, pipeline: PageScheduler) -> None:
+        pipeline.rewind()
 
     def stage(self, jobs: dict) -> dict:
         return jobs

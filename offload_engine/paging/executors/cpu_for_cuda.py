@@ -30,7 +30,6 @@ class CpuForCudaExecutor:
     name = "cpu"
     pins_host = False
     overlaps = False
-    updates_in_store = False  # pages run only after backward (stage())
 
     def __init__(self, device: torch.device):
         self.copies = CudaParamsOnCpu(device)
@@ -56,6 +55,12 @@ class CpuForCudaExecutor:
             update(page, buf)
             copies.after_update(table.pages[page])   # this page's param slices back to the GPU
         return around
+
+    def restore_by(self, store) -> None:
+        return None  # its pages run only after backward (stage())
+
+    def rewind(self, pipeline) -> None:
+        raise RuntimeError("CpuForCudaExecutor keeps no page to rewind (restore_by is None)")
 
     def end_step(self) -> None:
         self.copies.end_step()

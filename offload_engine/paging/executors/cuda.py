@@ -16,7 +16,6 @@ class CudaExecutor:
     name = "cuda"
     pins_host = True   # host pages and staging slots: the async H2D/D2H copies need pinned memory
     overlaps = True
-    updates_in_store = False  # the update writes a device slot; the page comes back by copy
     pinned_bytes = 0
 
     def __init__(self, device: torch.device):
@@ -40,6 +39,12 @@ class CudaExecutor:
 
     def wrap_update(self, update, table):
         return update
+
+    def restore_by(self, store) -> None:
+        return None  # pages are not kept yet on the GPU path: its updates write device slots that go back by copy
+
+    def rewind(self, pipeline) -> None:
+        raise RuntimeError("CudaExecutor keeps no page to rewind (restore_by is None)")
 
     def end_step(self) -> None:
         """The pipeline's finish() already ordered the caller's stream after the last page."""
