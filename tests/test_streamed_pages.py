@@ -68,6 +68,10 @@ def test_streamed_equals_run_at_finish(tmp_path):
     assert _stored(streamed_store) == _stored(listed_store)
     assert _stored(streamed_store) != _stored(_scheduler(tmp_path, "c")[1])  # the update did change them
     assert streamed.pool.in_use == 0
+    assert torch.get_num_threads() == threads  # the thread's one kernel thread is its own
+
+
+threads = torch.get_num_threads()
 
 
 def test_rewind_forgets_what_ran_and_the_step_goes_on(tmp_path):

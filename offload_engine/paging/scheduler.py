@@ -116,6 +116,10 @@ class PageScheduler:
 
     def _stream_body(self) -> None:
         try:
+            # One kernel thread here: backward keeps torch's threads on the caller's side, and an
+            # update team as wide as backward's would fight it for the same cores (measured in
+            # docs/benchmarks.md); with OpenMP the count is this thread's own.
+            torch.set_num_threads(1)
             with torch.no_grad():  # grad mode is per thread: the updates write params in place, untracked
                 self._run_pipelined(_QueuedPages(self._queue), self._update, self._stats, commit=False)
         except BaseException as err:  # finish() or rewind() raises it on the caller's thread
