@@ -17,20 +17,17 @@ import argparse
 import datetime
 import json
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import offload_engine
 
-
-def model(d: int, blocks: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    layers = []
-    for _ in range(blocks):
-        layers += [torch.nn.Linear(d, 4 * d, bias=False), torch.nn.GELU(), torch.nn.Linear(4 * d, d, bias=False)]
-    return torch.nn.Sequential(*layers)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overlap_backward import model  # noqa: E402 - the GPU benchmark's MLP stack, in fp32 here
 
 
 def build(args, store: str, overlap: str, nvme_path: str):
