@@ -48,7 +48,6 @@ class _PagedStep:
         self.early = early
         self.retain_bytes = retain_bytes
         self.settled = early == "all"
-        self.held = []                 # pages ready before settle() that wait for it
         self.kept_params = []          # (flat param, start, end, its values before the update)
         self.kept_param_bytes = 0
         self.kept_bytes_planned = 0    # what the pages fed before settle() will keep, at most
@@ -155,18 +154,15 @@ class _PagedStep:
 
     def _within_budget(self, pages) -> list:
         """The pages that may run before settle(): none, or those whose kept bytes (the page
-        and its params' values) fit what is left of retain_bytes; the others are held."""
+        and its params' values) fit what is left of retain_bytes; the others wait for close()."""
         if self.early == "none":
-            self.held += pages
-            return []
+            return []  # they wait: close() feeds every page not yet fed
         now = []
         for page in pages:
             cost = self.pages.retain_bytes_per_page + self._param_bytes(page)
             if self.kept_bytes_planned + cost <= self.retain_bytes:
                 self.kept_bytes_planned += cost
                 now.append(page)
-            else:
-                self.held.append(page)
         return now
 
     def _param_bytes(self, page) -> int:
@@ -203,7 +199,6 @@ class _PagedStep:
         if count:
             self.opt.note_speculation(outcome, self.peak_kept_bytes)
         self.kept_params, self.kept_param_bytes = [], 0
-        self.held = []
         return outcome
 
     def _restore(self) -> None:

@@ -248,7 +248,6 @@ class PageStep:
         self._restore_by = pager.executor.restore_by(pager.store) if retain else None
         self.can_restore = self._restore_by is not None
         self._kept: dict[int, torch.Tensor] = {}  # page -> its bytes before this step's first update of it
-        self.peak_retained_bytes = 0
         self._retaining = self._restore_by == "copy"
         if self._retaining:
             update = self._keeping(update)
@@ -270,7 +269,6 @@ class PageStep:
         def keep_then_update(page, buf):
             if self._retaining and page not in kept:  # a page updated again after restore() keeps its first bytes
                 kept[page] = buf.clone()
-                self.peak_retained_bytes = max(self.peak_retained_bytes, self.retained_bytes)
             update(page, buf)
         return keep_then_update
 
