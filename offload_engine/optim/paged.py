@@ -179,6 +179,37 @@ class PagedOptimizer(BlockwiseOptimizer):
         self._check_can_step(grad_scale)
         return _PagedStep(self, grad_scale, overlapped=True, early=early, retain_bytes=retain_bytes)
 
+    def begin_detached_step(self, grad_scale: float, into: dict) -> "_PagedStep | None":
+        """The step of the params with grads now, its updates writing ``into[param]`` (a
+        contiguous tensor shaped as the param's local shard) instead of the param: the jobs
+        (grads, step counts, lr and the other hyperparameters) are taken now, and no page runs
+        until ``close()``, which may run on another thread while the params are read elsewhere
+        ([Note: detached step]). Returns None when no param has state (nothing to update)."""
+        reason = self.detached_step_refusal
+        if reason is not None:
+            raise ValueError(f"{type(self).__name__}: {reason}")
+        self._check_can_step(grad_scale)
+        with_grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        missing = [p for p in with_grads if p not in into]
+        if missing:
+            raise ValueError(f"begin_detached_step: `into` has no tensor for a param of shape {list(missing[0].shape)}")
+        self._ensure_layout(with_grads)  # now: a layout decided on the other thread would see later lr
+        if not self.pager.ready:
+            return None
+        run = _PagedStep(self, grad_scale, into=into, hold=True)
+        run.ready(with_grads)
+        return run
+
+    @property
+    def detached_step_refusal(self) -> str | None:
+        """Why begin_detached_step() cannot run here, or None: it needs the CPU executor with
+        CPU params (the CUDA pipeline's streams are ordered against the caller's stream, which
+        another thread does not have)."""
+        if self.pager.executor.name != "cpu" or self._device.type != "cpu":
+            return (f"a detached step runs on the CPU executor with CPU params; this optimizer has executor "
+                    f"{self.pager.executor.name!r} with params on {self._device}")
+        return None
+
     @property
     def can_restore_pages(self) -> bool:
         """Whether an overlapped step's early pages can be taken back (begin_overlapped_step's

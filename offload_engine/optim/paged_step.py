@@ -36,12 +36,22 @@ class _PagedStep:
     again with the real scale in close() (or abort() drops the step). Either way the result is
     step()'s. With early="none" nothing runs before settle(); with "all" (the scale is fixed)
     nothing is kept and settle() is not called.
+
+    [Note: detached step] With paging.overlap "delayed" the engine builds the step's jobs at
+    the boundary (ready() with `hold`: the grads are captured, no page runs) and runs close()
+    on a thread of its own while the next micro-batches' forward and backward run. The
+    updates then write `into[param]` (a host copy of the param, same shape) instead of the
+    param, which forward keeps reading; the engine copies them into the params at the next
+    boundary ([Note: delayed update] in engine/delayed.py). The result in `into` is bit for
+    bit step()'s.
     """
 
     def __init__(self, opt, grad_scale: float, overlapped: bool = False, early: str = "all",
-                 retain_bytes: int = 0):
+                 retain_bytes: int = 0, into: dict | None = None, hold: bool = False):
         self.opt = opt  # a PagedOptimizer (paged.py imports this module, not the reverse)
         self.grad_scale = grad_scale
+        self.into = into    # param -> the tensor its update writes instead of it ([Note: detached step])
+        self.hold = hold    # ready() builds jobs only; close() runs every page
         # Which pages may run before settle() says what grad_scale the step takes
         # ([Note: speculative step]): "all" (the scale cannot change), "kept" (pages whose
         # pre-step bytes fit `retain_bytes`, kept so that settle() can take them back), "none".
@@ -112,6 +122,8 @@ class _PagedStep:
         step = int(state["step"]) + 1
         seed = kernels.as_int64(_stream_seed(opt._seed_base, gi, index, step))
         p_local = sharded.local(p)  # this rank's shard of a sharded param ([Note: sharded params])
+        if self.into is not None:
+            p_local = self.into[p]  # the update writes a copy of the param ([Note: detached step])
         p_work = p_local if p_local.is_contiguous() else p_local.contiguous()  # kernels need contiguous memory
         if p_work is not p_local:
             if self.deferred:
@@ -139,7 +151,7 @@ class _PagedStep:
 
     def _feed(self, pages) -> None:
         pages = [q for q in pages if q not in self.fed]
-        if not pages or self.deferred:
+        if not pages or self.deferred or self.hold:
             return
         if not self.settled:
             pages = self._within_budget(pages)
@@ -253,6 +265,7 @@ class _PagedStep:
         params that joined without pages, waits for the write-backs and records the step."""
         opt = self.opt
         ok = False
+        self.hold = False
         self.stop_pager()
         try:
             if self.deferred:  # CUDA params, CPU kernels ([Note: CPU executor for CUDA params])
