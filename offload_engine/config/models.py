@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, PrivateAttr, field_validator
 
 from ..paging.footprint import slot_rule_text
-from .base import NonEmptyStr, NonNegativeFloat, PositiveFloat, PositiveInt, Section
+from .base import NonEmptyStr, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Section
 from .optimizer_models import OPTIMIZER_SECTIONS
 from .scheduler_models import SCHEDULER_SECTIONS
 
@@ -131,19 +131,25 @@ class PagingConfig(Section):
                             "the GPU) or 'auto' (the params' device).")
     master_weights: bool = Field(
         True, description="Keep fp32 master weights for bf16/fp16 params (fp32 params are their own master).")
-    overlap: Literal["off", "exact"] = Field(
+    overlap: Literal["off", "exact", "delayed"] = Field(
         "off", description="'exact': update each page during backward as soon as its params' grads are final, on "
                            "the micro-batch that ends an accumulation window, bit for bit the step after backward. "
                            "Where clipping or an fp16/non-finite skip could change the step, pages run early as a "
                            "guess that is checked after backward and taken back when wrong (host pages updated by "
                            "the CPU executor; elsewhere they wait). One process (docs/engine.md, \"Overlap with "
-                           "backward\"). 'off': the step runs after backward.")
+                           "backward\"). 'delayed': step t's update runs during step t+1's forward and backward, "
+                           "which read the params before step t (one step stale); the update itself is exact for "
+                           "step t's grads. CPU executor, any number of ranks (docs/engine.md, \"Delayed "
+                           "update\"). 'off': the step runs after backward.")
     overlap_backward: bool = Field(
         False, description="The older spelling of overlap: true means overlap 'exact'.")
     speculation_budget_mb: NonNegativeFloat = Field(
         1024.0, description="With overlap 'exact': host memory (MiB) that may hold the pre-step copies of pages "
                             "(and their params' values) updated before backward ends; pages past it wait for the "
                             "check. 0 = none run early where the check could take them back.")
+    delayed_warmup_steps: NonNegativeInt = Field(
+        10, description="With overlap 'delayed': the first optimizer steps that run undelayed (the update lands "
+                        "before the next forward), while a stale gradient would hurt most.")
     pin_memory: bool = Field(
         True, description="Accepted for DeepSpeed compatibility; it changes nothing. Host pages are pinned "
                           "(page-locked) exactly when the CUDA executor copies them, since asynchronous copies "

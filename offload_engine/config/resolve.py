@@ -101,8 +101,9 @@ class PagingSettings:
     io_threads: int
     executor: str                 # "auto" | "cpu" | "cuda"
     master_weights: bool
-    overlap: str                  # "off" | "exact"
+    overlap: str                  # "off" | "exact" | "delayed"
     speculation_budget_bytes: int
+    delayed_warmup_steps: int
     pin_memory: bool
 
 
@@ -180,7 +181,8 @@ def check_paging(cfg) -> tuple[PagingSettings | None, list[Problem]]:
     return PagingSettings(store=store, nvme_path=nvme_path if store == "nvme" else None, state_dtype=p.state_dtype,
                           page_size_mb=p.page_size_mb, prefetch_depth=prefetch_depth, io_threads=p.io_threads,
                           executor=executor, master_weights=master_weights, overlap=overlap,
-                          speculation_budget_bytes=int(p.speculation_budget_mb * 2 ** 20), pin_memory=pin_memory), []
+                          speculation_budget_bytes=int(p.speculation_budget_mb * 2 ** 20),
+                          delayed_warmup_steps=p.delayed_warmup_steps, pin_memory=pin_memory), []
 
 
 def merge_paging(cfg) -> PagingSettings:

@@ -169,11 +169,13 @@ def state_bytes(optimizer) -> tuple[int, int, str | None]:
     return 0, 0, None
 
 
-def measure(optimizer, rank: int = 0) -> Demand:
-    """This rank's Demand; an estimate that fails is carried in it, not raised, so that the
-    gather that follows still happens on every rank."""
+def measure(optimizer, rank: int = 0, extra_bytes: int = 0) -> Demand:
+    """This rank's Demand, `extra_bytes` of host memory the engine holds beside the state
+    included (the param copies of paging.overlap "delayed"); an estimate that fails is carried
+    in it, not raised, so that the gather that follows still happens on every rank."""
     try:
         memory, disk, path = state_bytes(optimizer)
+        memory += extra_bytes
         demand = Demand(rank, host_name(), memory, memory_available(), disk, path)
         if path is not None:
             demand = dataclasses.replace(demand, disk_id=os.stat(path).st_dev, disk_free=disk_free(path))
@@ -229,11 +231,11 @@ def check(demands: list[Demand]) -> None:
                     "'int4'), or spread the ranks over more nodes"))
 
 
-def admit(optimizer, group=None) -> list[Demand]:
+def admit(optimizer, group=None, extra_bytes: int = 0) -> list[Demand]:
     """[Note: admission]: measures this rank, gathers every rank's figures and checks every
     node. Returns the gathered Demands (rank order)."""
     distributed = dist.is_initialized() and dist.get_world_size(group) > 1
-    mine = measure(optimizer, dist.get_rank(group) if distributed else 0)
+    mine = measure(optimizer, dist.get_rank(group) if distributed else 0, extra_bytes)
     demands = [mine]
     if distributed:
         demands = [None] * dist.get_world_size(group)

@@ -32,7 +32,7 @@ class OffloadEngine:
     """Returned by offload_engine.initialize(); see the module docstring."""
 
     def __init__(self, module: torch.nn.Module, config, optimizer, lr_scheduler=None, partition=None,
-                 overlap=None):
+                 overlap=None, delayed=None):
         self.module = module
         self.partition = partition  # data-parallel ranks: this rank's share of the state ([Note: partitioned state])
         self.config = config
@@ -57,6 +57,7 @@ class OffloadEngine:
         self._last_grad_norm = None
         self._last_step_skipped = False
         self.overlap = overlap  # a BackwardOverlap with paging.overlap "exact" ([Note: overlap with backward])
+        self.delayed = delayed  # a DelayedUpdate with paging.overlap "delayed" ([Note: delayed update])
         self.checkpointer = Checkpointer(self)  # save_checkpoint / load_checkpoint (checkpointer.py)
 
     # ---- the training loop ------------------------------------------------------------------
@@ -71,8 +72,32 @@ class OffloadEngine:
         return self
 
     def eval(self):
+        """The module in eval mode, on the current params: a delayed step still pending is
+        applied first (with several ranks, every rank calls it)."""
+        self.apply_pending_step()
         self.module.eval()
         return self
+
+    def apply_pending_step(self) -> bool:
+        """With paging.overlap "delayed": waits for the step still running and copies its
+        params into the module (with several ranks a collective: every rank calls it), so
+        the module holds every step taken so far. Returns whether a step was pending; without
+        delay it does nothing ([Note: delayed update])."""
+        if self.delayed is None:
+            return False
+        with phase("delayed_wait"):
+            self.delayed.wait()
+        if not self.delayed.pending:
+            return False
+        if self.partition is not None:
+            # Why: with shared-memory params another rank may still be reading them (a forward,
+            # its metrics) until it reaches this same call.
+            self.partition.barrier()
+        self.delayed.apply()
+        if self.partition is not None:
+            with phase("param_gather"):
+                self.partition.gather_params()
+        return True
 
     def is_gradient_accumulation_boundary(self) -> bool:
         """Whether the next step() call steps the optimizer."""
@@ -118,9 +143,18 @@ class OffloadEngine:
 
     @torch.no_grad()
     def _take_model_step(self) -> None:
+        delayed = self.delayed
+        if delayed is not None:  # the last step's update, run during this window ([Note: delayed update])
+            with phase("delayed_wait"):
+                delayed.wait()
         if self.partition is not None:
             with phase("grad_reduce"):
                 self.partition.reduce_grads()  # this rank's shards: their grads averaged over the ranks
+        if delayed is not None and delayed.apply() and self.partition is not None:
+            # After the reduction: its barrier means every rank's backward is done with the
+            # params that the shared-memory path is about to see change.
+            with phase("param_gather"):
+                self.partition.gather_params()
         grads = self._trainable_grads()
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         norm = None
@@ -164,8 +198,11 @@ class OffloadEngine:
                 factor = coef if factor is None else factor * coef.to(factor.device)
             self._last_grad_norm = float(norm) if norm is not None else None
             grad_scale = 1.0 if factor is None else float(factor)
+            launched = delayed is not None and delayed.delays(self.global_steps + 1)
             if overlapped:  # early pages kept if they guessed grad_scale right, else redone
                 self.overlap.close(grad_scale)
+            elif launched:  # runs during the next window; applied at its boundary
+                delayed.launch(grad_scale)
             elif isinstance(self.optimizer, BlockwiseOptimizer):
                 self.optimizer.step(grad_scale=grad_scale)
             else:
@@ -176,7 +213,7 @@ class OffloadEngine:
                     for device, group in by_device.items():
                         torch._foreach_mul_(group, factor.to(device))
                 self.optimizer.step()
-            if self.partition is not None:
+            if self.partition is not None and not launched:
                 with phase("param_gather"):
                     self.partition.gather_params()  # every rank's updated slices to every rank
             if self.lr_scheduler is not None:
@@ -234,11 +271,14 @@ class OffloadEngine:
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest: bool = True):
         """Saves checkpoint `tag` (default ``global_step<N>``) under `save_dir` atomically and
         returns its directory; with several ranks every rank calls it alike
-        ([Checkpointer.save])."""
+        ([Checkpointer.save]). A delayed step still pending is applied first."""
+        self.apply_pending_step()
         return self.checkpointer.save(save_dir, tag, client_state, save_latest)
 
     def load_checkpoint(self, load_dir, tag=None):
         """Restores checkpoint `tag` (default: ``latest``), saved at any world size, and returns
         ``(path, client_state)``; a checkpoint that fails leaves the engine as it was
-        ([Checkpointer.load])."""
+        ([Checkpointer.load]). A delayed step still pending is applied first (a load that
+        fails then leaves the engine with it)."""
+        self.apply_pending_step()
         return self.checkpointer.load(load_dir, tag)

@@ -13,6 +13,7 @@ from ..optim.paged import PagedOptimizer
 from ..schedulers import build_scheduler
 from . import admission, launch_env
 from .engine import OffloadEngine
+from .delayed import DelayedUpdate
 from .overlap import BackwardOverlap
 from .partition import Partition
 from .precision import choose_bf16
@@ -105,7 +106,10 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
     _check_optimizer(model, optimizer, low, paging.master_weights,
                      shards=partition.shards if partition is not None else ())
     try:
-        admission.admit(optimizer)  # fails now if the node cannot hold its ranks' state ([Note: admission])
+        # fails now if the node cannot hold its ranks' state ([Note: admission]); "delayed" adds
+        # a host copy of this rank's params ([Note: delayed update])
+        admission.admit(optimizer, extra_bytes=DelayedUpdate.shadow_bytes_for(optimizer)
+                        if paging.overlap == "delayed" else 0)
     except BaseException:
         if built and hasattr(optimizer, "close"):  # ours to release: an NVMe store's file goes at once
             optimizer.close()
@@ -126,9 +130,9 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
                    else None)
         dataloader = torch.utils.data.DataLoader(training_data, batch_size=cfg.train_micro_batch_size_per_gpu,
                                                  shuffle=sampler is None, sampler=sampler)
-    if paging.overlap == "exact":
+    if paging.overlap != "off":
         try:
-            _check_overlap_optimizer(optimizer, _overlap_key(cfg))
+            _check_overlap_optimizer(optimizer, _overlap_key(cfg), paging.overlap)
         except ConfigError:
             if built and hasattr(optimizer, "close"):
                 optimizer.close()
@@ -138,7 +142,9 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
         overlap = BackwardOverlap([p for g in optimizer.param_groups for p in g["params"]], optimizer,
                                   scale_is_fixed=cfg.gradient_clipping == 0 and cfg.precision != "fp16",
                                   retain_bytes=paging.speculation_budget_bytes)
-    engine = OffloadEngine(model, cfg, optimizer, lr_scheduler, partition=partition, overlap=overlap)
+    delayed = DelayedUpdate(optimizer, paging.delayed_warmup_steps) if paging.overlap == "delayed" else None
+    engine = OffloadEngine(model, cfg, optimizer, lr_scheduler, partition=partition, overlap=overlap,
+                           delayed=delayed)
     return engine, optimizer, dataloader, lr_scheduler
 
 
@@ -165,10 +171,16 @@ def _check_overlap_config(cfg, world_size: int) -> None:
                                  "paging.overlap to 'off'")
 
 
-def _check_overlap_optimizer(optimizer, key: str) -> None:
+def _check_overlap_optimizer(optimizer, key: str, mode: str) -> None:
     if not isinstance(optimizer, PagedOptimizer):
-        raise ConfigError.single(key, f"'exact' needs a paged optimizer (a Paged* type, or paging.store set); "
+        raise ConfigError.single(key, f"{mode!r} needs a paged optimizer (a Paged* type, or paging.store set); "
                                  f"the optimizer is {type(optimizer).__name__}")
+    if mode == "delayed":
+        refusal = optimizer.detached_step_refusal
+        if refusal is not None:
+            raise ConfigError.single(key, f"'delayed' is built for the CPU executor so far: {refusal}; use "
+                                     "paging.executor 'cpu' with CPU params, or overlap 'exact' or 'off'")
+        return
     if optimizer.paging_stats()["executor"] == "cpu" and optimizer.paging_stats()["device"].startswith("cuda"):
         raise ConfigError.single(key, "'exact' is not supported with paging.executor 'cpu' for CUDA params (the "
                                  "grads are copied to the host after backward); use executor 'cuda' or set "

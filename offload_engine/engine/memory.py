@@ -49,6 +49,8 @@ def memory_report(engine) -> dict:
         "optimizer": _optimizer_state(engine.optimizer),
         "process_rss_bytes": psutil.Process().memory_info().rss,
     }
+    if engine.delayed is not None:  # paging.overlap "delayed": the host copies its updates write
+        report["delayed_param_copy_bytes"] = engine.delayed.shadow_bytes
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         report["cuda_allocated_bytes"] = torch.cuda.memory_allocated()
         report["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
@@ -72,6 +74,8 @@ def format_memory_report(report: dict) -> str:
     if "pool_bytes" in o:
         lines.append(f"            page pool {_mib(o['pool_bytes'])} host, {_mib(o['device_pool_bytes'])} device; "
                      f"{o['num_pages']} pages of {_mib(o['page_bytes'])}")
+    if "delayed_param_copy_bytes" in report:
+        lines.append(f"delayed     param copies {_mib(report['delayed_param_copy_bytes'])} host")
     lines.append(f"process     RSS {_mib(report['process_rss_bytes'])}"
                  + (f"; CUDA allocated {_mib(report['cuda_allocated_bytes'])}" if "cuda_allocated_bytes" in report
                     else ""))

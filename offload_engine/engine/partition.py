@@ -387,6 +387,10 @@ class Partition:
         """(param, start, end) of every param slice `rank` owns, in the flat order."""
         return self._spans_by_rank[rank]
 
+    def barrier(self) -> None:
+        """Returns once every rank has called it."""
+        dist.barrier(group=self.group)
+
     # ---- agreement outside the step (checkpoints) ------------------------------------------------
     def all_gather_object(self, obj) -> list:
         """Every rank's `obj` (small, picklable), in rank order, on every rank."""
