@@ -388,3 +388,23 @@ def test_overlap_exact_reports_its_guesses(tmp_path):
     assert spec["kept"] >= 1 and spec["peak_kept_bytes"] > 0
     line = next(line for line in r.stdout.splitlines() if line.startswith("  overlap "))
     assert f" 5 steps: {spec['kept']} kept their pages updated in backward" in line and "hit rate" in line
+
+
+def test_overlap_delayed_reports_its_delayed_steps(tmp_path):
+    """paging.overlap "delayed": the summary counts the delayed steps past the warm-up, and the
+    final checkpoint holds every step (the pending one is applied before the save)."""
+    config = json.loads((REPO / "configs" / "default.json").read_text())
+    config["paging"]["overlap"] = "delayed"
+    config["paging"]["delayed_warmup_steps"] = 2
+    path = tmp_path / "delayed.json"
+    path.write_text(json.dumps(config))
+    r = cli(*TINY, "--config", path, "--steps", 6, "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "run" / job.SUMMARY_FILE).read_text())
+    delayed = summary["delayed"]
+    applied = sum(1 for line in (tmp_path / "run" / job.METRICS_FILE).read_text().splitlines()[2:]
+                  if json.loads(line)["applied"])
+    assert delayed["steps_delayed"] == applied > 0 and delayed["warmup_steps"] == 2
+    assert delayed["param_copy_bytes"] > 0
+    line = next(line for line in r.stdout.splitlines() if line.startswith("  overlap "))
+    assert f"delayed: {delayed['steps_delayed']} steps updated" in line

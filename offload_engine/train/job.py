@@ -439,6 +439,10 @@ def _summary(loaded, config_name, engine, optimizer, history, device, n_params, 
                  **{k: totals.get(k, 0.0) for k in ("fetch_s", "update_s", "writeback_s", "wait_s")}},
         # paging.overlap "exact": how the steps' early pages fared ([Note: speculative step])
         "speculation": stats["speculation"] if stats and stats["speculation"]["steps"] else None,
+        # paging.overlap "delayed" ([Note: delayed update])
+        "delayed": None if engine.delayed is None else {
+            "steps_delayed": engine.delayed.steps_delayed, "warmup_steps": engine.delayed.warmup_steps,
+            "param_copy_bytes": engine.delayed.shadow_bytes},
         "interrupted": interrupted, "checkpoint": checkpoint,
     }
 

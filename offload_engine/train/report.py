@@ -78,7 +78,17 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
                        f"{_seconds(opt_s)}{_share(opt_s, t['forward_backward_s'] + opt_s)}{paging}"),
         ("  paging", io),
         *_speculation_rows(s.get("speculation")),
+        *_delayed_rows(s.get("delayed")),
     ]
+
+
+def _delayed_rows(d) -> list[tuple[str, str]]:
+    """paging.overlap "delayed": how many steps ran during the next window's forward and backward."""
+    if not d:
+        return []
+    return [("  overlap", f"delayed: {d['steps_delayed']} steps updated during the next forward and backward "
+                          f"(after {d['warmup_steps']} undelayed warm-up steps); param copies "
+                          f"{mib(d['param_copy_bytes'])}")]
 
 
 def _speculation_rows(spec) -> list[tuple[str, str]]:
