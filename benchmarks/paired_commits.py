@@ -70,6 +70,9 @@ def figures(engine: dict, paging: dict, overhead: dict) -> dict:
     out = {f"engine_step {name}": s for name, s in engine["median_s"].items()}
     for name, row in overhead["rows"].items():
         out[f"overhead {name} ({row['pages']} pages)"] = row["paged_s"]
+        for early in ("all", "kept"):
+            if f"overlapped_{early}_s" in row:  # the overlapped step's host work ([Note: overlapped step])
+                out[f"overhead {name} overlapped early={early}"] = row[f"overlapped_{early}_s"]
     for row in paging["rows"]:
         if "unpaged_s" in row:
             out[f"paging {row['format']} unpaged"] = row["unpaged_s"]
