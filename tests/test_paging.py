@@ -304,3 +304,33 @@ def test_pages_are_laid_out_only_for_params_that_need_state(store, tmp_path):
         for key, value in ref.logical_state(q).items():
             assert torch.equal(opt.logical_state(p)[key], value)
     opt.close()
+
+
+@pytest.mark.parametrize("name", ["PagedAdamW", "PagedAdamW8bit"])
+def test_pages_moved_by_a_later_group_are_updated_where_they_now_are(name):
+    """[Note: page views]: the host store keeps each page's state views between steps; a param
+    group added later grows the store's last chunk, which moves every page in it, and the
+    next steps must update the pages at their new place (a kept view of the old chunk would
+    update bytes the store no longer reads: the stored state stays behind the unpaged run's)."""
+    first, later = _make([(37, 29), (300,)], torch.float32, 3), _make([(61, 17)], torch.float32, 4)
+    clones = [[p.clone() for p in ps] for ps in (first, later)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        paged = _paged(name, first, page_size_mb=2 * KB)
+        torch.manual_seed(0)
+        unpaged = _unpaged(name, clones[0])
+    g = torch.Generator().manual_seed(5)
+    for step in range(6):
+        if step == 2:
+            address = paged.pager.store.page_view(0).data_ptr()
+            paged.add_param_group({"params": later})
+            unpaged.add_param_group({"params": clones[1]})
+        mine = first + (later if step >= 2 else [])
+        theirs = clones[0] + (clones[1] if step >= 2 else [])
+        for p, q in zip(mine, theirs):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        paged.step()
+        unpaged.step()
+        _assert_same(paged, unpaged, mine, theirs, ("exp_avg", "exp_avg_sq"))  # the state as stored, too
+    assert paged.pager.store.page_view(0).data_ptr() != address  # the group did move page 0

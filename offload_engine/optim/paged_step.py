@@ -134,7 +134,7 @@ class _PagedStep:
         return (p_work.view(-1), grad.view(-1), step, seed, group_hyper(group, self.grad_scale))
 
     def _update(self, page, buf):
-        for seg in self.table.pages[page].segments:
+        for seg, views in self.opt.pager.segment_views(page, buf):  # [Note: page views] in paging/pager.py
             job = self.work.get(seg.key)
             if job is None:
                 continue
@@ -144,7 +144,7 @@ class _PagedStep:
                 values = p_flat[seg.start:end].clone()
                 self.kept_params.append((p_flat, seg.start, end, values))
                 self.kept_param_bytes += values.numel() * values.element_size()
-            step_state_(self.opt._algorithm, p_flat[seg.start:end], g_flat[seg.start:end], seg.views(buf),
+            step_state_(self.opt._algorithm, p_flat[seg.start:end], g_flat[seg.start:end], views,
                         seg.fmt.name, seg.fmt.block, step, seed, hyper, self.adam_step_, index_offset=seg.start)
         if not self.settled:
             self.peak_kept_bytes = max(self.peak_kept_bytes, self.kept_bytes)

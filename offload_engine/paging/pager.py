@@ -52,6 +52,7 @@ class Pager:
         self._last = StepStats()
         self._totals = StepStats()
         self.steps = 0
+        self._views = {}       # page -> (its buffer's address, [(segment, views)]): segment_views()
 
     # ---- layout ---------------------------------------------------------------------------
     @property
@@ -84,10 +85,28 @@ class Pager:
             self.table = table
             return []
         self.store.allocate(table.num_pages)  # raises PageIOError (disk full) before anything changes
+        self._views.clear()  # allocate may have moved the stored pages; no old chunk stays referenced
         self._ensure_pipeline()
         self._write_pages(new_pages, lambda page, buf: initial(table.pages[page], buf), read_first=False)
         self.table = table
         return new_pages
+
+    def segment_views(self, page: int, buf: torch.Tensor) -> list:
+        """[(segment, {array name: typed view into buf})] of `page`'s segments. [Note: page
+        views] Building the views costs a few microseconds per segment (a slice and a view per
+        state array), paid for every segment of every step; an in-place store hands the same
+        buffer for a page every step, so the views are kept per page and rebuilt only when the
+        buffer's address changes (a slot, or a store that grew). The kept views hold their
+        buffer's storage, so a changed address cannot be an old one reused; extend() drops them
+        all, so a chunk the store replaced is not held."""
+        address = buf.data_ptr()
+        kept = self._views.get(page)
+        if kept is not None and kept[0] == address and kept[2] is self.table:
+            return kept[1]
+        views = [(seg, seg.views(buf)) for seg in self.table.pages[page].segments]
+        if self.store.in_place:  # slots change page by page: keeping their views would only grow
+            self._views[page] = (address, views, self.table)
+        return views
 
     def _ensure_pipeline(self) -> None:
         if self.pipeline is not None:
@@ -221,6 +240,7 @@ class Pager:
 
     def close(self) -> None:
         """Releases the store (for NVMe: deletes the state file)."""
+        self._views.clear()  # they hold the store's storage
         self.store.close()
 
 
