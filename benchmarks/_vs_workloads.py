@@ -130,6 +130,11 @@ def ours_config(contender: str, workload: Workload, nvme_path: str | None, micro
         "ours-8bit": {"store": "cpu", "executor": "cpu", "state_dtype": "int8"},
         "ours-nvme-8bit": {"store": "nvme", "executor": "cpu", "nvme_path": nvme_path, "page_size_mb": 4,
                            "state_dtype": "int8"},
+        # paging.overlap "delayed" (one step stale, so not held to the fp32 runs' loss): each step's
+        # update runs during the next step's forward and backward, from the first step on.
+        "ours-host-delayed": {"store": "cpu", "executor": "cpu", "overlap": "delayed", "delayed_warmup_steps": 0},
+        "ours-nvme-delayed": {"store": "nvme", "executor": "cpu", "nvme_path": nvme_path, "page_size_mb": 4,
+                              "overlap": "delayed", "delayed_warmup_steps": 0},
         "gpu-ours-host": {"store": "cpu", "executor": "cuda"},
         "gpu-ours-host-8bit": {"store": "cpu", "executor": "cuda", "state_dtype": "int8"},
     }.get(contender)

@@ -14,6 +14,10 @@ at the same loss. CPU contenders run 2 ranks (gloo, one intra-op thread each) un
     ours-nvme       the same with the NVMe store (4 MiB pages, prefetch 2)
     ours-8bit       host pages with 8-bit block-quantized moments (PagedAdamW8bit)
 
+and, when named in --contenders: ours-nvme-8bit (8-bit moments on NVMe) and ours-host-delayed,
+ours-nvme-delayed (paging.overlap "delayed" from the first step: each update runs during the
+next step's forward and backward, one step stale, so their losses are not held to the fp32 runs').
+
 With a GPU (torch.cuda.is_available()) and --gpu, one process on the GPU with the whole
 global batch (these are not data-parallel):
 
@@ -64,6 +68,8 @@ from _vs_workloads import (HYPER, WORKLOADS, WORLD, Batches, deepspeed_config, d
                            ours_config, ours_state_tiers)
 
 CPU_CONTENDERS = ("ds-zero2-cpu", "ds-zero3-nvme", "ours-host", "ours-nvme", "ours-8bit")
+# Run when named in --contenders: 8-bit NVMe, and paging.overlap "delayed" on host and NVMe pages.
+EXTRA_CPU_CONTENDERS = ("ours-nvme-8bit", "ours-host-delayed", "ours-nvme-delayed")
 GPU_CONTENDERS = ("gpu-ours-host", "gpu-ours-host-8bit", "gpu-bnb-paged8", "gpu-torchao-offload", "gpu-torch-adamw")
 FP32_STATE = {"ds-zero2-cpu", "ds-zero3-nvme", "ours-host", "ours-nvme", "gpu-ours-host", "gpu-torchao-offload",
               "gpu-torch-adamw"}
@@ -136,7 +142,7 @@ def _start(contender, workload, state_dir):
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=deepspeed_config(contender, workload, state_dir))
         return engine, lambda: deepspeed_state_tiers(engine, state_dir), "cpu", count
-    if contender in ("ours-host", "ours-nvme", "ours-8bit", "ours-nvme-8bit"):
+    if contender in EXTRA_CPU_CONTENDERS or contender in ("ours-host", "ours-nvme", "ours-8bit"):
         import offload_engine
         engine, _, _, _ = offload_engine.initialize(model, ours_config(contender, workload, state_dir,
                                                                        workload.micro_batch))
@@ -238,6 +244,8 @@ def worker(args) -> int:
         if i >= args.warmup:
             step_s.append(t2 - t0)
             opt_s.append(t2 - t1)
+    if hasattr(engine, "apply_pending_step"):
+        engine.apply_pending_step()  # paging.overlap "delayed": the last step lands before the loss is taken
     with torch.no_grad():  # the loss after the last step, on the next batch
         x, y = batches.take(args.warmup + args.steps, rank, world)
         final = float(loss_of(workload, engine(x), y))
@@ -376,7 +384,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--models: unknown model {m!r}; choose from {', '.join(WORKLOADS)}")
     wanted = (args.contenders.split(",") if args.contenders
               else list(CPU_CONTENDERS) + (list(GPU_CONTENDERS) if args.gpu else []))
-    known = set(CPU_CONTENDERS) | set(GPU_CONTENDERS) | {"ours-nvme-8bit"}
+    known = set(CPU_CONTENDERS) | set(GPU_CONTENDERS) | set(EXTRA_CPU_CONTENDERS)
     for c in wanted:
         if c not in known:
             raise SystemExit(f"--contenders: unknown contender {c!r}; choose from {', '.join(sorted(known))}")
