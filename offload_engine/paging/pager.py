@@ -83,6 +83,7 @@ class Pager:
             new_pages += table.add_group(gi, entries)
         if not new_pages:
             self.table = table
+            self._views.clear()  # they name the old table's segments
             return []
         self.store.allocate(table.num_pages)  # raises PageIOError (disk full) before anything changes
         self._views.clear()  # allocate may have moved the stored pages; no old chunk stays referenced
@@ -98,14 +99,14 @@ class Pager:
         buffer for a page every step, so the views are kept per page and rebuilt only when the
         buffer's address changes (a slot, or a store that grew). The kept views hold their
         buffer's storage, so a changed address cannot be an old one reused; extend() drops them
-        all, so a chunk the store replaced is not held."""
+        all (a new table, and a chunk the store replaced is not held)."""
         address = buf.data_ptr()
         kept = self._views.get(page)
-        if kept is not None and kept[0] == address and kept[2] is self.table:
+        if kept is not None and kept[0] == address:
             return kept[1]
         views = [(seg, seg.views(buf)) for seg in self.table.pages[page].segments]
         if self.store.in_place:  # slots change page by page: keeping their views would only grow
-            self._views[page] = (address, views, self.table)
+            self._views[page] = (address, views)
         return views
 
     def _ensure_pipeline(self) -> None:
