@@ -102,8 +102,13 @@ def test_overlapped_steps_equal_the_step_after_backward(tmp_path, opt_type, prec
 def test_refused_where_it_cannot_be_exact():
     from offload_engine.config import load_config
     from offload_engine.engine.initialize import _check_overlap_config
-    with pytest.raises(ConfigError, match=r"paging.overlap: 'exact' needs one process \(world size is 2\)"):
-        _check_overlap_config(load_config({"train_batch_size": 10, "paging": {"overlap": "exact"}}, world_size=2), 2)
+    exact = load_config({"train_batch_size": 10, "paging": {"overlap": "exact"}}, world_size=2)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    _check_overlap_config(exact, 2, cpu, "gloo")  # several ranks: CPU params over gloo
+    for device, backend in ((cpu, "nccl"), (cuda, "gloo"), (cuda, "nccl")):
+        with pytest.raises(ConfigError, match=rf"paging.overlap: 'exact' with several ranks is built for CPU params "
+                                              rf"over gloo so far \(here: {backend}, params on {device}\)"):
+            _check_overlap_config(exact, 2, device, backend)
     with pytest.raises(ConfigError, match="paging.overlap_backward.*paged optimizer.*CPUAdam"):
         offload_engine.initialize(Net(), {"optimizer": {"type": "AdamW"}, "paging": {"overlap_backward": True}})
     with pytest.raises(ConfigError, match="paging.overlap_backward.*disagree"):

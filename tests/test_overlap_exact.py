@@ -6,82 +6,16 @@ taken back from the kept pre-step bytes. Every step, every param and every state
 equal, bit for bit, the same training with overlap off."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-import offload_engine
 from offload_engine.optim import paged_step
-from test_overlap_backward import KB, Net, _batch
+from exact_loop import DTYPES, STEPS, differences as _differences, pair as _pair
 from conftest import bits
-
-STEPS = 20
-CLIP = 20.0  # the grad norm is 2-5 at loss factor 1, 60-150 at 30
-# Per step: the loss is multiplied by this, so the grad norm is far above CLIP on some steps
-# (those clip: the guess fails and the early pages are redone) and far below on the others;
-# None makes the first layer's grad inf (its grad comes last, after the other pages ran early).
-LOSS_FACTOR = {3: 30.0, 4: 30.0, 8: 30.0, 13: 30.0, 14: 30.0, 17: 30.0, 6: None, 15: None}
-
-
-def _config(opt_type, precision, gas, store, path, overlap, budget_mb=None):
-    cfg = {"train_micro_batch_size_per_gpu": 5, "gradient_accumulation_steps": gas, "gradient_clipping": CLIP,
-           "optimizer": {"type": opt_type, "params": {"lr": 1e-2, "weight_decay": 0.01}},
-           "paging": {"overlap": overlap, "page_size_mb": 8 * KB, "store": store}}
-    if opt_type.endswith("8bit"):
-        cfg["optimizer"]["params"]["min_8bit_size"] = 64
-    if store == "nvme":
-        cfg["paging"]["nvme_path"] = str(path)
-    if budget_mb is not None:
-        cfg["paging"]["speculation_budget_mb"] = budget_mb
-    if precision == "bf16":
-        cfg["bf16"] = {"enabled": True}
-    if precision == "fp16":
-        cfg["fp16"] = {"enabled": True, "initial_scale_power": 12, "loss_scale_window": 4}
-    return cfg
-
-
-def _train(cfg, gas, dtype):
-    model = Net()
-    engine, optimizer, *_ = offload_engine.initialize(model, cfg)
-    poison = {"on": False}
-    model.body[0].weight.register_hook(lambda g: g * float("inf") if poison["on"] else g)
-    trace = []
-    for i in range(STEPS * gas):
-        step = i // gas
-        factor = LOSS_FACTOR.get(step, 1.0)
-        poison["on"] = factor is None and (i + 1) % gas == 0
-        x, y = _batch(i, dtype, "cpu")
-        loss = torch.nn.functional.mse_loss(engine(x, use_side=step % 2 == 0 and step > 0).float(), y)
-        engine.backward(loss * (factor or 1.0))
-        engine.step()
-        if (i + 1) % gas == 0:
-            trace.append(([p.detach().clone() for p in model.parameters()], engine.was_step_applied(),
-                          engine.overlap.last_outcome if engine.overlap is not None else None))
-    return trace, optimizer.state_dict(), optimizer.paging_stats()
-
-
-def _differences(on, off) -> list[str]:
-    out = []
-    for step, ((params_on, applied_on, _), (params_off, applied_off, _)) in enumerate(zip(on[0], off[0], strict=True)):
-        if applied_on != applied_off:
-            out.append(f"step {step}: applied {applied_on} vs {applied_off}")
-        out += [f"step {step}: param {k}" for k, (a, b) in enumerate(zip(params_on, params_off))
-                if not torch.equal(bits(a), bits(b))]
-    for key, s in off[1]["state"].items():
-        for name, t in s.items():
-            if isinstance(t, torch.Tensor):
-                got = on[1]["state"][key][name]
-                same = torch.equal(got, t) if t.element_size() == 1 else torch.equal(bits(got), bits(t))
-                if not same:
-                    out.append(f"state {key}.{name}")
-    return out
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _pair(tmp_path, opt_type, precision, gas, store, **kw):
-    return [_train(_config(opt_type, precision, gas, store, tmp_path / overlap, overlap, **kw), gas, DTYPES[precision])
-            for overlap in ("exact", "off")]
+from multirank import launch_ranks
+from test_overlap_backward import Net
 
 
 @pytest.mark.parametrize("opt_type", ["PagedAdamW", "PagedAdamW8bit"])
@@ -145,3 +79,40 @@ def test_what_is_kept_stays_within_the_budget(tmp_path, budget_pages):
         assert spec["peak_kept_bytes"] >= page and spec["kept"] > 0
     else:
         assert spec["peak_kept_bytes"] == 0 and spec["kept"] == spec["redo"] == spec["skipped"] == 0
+
+
+# ---- several ranks: the grads reach their owners during backward ([Note: reduce during backward]) ----
+JOB = Path(__file__).with_name("exact_job.py")
+CASES = [f"{opt}:{precision}:{gas}:{store}" for opt in ("PagedAdamW", "PagedAdamW8bit")
+         for precision in ("fp32", "bf16", "fp16") for gas in (1, 3) for store in ("cpu", "nvme")]
+
+
+def _two_ranks(tmp_path, cases, *args):
+    return launch_ranks(JOB, 2, tmp_path / "out", "--cases", ",".join(cases), "--dir", tmp_path, *args)
+
+
+def test_two_ranks_exact_equals_the_step_after_backward(tmp_path):
+    """The whole grid at 2 ranks over gloo: each rank's own micro-batches, an inf grad on rank 0
+    only (every rank must skip), a param with a grad on one rank only; every param on both ranks
+    and every state tensor of each rank's shards, bit for bit, against overlap off."""
+    ranks = _two_ranks(tmp_path, CASES)
+    for case in CASES:
+        both = [r[case] for r in ranks]
+        for rank, got in enumerate(both):
+            assert got["differences"] == [], (case, rank)
+            assert not got["applied"][6] and not got["applied"][15] and sum(got["applied"]) >= STEPS - 4, case
+            assert {"kept", "redo", "skipped"} <= set(got["outcomes"]), (case, rank, got["outcomes"])
+            # Buckets went to their owners while backward ran, and pages were updated then.
+            assert all(buckets == 3 for _, buckets in got["during"]), (case, rank, got["during"])
+        assert any(pages > 0 for got in both for pages, _ in got["during"]), case
+        assert both[0]["applied"] == both[1]["applied"] and both[0]["outcomes"] == both[1]["outcomes"], case
+        for a, b in zip(both[0]["params"], both[1]["params"], strict=True):
+            assert torch.equal(bits(a), bits(b)), case
+
+
+@pytest.mark.parametrize("mutant", ["skip-restore", "own-grads"])
+def test_two_ranks_mutants_are_caught(tmp_path, mutant):
+    """skip-restore: a redone or skipped step starts from pages already updated once;
+    own-grads: an owner updates its pages on its own grads, not the ranks' average."""
+    ranks = _two_ranks(tmp_path, ["PagedAdamW8bit:bf16:1:cpu"], "--mutant", mutant)
+    assert any(r["PagedAdamW8bit:bf16:1:cpu"]["differences"] for r in ranks)

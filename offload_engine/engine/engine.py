@@ -117,7 +117,7 @@ class OffloadEngine:
         if overlap is not None:
             # pages update as their grads become final, with the scale the step takes unless it
             # clips or is skipped ([Note: overlap with backward])
-            overlap.arm(self._unclipped_grad_scale())
+            overlap.arm(self._unclipped_grad_scale(), scaled)
         try:
             scaled.backward(retain_graph=retain_graph)
         except BaseException as err:
@@ -149,7 +149,10 @@ class OffloadEngine:
                 delayed.wait()
         if self.partition is not None:
             with phase("grad_reduce"):
-                self.partition.reduce_grads()  # this rank's shards: their grads averaged over the ranks
+                # this rank's shards: their grads averaged over the ranks; with overlap "exact"
+                # most buckets already were, during backward ([Note: reduce during backward])
+                if self.overlap is None or not self.overlap.finish_reduction():
+                    self.partition.reduce_grads()
         if delayed is not None and delayed.apply() and self.partition is not None:
             # After the reduction: its barrier means every rank's backward is done with the
             # params that the shared-memory path is about to see change.
@@ -167,15 +170,23 @@ class OffloadEngine:
         overflow = norm is not None and not bool(torch.isfinite(norm))
         overlapped = self.overlap is not None and self.overlap.is_open
         if overflow and overlapped:
-            restorable = self.overlap.can_take_back
             done = self.overlap.pages_done()
+            lost = done > 0 and not self.overlap.can_take_back
+            if self.partition is not None:  # one rank that cannot skip stops them all, alike
+                lost_somewhere = not self.partition.every_rank(not lost)
+            else:
+                lost_somewhere = lost
             self.overlap.skip(f"non-finite gradients (norm {float(norm)}) at step {self.global_steps + 1}")
-            if done and not restorable:
+            if lost_somewhere:
                 self.zero_grad()
+                where = (f"had already updated {done} pages" if lost else
+                         "had already updated pages on another rank")
+                if not lost:  # every rank refuses alike, so they stay in step until the load
+                    self.optimizer.mark_failed(f"step {self.global_steps + 1} could not be skipped on another rank")
                 raise FloatingPointError(
                     f"non-finite gradients (norm {float(norm)}) at step {self.global_steps + 1}, found after backward "
-                    f"had already updated {done} pages (paging.overlap), so the step cannot be skipped; "
-                    "the optimizer refuses to step until a checkpoint is loaded")
+                    f"{where} (paging.overlap), so the step cannot be skipped; the optimizer refuses to step "
+                    "until a checkpoint is loaded")
         if overflow:
             # The optimizer never sees these grads: params and state stay exactly as they were.
             self.skipped_steps += 1

@@ -13,6 +13,7 @@ from ..optim.paged import PagedOptimizer
 from ..schedulers import build_scheduler
 from . import admission, launch_env
 from .engine import OffloadEngine
+from .bucket_reduce import BucketReducer
 from .delayed import DelayedUpdate
 from .overlap import BackwardOverlap
 from .partition import Partition
@@ -55,7 +56,8 @@ def initialize(model: torch.nn.Module, config, model_parameters=None, optimizer=
         cfg = cfg.with_bf16(use_bf16)
     paging = cfg.paging_settings()
     if paging.overlap == "exact":
-        _check_overlap_config(cfg, world_size)
+        _check_overlap_config(cfg, world_size, next(model.parameters(), torch.empty(0)).device,
+                              torch.distributed.get_backend() if world_size > 1 else None)
 
     low = _LOW_PRECISION.get(cfg.precision)
     dtypes = {name: t.dtype for name, t in (*model.named_parameters(), *model.named_buffers())}
@@ -81,8 +83,12 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
                              "partition of the params; pass a callable that builds it from params (or use the "
                              "config's optimizer section), not a built optimizer")
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-        partition = Partition([p for g in groups for p in g["params"]],
-                              shared_memory=cfg.data_parallel.shared_memory)
+        shared_memory = cfg.data_parallel.shared_memory
+        if shared_memory and paging.overlap == "exact":  # [Note: reduce per bucket] in partition.py
+            log.info("paging.overlap 'exact' reduces grads a bucket at a time during backward, over gloo: "
+                     "data_parallel.shared_memory is not used")
+            shared_memory = False
+        partition = Partition([p for g in groups for p in g["params"]], shared_memory=shared_memory)
         params = partition.shard_groups(groups)
 
     if optimizer is not None and cfg.optimizer is not None:
@@ -139,9 +145,14 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
             raise
     overlap = None
     if paging.overlap == "exact":
-        overlap = BackwardOverlap([p for g in optimizer.param_groups for p in g["params"]], optimizer,
+        # With several ranks the hooks watch the full params and a reducer averages their grads
+        # into the shards the optimizer holds ([Note: reduce during backward] in bucket_reduce.py).
+        reducer = None if partition is None else BucketReducer(partition, cfg.data_parallel.bucket_elements)
+        hooked = partition.params if partition is not None else [p for g in optimizer.param_groups
+                                                                  for p in g["params"]]
+        overlap = BackwardOverlap(hooked, optimizer,
                                   scale_is_fixed=cfg.gradient_clipping == 0 and cfg.precision != "fp16",
-                                  retain_bytes=paging.speculation_budget_bytes)
+                                  retain_bytes=paging.speculation_budget_bytes, reducer=reducer)
     delayed = DelayedUpdate(optimizer, paging.delayed_warmup_steps) if paging.overlap == "delayed" else None
     engine = OffloadEngine(model, cfg, optimizer, lr_scheduler, partition=partition, overlap=overlap,
                            delayed=delayed)
@@ -161,14 +172,16 @@ def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
-def _check_overlap_config(cfg, world_size: int) -> None:
+def _check_overlap_config(cfg, world_size: int, device: torch.device, backend: str | None) -> None:
     """[Note: overlap with backward]: clipping and fp16 are checked after backward (pages that
-    ran early on a wrong guess are taken back); data-parallel grads are not final on a rank
-    until they are reduced, after backward."""
-    if world_size > 1:
-        raise ConfigError.single(_overlap_key(cfg), f"'exact' needs one process (world size is {world_size}): "
-                                 "data-parallel grads are averaged across ranks only after backward; set "
-                                 "paging.overlap to 'off'")
+    ran early on a wrong guess are taken back); with several ranks the grads are reduced a
+    bucket at a time during backward, over gloo (bucket_reduce.py)."""
+    if world_size <= 1:
+        return
+    if backend != "gloo" or device.type != "cpu":
+        raise ConfigError.single(_overlap_key(cfg), f"'exact' with several ranks is built for CPU params over gloo "
+                                 f"so far (here: {backend}, params on {device}); set paging.overlap to 'delayed' "
+                                 "or 'off'")
 
 
 def _check_overlap_optimizer(optimizer, key: str, mode: str) -> None:

@@ -27,16 +27,27 @@ non-finite grad or fp16 overflow skips it). Both are known only after the last g
     were updated cannot skip the step, so it raises FloatingPointError and the optimizer
     refuses to step until a checkpoint is loaded (as after any failed step). Where they can be
     restored, the step is skipped as without overlap.
-  * one process: data-parallel grads are averaged across ranks only after backward.
+  * several ranks (gloo): a param's grad is final on its owner only once the ranks' grads of
+    it are averaged, so the hooks hand the full params to a BucketReducer ([Note: reduce during
+    backward] in bucket_reduce.py), which exchanges a bucket of them as soon as all are final
+    and passes this rank's shards of it to the open step. The check after backward uses the
+    global norm (every rank the same), so every rank keeps, redoes or skips alike; where a
+    rank cannot take its early pages back, every rank raises.
 """
 from __future__ import annotations
 
 import torch
 
+from .bucket_reduce import params_reached
+
 
 class BackwardOverlap:
-    def __init__(self, params, optimizer, *, scale_is_fixed: bool, retain_bytes: int):
+    def __init__(self, params, optimizer, *, scale_is_fixed: bool, retain_bytes: int, reducer=None):
+        """`params`: the params whose hooks mark grads final (the optimizer's, or with several
+        ranks the full params of the partition, whose shards the optimizer holds, with
+        `reducer`, a BucketReducer)."""
         self.optimizer = optimizer
+        self.reducer = reducer
         self.scale_is_fixed = scale_is_fixed  # no clipping and no fp16: the guess cannot be wrong but for inf/nan
         self.retain_bytes = retain_bytes
         self._open = None
@@ -45,8 +56,8 @@ class BackwardOverlap:
         self.last_outcome = None    # of the last overlapped step: settle()'s word, or "fixed"
         # Hooks fire on the autograd thread (for CUDA, with the stream backward produced the
         # grad on as the current stream), after the grad is accumulated into p.grad.
-        self._handles = [p.register_post_accumulate_grad_hook(self._grad_is_final) for p in params
-                         if p.requires_grad]
+        self._hooked = [p for p in params if p.requires_grad]
+        self._handles = [p.register_post_accumulate_grad_hook(self._grad_is_final) for p in self._hooked]
 
     @property
     def is_open(self) -> bool:
@@ -58,17 +69,41 @@ class BackwardOverlap:
             return "kept" if self._guess_ok or self.scale_is_fixed else "none"
         return "all" if self.scale_is_fixed else "none"
 
-    def arm(self, grad_scale: float) -> None:
-        """Before the backward that ends an accumulation window: opens the step with the
-        guessed `grad_scale`, or leaves it to engine.step() when the optimizer cannot overlap
-        yet (its first step lays out the pages)."""
+    def arm(self, grad_scale: float, loss: torch.Tensor | None = None) -> None:
+        """Before the backward of `loss` that ends an accumulation window: opens the step with
+        the guessed `grad_scale`, or leaves it to engine.step() when the optimizer cannot
+        overlap yet (its first step lays out the pages)."""
         if self._open is None:
             self._open = self.optimizer.begin_overlapped_step(grad_scale, early=self._early(),
                                                               retain_bytes=self.retain_bytes)
+        if self.reducer is not None and not self.reducer.running:
+            # reduces this window's grads whether or not a step opened; params this backward
+            # cannot reach need not hold their buckets back ([Note: reduce during backward])
+            step = self._open
+            reached = params_reached(loss) if loss is not None else None
+            self.reducer.start(step.ready if step is not None else None,
+                               count_done=step.pages_done if step is not None else None,
+                               unreached=[] if reached is None else
+                               [p for p in self._hooked if id(p) not in reached])
 
     def _grad_is_final(self, param: torch.Tensor) -> None:
-        if self._open is not None:
+        if self.reducer is not None:
+            self.reducer.grad_is_final(param)  # the step hears of it once the ranks' grads are averaged
+        elif self._open is not None:
             self._open.ready([param])
+
+    def finish_reduction(self) -> bool:
+        """With several ranks, after backward: the buckets left are exchanged and every
+        shard's grad is averaged. False when no reduction ran in this window (step() without
+        a backward at the boundary): the engine reduces as without overlap."""
+        if self.reducer is None or not self.reducer.running:
+            return False
+        try:
+            self.reducer.finish()
+        except BaseException as err:
+            self.abort(f"the grad reduction or a page update failed ({type(err).__name__}: {err})")
+            raise
+        return True
 
     def pages_done(self) -> int:
         """Pages of the open step updated (or, for CUDA, enqueued) so far."""
@@ -88,7 +123,7 @@ class BackwardOverlap:
         """The step's grad_scale is known: keeps or redoes the early pages, updates the pages
         still waiting and records the step (engine.step())."""
         step, self._open = self._open, None
-        self.pages_in_backward = step.pages_done()
+        self.pages_in_backward = self._done_in_backward(step)
         self.last_outcome = "fixed" if step.settled else step.settle(grad_scale)
         step.close()
 
@@ -96,15 +131,22 @@ class BackwardOverlap:
         """The step must not run (non-finite grads): takes back the early pages (can_take_back)
         and drops it."""
         step, self._open = self._open, None
-        self.pages_in_backward = step.pages_done()
+        self.pages_in_backward = self._done_in_backward(step)
         if not step.settled:
             self.last_outcome = step.settle(None)
         step.abort(why)
+
+    def _done_in_backward(self, step) -> int:
+        """Pages of `step` updated while backward ran: with a reducer, counted when backward
+        was over (finish() goes on to update the pages of the buckets left)."""
+        return self.reducer.done_in_backward if self.reducer is not None else step.pages_done()
 
     def abort(self, why: str) -> None:
         """Backward failed: drops the open step. Early pages are taken back where they were kept;
         otherwise they cannot be, and the optimizer refuses to step until a checkpoint is loaded
         ([Note: failed steps] in optim/paged.py)."""
+        if self.reducer is not None:
+            self.reducer.stop()
         step, self._open = self._open, None
         if step is not None:
             if not step.settled:

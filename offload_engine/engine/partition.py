@@ -53,6 +53,19 @@ broadcasts rank 0's at initialize too). The node then holds one copy of the para
 one per rank. Any failure to set it up (another host, a small /dev/shm, params that share
 storage with other tensors) leaves the gloo path above, with the reason logged.
 
+[Note: reduce per bucket] With paging.overlap "exact" an owner updates its pages during
+backward, so its slices' grads must be averaged as backward produces them, not after. The
+params are cut into buckets of whole params in backward order (the flat order reversed:
+buckets(max_elements)); bucket_reduce.py exchanges a bucket on a thread of its own as soon as
+every param in it has its grad final on this rank, and reduce_bucket sends each owner this
+rank's grads of the owner's slices in the bucket, followed by one flag per slice (whether
+this rank had a grad there at all). An owner adds what it receives in the order
+_reduce_to_owners adds its chunks (its own grad, then rank r-1's, r-2's, ...), in fp32, then
+divides by the world: bit for bit the grads of reduce_grads. A slice no rank had a grad of
+keeps none, as in one process. The exchange runs over gloo only: the shared-memory outboxes
+of [Note: shared params] are filled once per step behind a barrier, which a bucket at a time
+would turn into one barrier per bucket.
+
 Every rank computes the same partition from the same param list; nothing is negotiated.
 A checkpoint records the split, and each rank's state is written with the element ranges it
 covers, so it reloads at any world size ([Note: world-size-free checkpoints] in reshard.py).
@@ -302,6 +315,89 @@ class Partition:
                 acc /= world
                 _unpack(acc, mine)
 
+    # ---- the exchange during backward ([Note: reduce per bucket]) -----------------------------
+    def buckets(self, max_elements: int) -> list[list[torch.Tensor]]:
+        """The params in backward order (the flat order reversed), cut into buckets of whole
+        params of at most `max_elements` elements (a larger param is a bucket of its own)."""
+        out, size = [], 0
+        for p in reversed(self.params):
+            if not out or size + p.numel() > max_elements:
+                out.append([])
+                size = 0
+            out[-1].append(p)
+            size += p.numel()
+        return out
+
+    def side_group(self):
+        """A gloo group of this partition's ranks for the bucket exchange: it runs on another
+        thread while this partition's own group may carry other collectives. A collective."""
+        return dist.new_group(ranks=[self._global(r) for r in range(self.world)], backend="gloo")
+
+    @torch.no_grad()
+    def reduce_bucket(self, params: list[torch.Tensor], group) -> list[torch.nn.Parameter]:
+        """Averages the grads of this rank's slices of `params` (one of buckets(), whole params)
+        over the ranks through `group` (side_group()); every rank calls it for the same bucket
+        in the same order. Returns this rank's shards of the bucket that got a grad, each
+        pointing at its averaged slice. The other slices of this rank's grads keep its own
+        values; a param with no grad here but one on another rank gets a zero grad first
+        ([Note: reduce per bucket])."""
+        rank, world = self.rank, self.world
+        wanted = {id(p) for p in params}
+        spans = [[s for s in self.spans(r) if id(s[0]) in wanted] for r in range(world)]
+        mine = spans[rank]
+        n_mine = sum(b - a for _, a, b in mine)
+        requests, received = [], []
+        for k in range(1, world):
+            to, frm = (rank + k) % world, (rank - k) % world
+            theirs = spans[to]
+            if theirs:
+                out = self._scratch(f"bucket-send{k}", sum(b - a for _, a, b in theirs) + len(theirs), torch.float32)
+                _pack_grads_flagged(theirs, out)
+                requests.append(dist.isend(out, dst=self._global(to), group=group))
+            if mine:
+                into = self._scratch(f"bucket-recv{k}", n_mine + len(mine), torch.float32)
+                received.append(into)
+                requests.append(dist.irecv(into, src=self._global(frm), group=group))
+        for request in requests:
+            request.wait()
+        flags = [p.grad is not None for p, _, _ in mine]
+        for into in received:
+            flags = [f or t != 0 for f, t in zip(flags, into[n_mine:].tolist())]
+        shards, pos = [], 0
+        for (p, a, b), has in zip(mine, flags):
+            n = b - a
+            if has:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                g = p.grad.view(-1)[a:b]
+                # The order and precision of _reduce_to_owners: fp32 grads in place, others
+                # (bf16, fp16) in fp32, rounded back once.
+                acc = g if g.dtype == torch.float32 else self._scratch("bucket-acc", n, torch.float32).copy_(g)
+                for into in received:
+                    acc += into[pos:pos + n]
+                acc /= world
+                if acc is not g:
+                    g.copy_(acc)
+                shard = self.shard_of[p]
+                shard.grad = g
+                shards.append(shard)
+            pos += n
+        return shards
+
+    def note_bucketed_reduction(self) -> None:
+        """After every bucket of a step went through reduce_bucket: learns whether any rank had
+        a grad (a collective on this partition's group), as reduce_grads does."""
+        local = torch.tensor([int(any(p.grad is not None for p in self.params))], dtype=torch.int32,
+                             device=self._device)
+        dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.group)
+        self.any_grad = bool(local.item())
+
+    def every_rank(self, flag: bool) -> bool:
+        """True only if `flag` is true on every rank (a collective)."""
+        value = torch.tensor([int(flag)], dtype=torch.int32, device=self._device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(value.item())
+
     def _global(self, r: int) -> int:
         return r if self.group is None else dist.get_global_rank(self.group, r)
 
@@ -430,6 +526,19 @@ def _pack(span, flat: torch.Tensor) -> None:
     for p, a, b in span:
         flat[offset:offset + b - a] = p.view(-1)[a:b]
         offset += b - a
+
+
+def _pack_grads_flagged(span, flat: torch.Tensor) -> None:
+    """The grads of the slices of `span` ((param, start, end)) into `flat`, back to back (zeros
+    where a param has no grad), then one flag per slice: 1 where it has one."""
+    offset = 0
+    for p, a, b in span:
+        if p.grad is None:
+            flat[offset:offset + b - a].zero_()
+        else:
+            flat[offset:offset + b - a] = p.grad.view(-1)[a:b]
+        offset += b - a
+    flat[offset:] = torch.tensor([float(p.grad is not None) for p, _, _ in span])
 
 
 def _sub_span(span, lo: int, hi: int) -> list:
