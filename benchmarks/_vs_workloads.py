@@ -96,17 +96,17 @@ def loss_of(workload: Workload, out: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
 
 # ---- the contenders' configs ---------------------------------------------------------------------
-def _base(workload: Workload, micro_batch: int) -> dict:
+def _base(workload: Workload, micro_batch: int, clip: float = 0.0) -> dict:
     return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
-            "gradient_clipping": 0.0, "steps_per_print": 1 << 30,
+            "gradient_clipping": clip, "steps_per_print": 1 << 30,
             "optimizer": {"type": "AdamW", "params": {k: list(v) if isinstance(v, tuple) else v
                                                       for k, v in HYPER.items()}}}
 
 
-def deepspeed_config(contender: str, workload: Workload, nvme_path: str | None) -> dict:
+def deepspeed_config(contender: str, workload: Workload, nvme_path: str | None, clip: float = 0.0) -> dict:
     """DeepSpeed's settings are its defaults except what the comparison names: the ZeRO stage
     and where the optimizer state goes (pin_memory, buffer counts, sub-group size, aio: defaults)."""
-    cfg = _base(workload, workload.micro_batch)
+    cfg = _base(workload, workload.micro_batch, clip)
     cfg["wall_clock_breakdown"] = False
     if contender == "ds-zero2-cpu":
         cfg["zero_optimization"] = {"stage": 2, "offload_optimizer": {"device": "cpu"}}
@@ -120,10 +120,11 @@ def deepspeed_config(contender: str, workload: Workload, nvme_path: str | None) 
     return cfg
 
 
-def ours_config(contender: str, workload: Workload, nvme_path: str | None, micro_batch: int) -> dict:
+def ours_config(contender: str, workload: Workload, nvme_path: str | None, micro_batch: int,
+                clip: float = 0.0) -> dict:
     """Our engine's config: the same base as DeepSpeed's, with the paging section choosing the
     store, the executor and the state format."""
-    cfg = _base(workload, micro_batch)
+    cfg = _base(workload, micro_batch, clip)
     paging = {
         "ours-host": {"store": "cpu", "executor": "cpu"},
         "ours-nvme": {"store": "nvme", "executor": "cpu", "nvme_path": nvme_path, "page_size_mb": 4},
@@ -135,12 +136,22 @@ def ours_config(contender: str, workload: Workload, nvme_path: str | None, micro
         "ours-host-delayed": {"store": "cpu", "executor": "cpu", "overlap": "delayed", "delayed_warmup_steps": 0},
         "ours-nvme-delayed": {"store": "nvme", "executor": "cpu", "nvme_path": nvme_path, "page_size_mb": 4,
                               "overlap": "delayed", "delayed_warmup_steps": 0},
+        # paging.overlap "exact" (bit for bit the step after backward): each owner's pages run as
+        # its grads arrive during backward, which reduces them over gloo a bucket at a time; the
+        # -gloo rows are overlap off on that same transport (shared-memory params off).
+        "ours-host-exact": {"store": "cpu", "executor": "cpu", "overlap": "exact"},
+        "ours-nvme-exact": {"store": "nvme", "executor": "cpu", "nvme_path": nvme_path, "page_size_mb": 4,
+                            "overlap": "exact"},
+        "ours-host-gloo": {"store": "cpu", "executor": "cpu"},
+        "ours-nvme-gloo": {"store": "nvme", "executor": "cpu", "nvme_path": nvme_path, "page_size_mb": 4},
         "gpu-ours-host": {"store": "cpu", "executor": "cuda"},
         "gpu-ours-host-8bit": {"store": "cpu", "executor": "cuda", "state_dtype": "int8"},
     }.get(contender)
     if paging is None:
         raise ValueError(f"not one of our engine's contenders: {contender!r}")
     cfg["paging"] = paging
+    if contender.endswith("-gloo"):
+        cfg["data_parallel"] = {"shared_memory": False}
     return cfg
 
 

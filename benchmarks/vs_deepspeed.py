@@ -1,6 +1,6 @@
 """Head to head: DeepSpeed ZeRO-Offload and ZeRO-Infinity against our engine, on the same job.
 
-Same models, data, global batch, hyperparameters (AdamW, lr 1e-3, wd 0.01, no clipping, fp32)
+Same models, data, global batch, hyperparameters (AdamW, lr 1e-3, wd 0.01, fp32, no clipping unless --clip)
 and launcher for every contender; each trains --warmup + --steps steps from the same init on
 the same seeded global batches (benchmarks/_vs_workloads.py), so the fp32-state runs must end
 at the same loss. CPU contenders run 2 ranks (gloo, one intra-op thread each) under the
@@ -14,9 +14,13 @@ at the same loss. CPU contenders run 2 ranks (gloo, one intra-op thread each) un
     ours-nvme       the same with the NVMe store (4 MiB pages, prefetch 2)
     ours-8bit       host pages with 8-bit block-quantized moments (PagedAdamW8bit)
 
-and, when named in --contenders: ours-nvme-8bit (8-bit moments on NVMe) and ours-host-delayed,
+and, when named in --contenders: ours-nvme-8bit (8-bit moments on NVMe); ours-host-delayed,
 ours-nvme-delayed (paging.overlap "delayed" from the first step: each update runs during the
-next step's forward and backward, one step stale, so their losses are not held to the fp32 runs').
+next step's forward and backward, one step stale, so their losses are not held to the fp32
+runs'); ours-host-exact, ours-nvme-exact (paging.overlap "exact": the pages of each owner run
+during backward as its grads arrive, reduced over gloo a bucket at a time; held to the fp32
+losses) and ours-host-gloo, ours-nvme-gloo (overlap off on that transport: shared-memory
+params off). --clip sets gradient_clipping for every contender (default 0: none).
 
 With a GPU (torch.cuda.is_available()) and --gpu, one process on the GPU with the whole
 global batch (these are not data-parallel):
@@ -68,10 +72,13 @@ from _vs_workloads import (HYPER, WORKLOADS, WORLD, Batches, deepspeed_config, d
                            ours_config, ours_state_tiers)
 
 CPU_CONTENDERS = ("ds-zero2-cpu", "ds-zero3-nvme", "ours-host", "ours-nvme", "ours-8bit")
-# Run when named in --contenders: 8-bit NVMe, and paging.overlap "delayed" on host and NVMe pages.
-EXTRA_CPU_CONTENDERS = ("ours-nvme-8bit", "ours-host-delayed", "ours-nvme-delayed")
+# Run when named in --contenders: 8-bit NVMe; paging.overlap "delayed" and "exact" on host and NVMe
+# pages, and overlap off over gloo (the transport "exact" uses at several ranks).
+EXTRA_CPU_CONTENDERS = ("ours-nvme-8bit", "ours-host-delayed", "ours-nvme-delayed", "ours-host-exact",
+                        "ours-nvme-exact", "ours-host-gloo", "ours-nvme-gloo")
 GPU_CONTENDERS = ("gpu-ours-host", "gpu-ours-host-8bit", "gpu-bnb-paged8", "gpu-torchao-offload", "gpu-torch-adamw")
-FP32_STATE = {"ds-zero2-cpu", "ds-zero3-nvme", "ours-host", "ours-nvme", "gpu-ours-host", "gpu-torchao-offload",
+FP32_STATE = {"ds-zero2-cpu", "ds-zero3-nvme", "ours-host", "ours-nvme", "ours-host-exact", "ours-nvme-exact",
+              "ours-host-gloo", "ours-nvme-gloo", "gpu-ours-host", "gpu-torchao-offload",
               "gpu-torch-adamw"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,6 +95,7 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="rounds; each runs every contender once")
     ap.add_argument("--launcher", choices=("deepspeed", "torchrun"), default=None,
                     help="CPU jobs' launcher (default: deepspeed when installed, else torchrun)")
+    ap.add_argument("--clip", type=float, default=0.0, help="gradient_clipping for every contender (0: none)")
     ap.add_argument("--loss-rtol", type=float, default=1e-4,
                     help="fp32-state contenders' losses after the last step must agree within this relative tolerance")
     ap.add_argument("--nvme-dir", default=None, help="where NVMe state goes (default: $TMPDIR)")
@@ -109,8 +117,8 @@ class _Plain:
     """A torch.optim-style optimizer in the engine's interface (call, backward, step), so every
     contender runs the same loop."""
 
-    def __init__(self, module, optimizer):
-        self.module, self.optimizer = module, optimizer
+    def __init__(self, module, optimizer, clip: float = 0.0):
+        self.module, self.optimizer, self.clip = module, optimizer, clip
 
     def __call__(self, x):
         return self.module(x)
@@ -119,6 +127,9 @@ class _Plain:
         loss.backward()
 
     def step(self):
+        if self.clip > 0:  # --clip, as the engines' gradient_clipping
+            import torch
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -128,7 +139,7 @@ def n_params(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def _start(contender, workload, state_dir):
+def _start(contender, workload, state_dir, clip=0.0):
     """(engine-like, state_tiers(), device, param count) for `contender`, its process group
     started."""
     import torch
@@ -140,12 +151,12 @@ def _start(contender, workload, state_dir):
         from deepspeed.accelerator import get_accelerator
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                               config=deepspeed_config(contender, workload, state_dir))
+                                               config=deepspeed_config(contender, workload, state_dir, clip))
         return engine, lambda: deepspeed_state_tiers(engine, state_dir), "cpu", count
     if contender in EXTRA_CPU_CONTENDERS or contender in ("ours-host", "ours-nvme", "ours-8bit"):
         import offload_engine
         engine, _, _, _ = offload_engine.initialize(model, ours_config(contender, workload, state_dir,
-                                                                       workload.micro_batch))
+                                                                       workload.micro_batch, clip))
         return engine, lambda: ours_state_tiers(engine), "cpu", count
     if not torch.cuda.is_available():
         raise RuntimeError(f"{contender} needs a CUDA GPU")
@@ -153,7 +164,7 @@ def _start(contender, workload, state_dir):
     global_batch = workload.micro_batch * WORLD  # one process takes the whole global batch
     if contender.startswith("gpu-ours"):
         import offload_engine
-        engine, _, _, _ = offload_engine.initialize(model, ours_config(contender, workload, state_dir, global_batch))
+        engine, _, _, _ = offload_engine.initialize(model, ours_config(contender, workload, state_dir, global_batch, clip))
         return engine, lambda: ours_state_tiers(engine), "cuda", count
     hyper = dict(HYPER)
     if contender == "gpu-bnb-paged8":
@@ -167,7 +178,7 @@ def _start(contender, workload, state_dir):
     else:
         raise ValueError(f"unknown contender {contender!r}")
     assert not dist.is_initialized()
-    return _Plain(model, opt), lambda: _plain_state_tiers(opt), "cuda", count
+    return _Plain(model, opt, clip), lambda: _plain_state_tiers(opt), "cuda", count
 
 
 def _time_phases(engine) -> dict:
@@ -189,6 +200,9 @@ def _time_phases(engine) -> dict:
     if engine.partition is not None:
         timed(engine.partition, "reduce_grads", "reduce_grads")
         timed(engine.partition, "gather_params", "gather_params")
+    if engine.overlap is not None:  # "exact": what is left after backward of the reduction and of the step
+        timed(engine.overlap, "finish_reduction", "reduce_after_backward")
+        timed(engine.overlap, "close", "step_after_backward")
     return phases
 
 
@@ -216,7 +230,7 @@ def worker(args) -> int:
 
     workload = WORKLOADS[args.model]
     t_init = time.perf_counter()
-    engine, state_tiers, device, params = _start(args.worker, workload, args.state_dir)
+    engine, state_tiers, device, params = _start(args.worker, workload, args.state_dir, args.clip)
     init_s = time.perf_counter() - t_init
     distributed = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -274,7 +288,8 @@ def worker(args) -> int:
             "state_bytes": {t: sum(r["tiers"][t] for r in per_rank) for t in ("gpu", "host", "nvme")},
             "optimizer": type(getattr(engine, "optimizer", engine)).__name__,
             # Rank 0's median per phase of engine.step() over the timed steps: where our step goes.
-            "phases_ms": {k: round(statistics.median(v[args.warmup:]) * 1e3, 2) for k, v in phases.items() if v},
+            "phases_ms": {k: round(statistics.median(v[args.warmup:]) * 1e3, 2) for k, v in phases.items()
+                          if v[args.warmup:]},
         }
         if args.worker.startswith("ds-"):
             import deepspeed
@@ -324,7 +339,8 @@ def _launch(contender, model, args, tmp_root, launcher) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     script = [os.path.abspath(__file__), "--worker", contender, "--model", model, "--result", result,
-              "--state-dir", state_dir, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+              "--state-dir", state_dir, "--steps", str(args.steps), "--warmup", str(args.warmup),
+              "--clip", str(args.clip)]
     if contender.startswith("gpu-"):
         env.pop("OMP_NUM_THREADS")  # one process: all cores
         env.pop("DS_ACCELERATOR")
@@ -404,7 +420,7 @@ def main(argv=None) -> int:
               "world": WORLD, "launcher": launcher,
               "hyper": {k: list(v) if isinstance(v, tuple) else v for k, v in HYPER.items()},
               "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "contenders": contenders,
-              "skipped": skipped, "loss_rtol": args.loss_rtol,
+              "skipped": skipped, "loss_rtol": args.loss_rtol, "gradient_clipping": args.clip,
               "loadavg_before": _ranks.loadavg(), "busiest_before": _ranks.busiest_processes()}
     if record["loadavg_before"][0] > 1.0:
         print(f"> note: load average {record['loadavg_before'][0]}: timings will be noisy "

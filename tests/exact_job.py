@@ -17,7 +17,10 @@ from exact_loop import DTYPES, config, differences, train  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("--cases", required=True, help="comma-separated optimizer:precision:gas:store")
 ap.add_argument("--bucket-mb", type=float, default=0.02)
+ap.add_argument("--shared-memory", choices=("on", "off"), default="on")
 ap.add_argument("--mutant", choices=("none", "skip-restore", "own-grads"), default="none")
+ap.add_argument("--graph", choices=("read", "opaque"), default="read",
+                help="opaque: the autograd graph tells nothing (as with reentrant checkpointing)")
 ap.add_argument("--dir", required=True)
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
@@ -44,6 +47,10 @@ if args.mutant == "own-grads":  # owners update their pages on their own grads: 
         return shards
     Partition.reduce_bucket = own_grads
 
+if args.graph == "opaque":  # no param is taken as unreached: unused ones hold their buckets to the end
+    from offload_engine.engine import overlap
+    overlap.params_reached = lambda loss: None
+
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 results = {}
@@ -52,7 +59,7 @@ for case in args.cases.split(","):
     runs = {}
     for overlap in ("exact", "off"):
         cfg = config(opt_type, precision, int(gas), store, Path(args.dir) / f"{case}-{overlap}{rank}", overlap)
-        cfg["data_parallel"] = {"bucket_mb": args.bucket_mb}
+        cfg["data_parallel"] = {"bucket_mb": args.bucket_mb, "shared_memory": args.shared_memory == "on"}
         runs[overlap] = train(cfg, int(gas), DTYPES[precision], rank=rank, world=world)
     on, off = runs["exact"], runs["off"]
     results[case] = {"differences": differences(on, off), "applied": [a for _, a, _ in off[0]],

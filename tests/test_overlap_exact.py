@@ -91,12 +91,34 @@ def _two_ranks(tmp_path, cases, *args):
     return launch_ranks(JOB, 2, tmp_path / "out", "--cases", ",".join(cases), "--dir", tmp_path, *args)
 
 
-def test_two_ranks_exact_equals_the_step_after_backward(tmp_path):
-    """The whole grid at 2 ranks over gloo: each rank's own micro-batches, an inf grad on rank 0
-    only (every rank must skip), a param with a grad on one rank only; every param on both ranks
-    and every state tensor of each rank's shards, bit for bit, against overlap off."""
-    ranks = _two_ranks(tmp_path, CASES)
-    for case in CASES:
+def test_the_graph_names_the_params_backward_reaches():
+    """Params unused by the forward are not reached; a custom autograd.Function (reentrant
+    checkpointing) makes the graph unreadable: None, so no param is taken as unreached."""
+    import torch.utils.checkpoint as checkpoint
+    from offload_engine.engine.bucket_reduce import params_reached
+    first, second, unused = (torch.nn.Linear(3, 3) for _ in range(3))
+    x = torch.randn(2, 3, requires_grad=True)
+    reached = params_reached(second(first(x)).sum())
+    assert {id(p) for p in (*first.parameters(), *second.parameters())} == reached - {id(x)}
+    assert not {id(p) for p in unused.parameters()} & reached
+    assert params_reached(checkpoint.checkpoint(lambda t: second(first(t)), x, use_reentrant=True).sum()) is None
+    reached = params_reached(checkpoint.checkpoint(lambda t: second(first(t)), x, use_reentrant=False).sum())
+    assert {id(p) for p in first.parameters()} <= reached
+
+
+# Shared-memory params (the default on one host) take the whole grid; the gloo transport (several
+# hosts, or data_parallel.shared_memory false) a quarter of it.
+GLOO_CASES = [c for c in CASES if c.endswith((":bf16:3:cpu", ":fp16:1:nvme", ":fp32:3:nvme"))]
+
+
+@pytest.mark.parametrize("shared_memory", ["on", "off"])
+def test_two_ranks_exact_equals_the_step_after_backward(tmp_path, shared_memory):
+    """The grid at 2 ranks: each rank's own micro-batches, an inf grad on rank 0 only (every
+    rank must skip), a param with a grad on one rank only; every param on both ranks and
+    every state tensor of each rank's shards, bit for bit, against overlap off."""
+    cases = CASES if shared_memory == "on" else GLOO_CASES
+    ranks = _two_ranks(tmp_path, cases, "--shared-memory", shared_memory)
+    for case in cases:
         both = [r[case] for r in ranks]
         for rank, got in enumerate(both):
             assert got["differences"] == [], (case, rank)
@@ -108,6 +130,19 @@ def test_two_ranks_exact_equals_the_step_after_backward(tmp_path):
         assert both[0]["applied"] == both[1]["applied"] and both[0]["outcomes"] == both[1]["outcomes"], case
         for a, b in zip(both[0]["params"], both[1]["params"], strict=True):
             assert torch.equal(bits(a), bits(b)), case
+
+
+def test_two_ranks_an_opaque_graph_waits_for_unused_params_and_stays_exact(tmp_path):
+    """Where the graph cannot say which params backward reaches, a param with no grad holds its
+    bucket until engine.step(): on the steps where `side` is unused, the first bucket (and so
+    every bucket: they go in order) is exchanged after backward. Still bit for bit."""
+    case = "PagedAdamW:bf16:1:cpu"
+    ranks = _two_ranks(tmp_path, [case], "--graph", "opaque")
+    for got in (r[case] for r in ranks):
+        assert got["differences"] == []
+        buckets = [b for _, b in got["during"]]
+        assert all(buckets[step] == 0 for step in (1, 3, 7, 9)), buckets  # side unused on both ranks
+        assert all(buckets[step] == 3 for step in (2, 4, 8, 10)), buckets
 
 
 @pytest.mark.parametrize("mutant", ["skip-restore", "own-grads"])

@@ -164,8 +164,7 @@ class DataParallelConfig(Section):
         True, description="When every rank runs on one host (gloo, CPU params), keep one copy of the params in "
                           "shared memory (/dev/shm) for all of them and hand grads to their owners there instead of "
                           "over gloo; falls back to gloo, with the reason logged, where it cannot (several hosts, "
-                          "too little /dev/shm). false = always gloo. Not used with paging.overlap 'exact', "
-                          "whose grads go to their owners a bucket at a time during backward, over gloo.")
+                          "too little /dev/shm). false = always gloo.")
     bucket_mb: PositiveFloat = Field(
         4.0, description="With paging.overlap 'exact' and several ranks: grads are averaged to their owners "
                          "during backward in buckets of whole params, in backward order, of at most this many "

@@ -34,6 +34,7 @@ from ..paging.scheduler import phase
 
 _FLUSH = object()   # backward is over: exchange every bucket left
 _STOP = object()    # the step is dropped: exchange nothing more
+_UNREACHED = object()  # tags a param taken as final from the start (params_reached)
 
 
 class BucketReducer:
@@ -74,7 +75,7 @@ class BucketReducer:
         self._thread = threading.Thread(target=self._run, args=(on_ready,), name="oe-grad-reduce", daemon=True)
         self._thread.start()
         for p in unreached:
-            self._queue.put(p)
+            self._queue.put((_UNREACHED, p))
 
     def grad_is_final(self, param: torch.Tensor) -> None:
         """From a post-accumulate-grad hook: `param`'s grad is final on this rank."""
@@ -109,7 +110,7 @@ class BucketReducer:
     def _run(self, on_ready) -> None:
         torch.set_num_threads(1)  # per thread: backward keeps torch's team
         missing = [len(bucket) for bucket in self.buckets]  # params of each bucket not final yet
-        final, done = set(), 0
+        final, assumed, done = set(), set(), 0
         try:
             with torch.no_grad():
                 while True:  # until finish() or stop(), even with every bucket done
@@ -122,6 +123,19 @@ class BucketReducer:
                             # here: this thread alone feeds the step, so counting cannot race a feed
                             self.done_in_backward = self._count_done()
                         missing = [0] * len(missing)
+                    elif isinstance(item, tuple):  # (_UNREACHED, param)
+                        param = item[1]
+                        assumed.add(id(param))
+                        final.add(id(param))
+                        missing[self._bucket_of[id(param)]] -= 1
+                    elif id(item) in assumed:
+                        # A guard: params_reached refuses graphs that could hide a param, so this
+                        # means its bucket went with a grad that was not final. The exchange goes
+                        # on (the peers wait for it); finish() raises and the step is dropped.
+                        self._error = self._error or RuntimeError(
+                            f"a param of shape {list(item.shape)} got its grad during backward after it was taken "
+                            "as unreached by the loss's autograd graph (paging.overlap 'exact'); its bucket was "
+                            "reduced without it")
                     elif id(item) not in final:
                         final.add(id(item))
                         missing[self._bucket_of[id(item)]] -= 1
@@ -131,7 +145,7 @@ class BucketReducer:
                     if item is _FLUSH:
                         return
         except BaseException as err:  # finish() raises it on the caller's thread
-            self._error = err
+            self._error = self._error or err
 
     def _exchange(self, index: int, on_ready):
         with phase("grad_reduce_bucket"):
@@ -153,15 +167,19 @@ class BucketReducer:
         return on_ready
 
 
-def params_reached(loss: torch.Tensor) -> set[int]:
+def params_reached(loss: torch.Tensor) -> set[int] | None:
     """ids of the leaf tensors whose grads backward from `loss` accumulates: the variables of
-    the AccumulateGrad nodes its autograd graph reaches."""
+    the AccumulateGrad nodes its autograd graph reaches; None when the graph cannot say: it
+    holds a custom autograd.Function, whose backward may reach params that are not its inputs
+    (reentrant activation checkpointing recomputes its forward there)."""
     found, seen, stack = set(), set(), [loss.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            return None
         variable = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
         if variable is not None:
             found.add(id(variable))

@@ -177,6 +177,11 @@ class OffloadEngine:
             else:
                 lost_somewhere = lost
             self.overlap.skip(f"non-finite gradients (norm {float(norm)}) at step {self.global_steps + 1}")
+            if self.partition is not None:
+                # Why: the owners have just written their early pages' params back; with shared
+                # params no rank may run the next forward before every owner has.
+                with phase("param_gather"):
+                    self.partition.gather_params()
             if lost_somewhere:
                 self.zero_grad()
                 where = (f"had already updated {done} pages" if lost else

@@ -83,12 +83,8 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
                              "partition of the params; pass a callable that builds it from params (or use the "
                              "config's optimizer section), not a built optimizer")
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-        shared_memory = cfg.data_parallel.shared_memory
-        if shared_memory and paging.overlap == "exact":  # [Note: reduce per bucket] in partition.py
-            log.info("paging.overlap 'exact' reduces grads a bucket at a time during backward, over gloo: "
-                     "data_parallel.shared_memory is not used")
-            shared_memory = False
-        partition = Partition([p for g in groups for p in g["params"]], shared_memory=shared_memory)
+        partition = Partition([p for g in groups for p in g["params"]],
+                              shared_memory=cfg.data_parallel.shared_memory)
         params = partition.shard_groups(groups)
 
     if optimizer is not None and cfg.optimizer is not None:
@@ -152,6 +148,8 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
                                                                   for p in g["params"]]
         overlap = BackwardOverlap(hooked, optimizer,
                                   scale_is_fixed=cfg.gradient_clipping == 0 and cfg.precision != "fp16",
+                                  # the grads' norm, and so a non-finite skip, only with these
+                                  may_skip=cfg.gradient_clipping > 0 or cfg.precision != "fp32",
                                   retain_bytes=paging.speculation_budget_bytes, reducer=reducer)
     delayed = DelayedUpdate(optimizer, paging.delayed_warmup_steps) if paging.overlap == "delayed" else None
     engine = OffloadEngine(model, cfg, optimizer, lr_scheduler, partition=partition, overlap=overlap,

@@ -12,6 +12,8 @@ What a page's update takes from outside its own grads is one number, the step's 
 (1 / loss scale, times the clipping coefficient), and whether the step runs at all (a
 non-finite grad or fp16 overflow skips it). Both are known only after the last grad. So:
   * with no clipping and no fp16 the scale is fixed before backward: every page may run early;
+    in fp32 without clipping no norm is computed, so nothing can skip the step either and the
+    pages run early with nothing kept;
   * otherwise the engine guesses that the step will neither clip nor be skipped (scale 1, or
     1 / loss scale), when the last step did neither, and pages run early on that guess
     ([Note: speculative step] in optim/paged_step.py). After backward the engine computes the
@@ -42,13 +44,15 @@ from .bucket_reduce import params_reached
 
 
 class BackwardOverlap:
-    def __init__(self, params, optimizer, *, scale_is_fixed: bool, retain_bytes: int, reducer=None):
+    def __init__(self, params, optimizer, *, scale_is_fixed: bool, retain_bytes: int, reducer=None,
+                 may_skip: bool = True):
         """`params`: the params whose hooks mark grads final (the optimizer's, or with several
         ranks the full params of the partition, whose shards the optimizer holds, with
         `reducer`, a BucketReducer)."""
         self.optimizer = optimizer
         self.reducer = reducer
         self.scale_is_fixed = scale_is_fixed  # no clipping and no fp16: the guess cannot be wrong but for inf/nan
+        self.may_skip = may_skip  # the engine checks the grads for inf/nan (it computes their norm)
         self.retain_bytes = retain_bytes
         self._open = None
         self._guess_ok = True   # the last step neither clipped nor was skipped: worth guessing again
@@ -65,6 +69,8 @@ class BackwardOverlap:
 
     def _early(self) -> str:
         """Which pages may run before backward ends ([Note: overlap with backward])."""
+        if self.scale_is_fixed and not self.may_skip:
+            return "all"  # nothing after backward can change the step: nothing to keep
         if self.optimizer.can_restore_pages:
             return "kept" if self._guess_ok or self.scale_is_fixed else "none"
         return "all" if self.scale_is_fixed else "none"

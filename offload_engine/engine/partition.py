@@ -62,9 +62,13 @@ rank's grads of the owner's slices in the bucket, followed by one flag per slice
 this rank had a grad there at all). An owner adds what it receives in the order
 _reduce_to_owners adds its chunks (its own grad, then rank r-1's, r-2's, ...), in fp32, then
 divides by the world: bit for bit the grads of reduce_grads. A slice no rank had a grad of
-keeps none, as in one process. The exchange runs over gloo only: the shared-memory outboxes
-of [Note: shared params] are filled once per step behind a barrier, which a bucket at a time
-would turn into one barrier per bucket.
+keeps none, as in one process. With shared params ([Note: shared params]) the grads go
+through the outboxes instead, and only the flags travel over gloo, after the outbox writes:
+they tell the owner that a peer's part of the bucket is there to read, so no barrier per
+bucket is needed; the owner sums in _reduce_through_shared's order (its own, then the peers'
+in rank order). An owner then updates the shared params during the other ranks' backward,
+which is safe: a bucket goes only once every rank's grads of it are final, and a param's
+grad is final once every autograd node that reads the param has run.
 
 Every rank computes the same partition from the same param list; nothing is negotiated.
 A checkpoint records the split, and each rank's state is written with the element ranges it
@@ -133,6 +137,7 @@ class Partition:
         self._scratch_of: dict = {}  # (use, dtype) -> a reused flat buffer ([Note: collective buffers])
         # ([Note: shared params]) before the shards are cut: they must alias the shared params.
         self._outbox: list[dict[int, torch.Tensor]] = []  # [rank][owner] -> fp32 grads for owner
+        self._outbox_pos: dict[tuple[int, int], int] = {}  # (owner, id(param)) -> its slice's offset in a box
         self.transport = dist.get_backend(group)  # "gloo", "nccl", ... or "shared memory"
         if shared_memory and self.transport == "gloo" and self.params:
             self._share_params()
@@ -199,6 +204,11 @@ class Partition:
             p.data = flat.view(p.shape)
         self._outbox = [{o: arena.region(outbox_at[(r, o)], sizes[o], torch.float32)
                          for o in range(self.world) if o != r} for r in range(self.world)]
+        for o in range(self.world):  # where each of owner o's slices sits in an outbox for o
+            pos = 0
+            for q, a, b in self.spans(o):
+                self._outbox_pos[(o, id(q))] = pos
+                pos += b - a
         self.transport = "shared memory"
         log.info("data parallel: the %d ranks of this host share params and exchange grads in shared memory "
                  "(%.0f MiB)", self.world, offset / 2**20)
@@ -345,6 +355,8 @@ class Partition:
         wanted = {id(p) for p in params}
         spans = [[s for s in self.spans(r) if id(s[0]) in wanted] for r in range(world)]
         mine = spans[rank]
+        if self.transport == "shared memory":
+            return self._reduce_bucket_shared(spans, group)
         n_mine = sum(b - a for _, a, b in mine)
         requests, received = [], []
         for k in range(1, world):
@@ -384,9 +396,63 @@ class Partition:
             pos += n
         return shards
 
+    def _reduce_bucket_shared(self, spans, group) -> list[torch.nn.Parameter]:
+        """reduce_bucket through the shared-memory outboxes ([Note: shared params]): each rank
+        writes its grads of an owner's slices into its outbox for that owner, then sends the
+        owner only the slices' flags over `group`; the owner reads the outboxes of the peers
+        whose flags it has, summing in the order of _reduce_through_shared."""
+        rank, world = self.rank, self.world
+        mine = spans[rank]
+        requests, flags_of = [], {}
+        for k in range(1, world):
+            to, frm = (rank + k) % world, (rank - k) % world
+            theirs = spans[to]
+            if theirs:
+                box = self._outbox[rank][to]
+                for q, a, b in theirs:
+                    at = self._outbox_pos[(to, id(q))]
+                    if q.grad is None:
+                        box[at:at + b - a].zero_()
+                    else:
+                        box[at:at + b - a] = q.grad.view(-1)[a:b]
+                flags = self._scratch(f"bucket-flags-send{k}", len(theirs), torch.float32)
+                flags.copy_(torch.tensor([float(q.grad is not None) for q, _, _ in theirs]))
+                # Why after the writes: the owner reads this outbox once the flags have arrived.
+                requests.append(dist.isend(flags, dst=self._global(to), group=group))
+            if mine:
+                flags_of[frm] = self._scratch(f"bucket-flags-recv{k}", len(mine), torch.float32)
+                requests.append(dist.irecv(flags_of[frm], src=self._global(frm), group=group))
+        for request in requests:
+            request.wait()
+        peers = [r for r in range(world) if r != rank]
+        seen = [flags_of[r].tolist() for r in peers] if mine else []
+        shards = []
+        for i, (p, a, b) in enumerate(mine):
+            if p.grad is None and not any(f[i] for f in seen):
+                continue  # no rank had a grad of this slice
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            flat, at = p.grad.view(-1), self._outbox_pos[(rank, id(p))]
+            for x in range(a, b, _PIECE_ELEMENTS):
+                y = min(b, x + _PIECE_ELEMENTS)
+                pos = at + x - a
+                acc = flat[x:y] if flat.dtype == torch.float32 else \
+                    self._scratch("bucket-acc", y - x, torch.float32).copy_(flat[x:y])
+                for r in peers:
+                    acc += self._outbox[r][rank][pos:pos + y - x]
+                acc /= world
+                if flat.dtype != torch.float32:
+                    flat[x:y] = acc
+            shard = self.shard_of[p]
+            shard.grad = flat[a:b]
+            shards.append(shard)
+        return shards
+
     def note_bucketed_reduction(self) -> None:
         """After every bucket of a step went through reduce_bucket: learns whether any rank had
-        a grad (a collective on this partition's group), as reduce_grads does."""
+        a grad (a collective on this partition's group), as reduce_grads does. With shared
+        memory it is also what keeps the outboxes safe: no rank passes it, and so none writes
+        its outboxes for the next step, before every owner has read this step's."""
         local = torch.tensor([int(any(p.grad is not None for p in self.params))], dtype=torch.int32,
                              device=self._device)
         dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.group)
