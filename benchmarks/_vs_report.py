@@ -53,6 +53,7 @@ def pool(runs: dict) -> dict:
                 "peak_gpu_bytes": max(r["peak_gpu_bytes"] for r in rounds),
                 "state_bytes": first["state_bytes"],
                 "phases_ms": first.get("phases_ms", {}),
+                "speculation": first.get("speculation"),
                 "final_loss": first["final_loss"], "final_loss_by_round": [r["final_loss"] for r in rounds],
                 "losses": first["losses"], "init_s": [r["init_s"] for r in rounds],
                 "wall_s": [r["wall_s"] for r in rounds],

@@ -287,6 +287,8 @@ def worker(args) -> int:
             "peak_gpu_bytes": gpu_peak,
             "state_bytes": {t: sum(r["tiers"][t] for r in per_rank) for t in ("gpu", "host", "nvme")},
             "optimizer": type(getattr(engine, "optimizer", engine)).__name__,
+            # paging.overlap "exact": rank 0's settled steps (kept / redo / skipped / waited)
+            "speculation": _speculation(engine),
             # Rank 0's median per phase of engine.step() over the timed steps: where our step goes.
             "phases_ms": {k: round(statistics.median(v[args.warmup:]) * 1e3, 2) for k, v in phases.items()
                           if v[args.warmup:]},
@@ -301,6 +303,13 @@ def worker(args) -> int:
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
     return 0
+
+
+def _speculation(engine):
+    """paging_stats()["speculation"] of our engine's optimizer, or None (no overlap "exact")."""
+    if getattr(engine, "overlap", None) is None:
+        return None
+    return engine.optimizer.paging_stats().get("speculation")
 
 
 def _pss_bytes() -> int:

@@ -18,7 +18,7 @@ from tolerances import QUANTIZED_VS_FP32_LOSS_REL
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "vs_deepspeed.py"
-OURS = ("ours-host", "ours-nvme", "ours-8bit", "ours-nvme-delayed")
+OURS = ("ours-host", "ours-nvme", "ours-8bit", "ours-nvme-delayed", "ours-nvme-exact")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,12 @@ def test_fp32_runs_end_at_the_same_loss_and_8bit_near_it(record):
     # others do; its last update lands before the final loss, which its stale grads move.
     assert results["ours-nvme-delayed"]["losses"][0] == results["ours-host"]["losses"][0]
     assert results["ours-nvme-delayed"]["final_loss"] != results["ours-host"]["final_loss"]
+    # paging.overlap "exact" at 2 ranks (grads to their owners during backward): the same job, bit for bit.
+    assert results["ours-nvme-exact"]["losses"] == results["ours-host"]["losses"]
+    assert results["ours-nvme-exact"]["final_loss"] == results["ours-host"]["final_loss"]
+    # fp32 without clipping: nothing after backward can change the step, so none is settled
+    assert results["ours-nvme-exact"]["speculation"]["steps"] == 0
+    assert results["ours-host"]["speculation"] is None
     assert chk["ratios"] == {}  # no DeepSpeed anchor in this run
 
 
