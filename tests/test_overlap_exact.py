@@ -75,10 +75,26 @@ def test_what_is_kept_stays_within_the_budget(tmp_path, budget_pages):
     assert _differences(on, off) == []
     spec = on[2]["speculation"]
     assert spec["peak_kept_bytes"] <= budget_mb * 2 ** 20
+    # The page copies stay for the next steps' reuse: at most what the budget allowed at once.
+    assert spec["kept_pool_bytes"] <= spec["peak_kept_bytes"]
     if budget_pages:
         assert spec["peak_kept_bytes"] >= page and spec["kept"] > 0
+        assert spec["kept_pool_bytes"] >= page and spec["kept_pool_bytes"] % page == 0
     else:
         assert spec["peak_kept_bytes"] == 0 and spec["kept"] == spec["redo"] == spec["skipped"] == 0
+        assert spec["kept_pool_bytes"] == 0
+    assert off[2]["speculation"]["kept_pool_bytes"] == 0
+
+
+def test_kept_page_copies_are_reused_from_step_to_step(tmp_path):
+    """Later speculative steps take their page copies from the pool the earlier ones left: every
+    buffer ever made is in the pool at the end, and there are no more than one step kept at once."""
+    on, _ = _pair(tmp_path, "PagedAdamW", "fp32", 1, "cpu")
+    spec = on[2]["speculation"]
+    page = on[2]["page_bytes"]
+    assert spec["kept"] + spec["redo"] >= 5  # several steps kept pages
+    assert spec["kept_buffers_made"] * page == spec["kept_pool_bytes"] > 0
+    assert spec["kept_pool_bytes"] <= spec["peak_kept_bytes"]
 
 
 # ---- several ranks: the grads reach their owners during backward ([Note: reduce during backward]) ----

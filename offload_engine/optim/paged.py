@@ -238,8 +238,11 @@ class PagedOptimizer(BlockwiseOptimizer):
         write-back and waiting, slot occupancy), totals over all steps, and where the state
         lives (store, file, page and pool sizes, bytes at rest, bytes per tier), and how
         speculative overlapped steps went ("speculation": hit_rate = kept / (kept + redo +
-        skipped), the steps whose early pages stood)."""
+        skipped), the steps whose early pages stood; kept_pool_bytes, the page copies held
+        between steps for the next one's, and kept_buffers_made, how many were allocated)."""
         spec = dict(self._speculation)
+        spec["kept_pool_bytes"] = self.pager.keep_pool_bytes
+        spec["kept_buffers_made"] = self.pager.keep_buffers_made
         guessed = spec["kept"] + spec["redo"] + spec["skipped"]
         spec["hit_rate"] = spec["kept"] / guessed if guessed else None
         return {**self.pager.stats(), "speculation": spec}

@@ -53,6 +53,10 @@ class Pager:
         self._totals = StepStats()
         self.steps = 0
         self._views = {}       # page -> (its buffer's address, [(segment, views)]): segment_views()
+        # Host buffers that held pages kept for a restore ([Note: speculative pages]), reused by
+        # the next steps: a fresh buffer per page and step was a fresh mapping to fault in.
+        self._keep_free: list[torch.Tensor] = []
+        self.keep_buffers_made = 0  # how many such buffers were ever allocated
 
     # ---- layout ---------------------------------------------------------------------------
     @property
@@ -203,6 +207,11 @@ class Pager:
         pages = self.table.num_pages if num_pages is None else num_pages
         return self.spec.footprint(pages) + fp.Footprint(pinned_host=self.executor.pinned_bytes)
 
+    @property
+    def keep_pool_bytes(self) -> int:
+        """Host bytes of the page copies kept for reuse by speculative steps (between steps)."""
+        return sum(t.numel() * t.element_size() for t in self._keep_free)
+
     def held(self) -> fp.Footprint:
         """Bytes per tier allocated now (the store and the pools, as they are)."""
         store = self.store.nbytes
@@ -210,9 +219,10 @@ class Pager:
         pinned = self.executor.pins_host
         disk = store if self.store.access == "io" else 0
         host_store = 0 if self.store.access == "io" else store
+        keep = self.keep_pool_bytes  # between steps every kept copy is back in the pool
         return fp.Footprint(gpu=self.pipeline.nbytes if self.pipeline is not None else 0,
                             pinned_host=(host_store + pool if pinned else 0) + self.executor.pinned_bytes,
-                            host=0 if pinned else host_store + pool, disk=disk)
+                            host=(0 if pinned else host_store + pool) + keep, disk=disk)
 
     def stats(self) -> dict:
         """The last step's paging figures, totals over all steps, and where the state lives."""
@@ -242,6 +252,7 @@ class Pager:
     def close(self) -> None:
         """Releases the store (for NVMe: deletes the state file)."""
         self._views.clear()  # they hold the store's storage
+        self._keep_free.clear()
         self.store.close()
 
 
@@ -287,11 +298,22 @@ class PageStep:
     def _keeping(self, update: Callable) -> Callable:
         kept = self._kept
 
+        free = self._pager._keep_free
+
         def keep_then_update(page, buf):
             if self._retaining and page not in kept:  # a page updated again after restore() keeps its first bytes
-                kept[page] = buf.clone()
+                copy = free.pop() if free else None
+                if copy is None or copy.shape != buf.shape or copy.dtype != buf.dtype:
+                    copy = torch.empty_like(buf, memory_format=torch.contiguous_format)
+                    self._pager.keep_buffers_made += 1
+                kept[page] = copy.copy_(buf)
             update(page, buf)
         return keep_then_update
+
+    def _let_go(self) -> None:
+        """The kept copies go back to the pager's free buffers."""
+        self._pager._keep_free.extend(self._kept.values())
+        self._kept.clear()
 
     @property
     def retained_bytes(self) -> int:
@@ -317,13 +339,13 @@ class PageStep:
         pages = sorted(self._kept)
         for page in pages:
             store.page_view(page).copy_(self._kept[page])
-        self._kept.clear()
+        self._let_go()
         return pages
 
     def release(self) -> None:
         """The step is settled: keeps no more pages and lets go of those kept."""
         self._retaining = False
-        self._kept.clear()
+        self._let_go()
 
     def stage(self, jobs: dict) -> dict:
         """{key: (flat param, flat grad)} as the kernels read them ([Executor.stage])."""
@@ -361,7 +383,7 @@ class PageStep:
     def close(self, record: bool = True) -> None:
         """Ends the executor's step (copies back to the GPU) and, with `record`, records the
         step's stats (a failed step is not counted); pages kept for restore() are let go."""
-        self._kept.clear()
+        self._let_go()
         self._executor.end_step()
         if record and self._stats is not None:
             self._pager.record(self._stats)
