@@ -185,3 +185,25 @@ def test_overlapped_steps_on_the_gpu_equal_the_step_after_backward(tmp_path, sto
             for overlap in (True, False)]
     _assert_same_training(*runs)
     assert all(pages > 0 for _, pages in runs[0][0][1:])
+
+
+def test_a_second_backward_before_the_step_is_refused(tmp_path):
+    """With the step's pages updated during the first backward, a second backward's grads would
+    be left out: refused, naming the key; the step then takes the first backward's grads, as
+    the same training with one backward per micro-batch does."""
+    runs, refused = [], 0
+    for overlap in (True, False):
+        model = Net()
+        engine, *_ = offload_engine.initialize(model, _config("PagedAdamW", "fp32", 1, "cpu", tmp_path, overlap))
+        for i in range(3):
+            x, y = _batch(i, torch.float32, "cpu")
+            loss = torch.nn.functional.mse_loss(engine(x, use_side=False), y)
+            engine.backward(loss, retain_graph=overlap)
+            if overlap and engine.overlap.is_open:  # from the second step on (the first lays out the pages)
+                with pytest.raises(RuntimeError, match="backward was called twice.*paging.overlap 'exact'"):
+                    engine.backward(loss)
+                refused += 1
+            engine.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert refused == 2
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(*runs))

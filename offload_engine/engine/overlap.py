@@ -78,7 +78,16 @@ class BackwardOverlap:
     def arm(self, grad_scale: float, loss: torch.Tensor | None = None) -> None:
         """Before the backward of `loss` that ends an accumulation window: opens the step with
         the guessed `grad_scale`, or leaves it to engine.step() when the optimizer cannot
-        overlap yet (its first step lays out the pages)."""
+        overlap yet (its first step lays out the pages). A second backward before engine.step()
+        is refused: the pages (and, with several ranks, the buckets) already went with the
+        first one's grads."""
+        if self._open is not None or (self.reducer is not None and self.reducer.running):
+            raise RuntimeError(
+                "engine.backward was called twice on the micro-batch that ends an accumulation window: with "
+                "paging.overlap 'exact' the step's pages are updated during the first backward, from its grads, "
+                "so a second backward's grads would be left out; add the losses and call backward once, call "
+                "engine.step() between the two, or set paging.overlap 'off'. engine.step() may still be called "
+                "and takes the first backward's grads")
         if self._open is None:
             self._open = self.optimizer.begin_overlapped_step(grad_scale, early=self._early(),
                                                               retain_bytes=self.retain_bytes)
