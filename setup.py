@@ -85,5 +85,6 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["offload-engine-info=offload_engine.info:main",
-                                     "offload-train=offload_engine.train.cli:main"]},
+                                     "offload-train=offload_engine.train.cli:main",
+                                     "offload-plan=offload_engine.plan.cli:main"]},
 )

@@ -58,6 +58,17 @@ def _open_probe(directory: str) -> None:
         raise ValueError(f"nvme_path={directory!r} cannot be written: {err.strerror or err}") from err
 
 
+def check_directory(directory: str) -> None:
+    """Raises ValueError naming nvme_path when `directory` cannot hold a state file."""
+    _open_probe(directory)
+
+
+def open_file(path: str) -> tuple[int, bool]:
+    """Creates `path` (it must not exist) as the store opens its state file: with O_DIRECT
+    where the filesystem takes an aligned direct write and read back; returns (fd, direct)."""
+    return _open_state_file(path)
+
+
 def _open_state_file(path: str) -> tuple[int, bool]:
     """Opens a new state file, with O_DIRECT when the filesystem takes an aligned direct
     write and read back; returns (fd, direct)."""
