@@ -17,18 +17,6 @@ GPU_CEILING = "gpu-torch-adamw"
 GPU_PAIRS = (("gpu-ours-host", "gpu-torchao-offload"), ("gpu-ours-host-8bit", "gpu-bnb-paged8"))
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
-
-
 def pool(runs: dict) -> dict:
     """{model: {contender: [one dict per round]}} -> {model: {contender: pooled figures}}."""
     out = {}

@@ -402,6 +402,7 @@ def main(argv=None) -> int:
     # SIGTERM ends the job under way too: run_job kills its session on the SystemExit.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import torch
+    from offload_engine.plan.probe import cpu_name
     have_cuda = torch.cuda.is_available()
     models = args.models.split(",")
     for m in models:
@@ -424,7 +425,7 @@ def main(argv=None) -> int:
     launcher = args.launcher or ("deepspeed" if _deepspeed_launcher() else "torchrun")
 
     record = {"benchmark": "vs_deepspeed", "date": time.strftime("%Y-%m-%d %H:%M"),
-              "machine": {"cpu": _vs_report.cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+              "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                           "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if have_cuda else None},
               "world": WORLD, "launcher": launcher,
               "hyper": {k: list(v) if isinstance(v, tuple) else v for k, v in HYPER.items()},

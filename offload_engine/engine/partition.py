@@ -53,22 +53,8 @@ broadcasts rank 0's at initialize too). The node then holds one copy of the para
 one per rank. Any failure to set it up (another host, a small /dev/shm, params that share
 storage with other tensors) leaves the gloo path above, with the reason logged.
 
-[Note: reduce per bucket] With paging.overlap "exact" an owner updates its pages during
-backward, so its slices' grads must be averaged as backward produces them, not after. The
-params are cut into buckets of whole params in backward order (the flat order reversed:
-buckets(max_elements)); bucket_reduce.py exchanges a bucket on a thread of its own as soon as
-every param in it has its grad final on this rank, and reduce_bucket sends each owner this
-rank's grads of the owner's slices in the bucket, followed by one flag per slice (whether
-this rank had a grad there at all). An owner adds what it receives in the order
-_reduce_to_owners adds its chunks (its own grad, then rank r-1's, r-2's, ...), in fp32, then
-divides by the world: bit for bit the grads of reduce_grads. A slice no rank had a grad of
-keeps none, as in one process. With shared params ([Note: shared params]) the grads go
-through the outboxes instead, and only the flags travel over gloo, after the outbox writes:
-they tell the owner that a peer's part of the bucket is there to read, so no barrier per
-bucket is needed; the owner sums in _reduce_through_shared's order (its own, then the peers'
-in rank order). An owner then updates the shared params during the other ranks' backward,
-which is safe: a bucket goes only once every rank's grads of it are final, and a param's
-grad is final once every autograd node that reads the param has run.
+[Note: reduce per bucket] in bucket_exchange.py: with paging.overlap "exact" the grads go to their
+owners a bucket at a time during backward (the methods of BucketExchange, mixed in here).
 
 Every rank computes the same partition from the same param list; nothing is negotiated.
 A checkpoint records the split, and each rank's state is written with the element ranges it
@@ -82,6 +68,7 @@ import torch
 import torch.distributed as dist
 
 from ..optim.sharded import mark_full_numel
+from .bucket_exchange import BucketExchange
 from .shared_memory import SharedArena, aligned, same_host
 
 log = logging.getLogger(__name__)
@@ -111,7 +98,7 @@ def split_points(numels: list[int], world: int, align: int = ALIGN) -> list[int]
     return points
 
 
-class Partition:
+class Partition(BucketExchange):
     """This rank's share of `params` (the trainable params, in a fixed order shared by every
     rank) and the collectives around its optimizer step."""
 
@@ -229,19 +216,24 @@ class Partition:
         pos = 0
         for p, a, b in self.spans(rank):
             if p in has:
-                flat = p.grad.view(-1)
-                for x in range(a, b, _PIECE_ELEMENTS):
-                    y = min(b, x + _PIECE_ELEMENTS)
-                    at = pos + x - a
-                    # fp32 grads sum in place; others (bf16, fp16) in fp32, rounded back once.
-                    acc = flat[x:y] if flat.dtype == torch.float32 else \
-                        self._scratch("acc", y - x, torch.float32).copy_(flat[x:y])
-                    for box in peers:
-                        acc += box[at:at + y - x]
-                    acc /= world
-                    if flat.dtype != torch.float32:
-                        flat[x:y] = acc
+                self._average_from_boxes(p.grad.view(-1), a, b, pos, peers, "acc")
             pos += b - a
+
+    def _average_from_boxes(self, flat: torch.Tensor, a: int, b: int, at: int, boxes: list, use: str) -> None:
+        """flat[a:b] (this rank's grads of a slice) plus the slice of each of `boxes` (peers'
+        outboxes, where it starts at `at`), in their order, divided by the world; 1 MiB of
+        fp32 at a time, so the divide finds it in cache."""
+        for x in range(a, b, _PIECE_ELEMENTS):
+            y = min(b, x + _PIECE_ELEMENTS)
+            pos = at + x - a
+            # fp32 grads sum in place; others (bf16, fp16) in fp32, rounded back once.
+            acc = flat[x:y] if flat.dtype == torch.float32 else \
+                self._scratch(use, y - x, torch.float32).copy_(flat[x:y])
+            for box in boxes:
+                acc += box[pos:pos + y - x]
+            acc /= self.world
+            if flat.dtype != torch.float32:
+                flat[x:y] = acc
 
     # ---- the collectives -----------------------------------------------------------------------
     @torch.no_grad()
@@ -324,145 +316,6 @@ class Partition:
             elif n_mine:
                 acc /= world
                 _unpack(acc, mine)
-
-    # ---- the exchange during backward ([Note: reduce per bucket]) -----------------------------
-    def buckets(self, max_elements: int) -> list[list[torch.Tensor]]:
-        """The params in backward order (the flat order reversed), cut into buckets of whole
-        params of at most `max_elements` elements (a larger param is a bucket of its own)."""
-        out, size = [], 0
-        for p in reversed(self.params):
-            if not out or size + p.numel() > max_elements:
-                out.append([])
-                size = 0
-            out[-1].append(p)
-            size += p.numel()
-        return out
-
-    def side_group(self):
-        """A gloo group of this partition's ranks for the bucket exchange: it runs on another
-        thread while this partition's own group may carry other collectives. A collective."""
-        return dist.new_group(ranks=[self._global(r) for r in range(self.world)], backend="gloo")
-
-    @torch.no_grad()
-    def reduce_bucket(self, params: list[torch.Tensor], group) -> list[torch.nn.Parameter]:
-        """Averages the grads of this rank's slices of `params` (one of buckets(), whole params)
-        over the ranks through `group` (side_group()); every rank calls it for the same bucket
-        in the same order. Returns this rank's shards of the bucket that got a grad, each
-        pointing at its averaged slice. The other slices of this rank's grads keep its own
-        values; a param with no grad here but one on another rank gets a zero grad first
-        ([Note: reduce per bucket])."""
-        rank, world = self.rank, self.world
-        wanted = {id(p) for p in params}
-        spans = [[s for s in self.spans(r) if id(s[0]) in wanted] for r in range(world)]
-        mine = spans[rank]
-        if self.transport == "shared memory":
-            return self._reduce_bucket_shared(spans, group)
-        n_mine = sum(b - a for _, a, b in mine)
-        requests, received = [], []
-        for k in range(1, world):
-            to, frm = (rank + k) % world, (rank - k) % world
-            theirs = spans[to]
-            if theirs:
-                out = self._scratch(f"bucket-send{k}", sum(b - a for _, a, b in theirs) + len(theirs), torch.float32)
-                _pack_grads_flagged(theirs, out)
-                requests.append(dist.isend(out, dst=self._global(to), group=group))
-            if mine:
-                into = self._scratch(f"bucket-recv{k}", n_mine + len(mine), torch.float32)
-                received.append(into)
-                requests.append(dist.irecv(into, src=self._global(frm), group=group))
-        for request in requests:
-            request.wait()
-        flags = [p.grad is not None for p, _, _ in mine]
-        for into in received:
-            flags = [f or t != 0 for f, t in zip(flags, into[n_mine:].tolist())]
-        shards, pos = [], 0
-        for (p, a, b), has in zip(mine, flags):
-            n = b - a
-            if has:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                g = p.grad.view(-1)[a:b]
-                # The order and precision of _reduce_to_owners: fp32 grads in place, others
-                # (bf16, fp16) in fp32, rounded back once.
-                acc = g if g.dtype == torch.float32 else self._scratch("bucket-acc", n, torch.float32).copy_(g)
-                for into in received:
-                    acc += into[pos:pos + n]
-                acc /= world
-                if acc is not g:
-                    g.copy_(acc)
-                shard = self.shard_of[p]
-                shard.grad = g
-                shards.append(shard)
-            pos += n
-        return shards
-
-    def _reduce_bucket_shared(self, spans, group) -> list[torch.nn.Parameter]:
-        """reduce_bucket through the shared-memory outboxes ([Note: shared params]): each rank
-        writes its grads of an owner's slices into its outbox for that owner, then sends the
-        owner only the slices' flags over `group`; the owner reads the outboxes of the peers
-        whose flags it has, summing in the order of _reduce_through_shared."""
-        rank, world = self.rank, self.world
-        mine = spans[rank]
-        requests, flags_of = [], {}
-        for k in range(1, world):
-            to, frm = (rank + k) % world, (rank - k) % world
-            theirs = spans[to]
-            if theirs:
-                box = self._outbox[rank][to]
-                for q, a, b in theirs:
-                    at = self._outbox_pos[(to, id(q))]
-                    if q.grad is None:
-                        box[at:at + b - a].zero_()
-                    else:
-                        box[at:at + b - a] = q.grad.view(-1)[a:b]
-                flags = self._scratch(f"bucket-flags-send{k}", len(theirs), torch.float32)
-                flags.copy_(torch.tensor([float(q.grad is not None) for q, _, _ in theirs]))
-                # Why after the writes: the owner reads this outbox once the flags have arrived.
-                requests.append(dist.isend(flags, dst=self._global(to), group=group))
-            if mine:
-                flags_of[frm] = self._scratch(f"bucket-flags-recv{k}", len(mine), torch.float32)
-                requests.append(dist.irecv(flags_of[frm], src=self._global(frm), group=group))
-        for request in requests:
-            request.wait()
-        peers = [r for r in range(world) if r != rank]
-        seen = [flags_of[r].tolist() for r in peers] if mine else []
-        shards = []
-        for i, (p, a, b) in enumerate(mine):
-            if p.grad is None and not any(f[i] for f in seen):
-                continue  # no rank had a grad of this slice
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            flat, at = p.grad.view(-1), self._outbox_pos[(rank, id(p))]
-            for x in range(a, b, _PIECE_ELEMENTS):
-                y = min(b, x + _PIECE_ELEMENTS)
-                pos = at + x - a
-                acc = flat[x:y] if flat.dtype == torch.float32 else \
-                    self._scratch("bucket-acc", y - x, torch.float32).copy_(flat[x:y])
-                for r in peers:
-                    acc += self._outbox[r][rank][pos:pos + y - x]
-                acc /= world
-                if flat.dtype != torch.float32:
-                    flat[x:y] = acc
-            shard = self.shard_of[p]
-            shard.grad = flat[a:b]
-            shards.append(shard)
-        return shards
-
-    def note_bucketed_reduction(self) -> None:
-        """After every bucket of a step went through reduce_bucket: learns whether any rank had
-        a grad (a collective on this partition's group), as reduce_grads does. With shared
-        memory it is also what keeps the outboxes safe: no rank passes it, and so none writes
-        its outboxes for the next step, before every owner has read this step's."""
-        local = torch.tensor([int(any(p.grad is not None for p in self.params))], dtype=torch.int32,
-                             device=self._device)
-        dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.group)
-        self.any_grad = bool(local.item())
-
-    def every_rank(self, flag: bool) -> bool:
-        """True only if `flag` is true on every rank (a collective)."""
-        value = torch.tensor([int(flag)], dtype=torch.int32, device=self._device)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(value.item())
 
     def _global(self, r: int) -> int:
         return r if self.group is None else dist.get_global_rank(self.group, r)
@@ -592,19 +445,6 @@ def _pack(span, flat: torch.Tensor) -> None:
     for p, a, b in span:
         flat[offset:offset + b - a] = p.view(-1)[a:b]
         offset += b - a
-
-
-def _pack_grads_flagged(span, flat: torch.Tensor) -> None:
-    """The grads of the slices of `span` ((param, start, end)) into `flat`, back to back (zeros
-    where a param has no grad), then one flag per slice: 1 where it has one."""
-    offset = 0
-    for p, a, b in span:
-        if p.grad is None:
-            flat[offset:offset + b - a].zero_()
-        else:
-            flat[offset:offset + b - a] = p.grad.view(-1)[a:b]
-        offset += b - a
-    flat[offset:] = torch.tensor([float(p.grad is not None) for p, _, _ in span])
 
 
 def _sub_span(span, lo: int, hi: int) -> list:

@@ -73,7 +73,7 @@ def probe_machine(nvme_path: str | None = None, formats=("fp32", "int8"), thread
         raise ValueError(f"threads must be positive thread counts, got {counts}")
     probe = MachineProbe(
         host=socket.gethostname(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        cpu=_cpu_name(), cores=os.cpu_count() or 1, torch=torch.__version__,
+        cpu=cpu_name(), cores=os.cpu_count() or 1, torch=torch.__version__,
         host_ram_available=memory_available(), host_copy_gbps=host_copy_gbps(),
         disk=disk_rates(nvme_path) if nvme_path is not None else None,
         update={fmt: {str(n): update_rate(fmt, n) for n in counts} for fmt in formats},
@@ -179,7 +179,8 @@ def gpu_rates() -> dict:  # pragma: no cover - needs CUDA
             "both_gbps": round(2 * n / _best(both) / 1e9, 2)}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform says."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
