@@ -15,17 +15,19 @@ from offload_engine.plan import cli, probe as probe_mod
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> MachineProbe:
-    return probe_machine(str(tmp_path_factory.mktemp("disk")), threads=(1,))
+    return probe_machine(str(tmp_path_factory.mktemp("disk")), threads=(1,), page_sizes_mb=(1,))
 
 
 def test_every_figure_is_measured(measured, tmp_path_factory):
     assert measured.host_ram_available > 0 and measured.cores >= 1 and measured.torch == torch.__version__
     assert measured.host_copy_gbps > 0 and math.isfinite(measured.host_copy_gbps)
     disk = measured.disk
-    assert isinstance(disk["direct_io"], bool) and disk["write_gbps"] > 0 and disk["read_gbps"] > 0
-    assert set(measured.update) == {"fp32", "int8"}
-    for fmt, rates in measured.update.items():
-        assert list(rates) == ["1"] and rates["1"] > 0, fmt
+    assert isinstance(disk["direct_io"], bool) and list(disk["by_page_mb"]) == ["1"]
+    assert all(disk["by_page_mb"]["1"][k] > 0 for k in ("write_gbps", "read_gbps", "both_gbps"))
+    assert set(measured.update) == {"fp32", "int8", "fp32+master", "int8+master"}
+    for fmt, by_page in measured.update.items():
+        assert list(by_page) == ["1"] and list(by_page["1"]) == ["1"] and by_page["1"]["1"] > 0, fmt
+    assert set(measured.param_overhead_s) == {"fp32", "int8"}
     assert (measured.gpu is None) == (not torch.cuda.is_available())
     assert not list(tmp_path_factory.getbasetemp().glob("disk*/.offload_engine_disk_probe_*"))  # no file left
 
@@ -70,15 +72,16 @@ def test_bad_input_is_named(tmp_path):
 
 def test_the_cli_end_to_end(tmp_path, capsys):
     cache = str(tmp_path / "probe.json")
-    assert cli.main(["probe", "--cache", cache, "--threads", "1", "--nvme-path", str(tmp_path)]) == 0
+    assert cli.main(["probe", "--cache", cache, "--threads", "1", "--page-sizes", "1", "--nvme-path",
+                     str(tmp_path)]) == 0
     out = capsys.readouterr()
-    assert "host copy" in out.out and f"disk at {tmp_path}" in out.out and "update, int8 state" in out.out
+    assert "host copy" in out.out and f"disk at {tmp_path}" in out.out and "int8+master state" in out.out
     assert f"cached in {cache}" in out.err
     assert cli.main(["probe", "--cache", cache, "--no-probe", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == load_cached(cache).to_json()
     assert cli.main(["probe", "--cache", str(tmp_path / "none.json"), "--no-probe"]) == 2
     assert "no cached probes" in capsys.readouterr().err
     assert cli.main(["probe", "--cache", cache, "--threads", "one"]) == 2
-    assert "--threads takes comma-separated integers" in capsys.readouterr().err
+    assert "--threads takes comma-separated numbers" in capsys.readouterr().err
     assert cli.main(["probe", "--cache", cache, "--no-probe", "--no-disk"]) == 2
     assert "--no-probe measures nothing" in capsys.readouterr().err

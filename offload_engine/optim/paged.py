@@ -68,8 +68,8 @@ class PagedOptimizer(BlockwiseOptimizer):
             raise ValueError(f"{name}: executor must be one of {', '.join(map(repr, EXECUTORS))}; got "
                              f"executor={executor!r}")
         if executor == "auto":
-            executor = device.type
-        if executor == "cuda" and device.type != "cuda":
+            executor = "cpu" if device.type == "meta" else device.type
+        if executor == "cuda" and device.type not in ("cuda", "meta"):
             raise ValueError(f"{name}: executor='cuda' updates CUDA params; the params are on {device}")
         if store == "managed" and executor != "cuda":
             raise ValueError(f"{name}: store='managed' (CUDA managed memory) is updated by the CUDA executor; got "
@@ -100,12 +100,16 @@ class PagedOptimizer(BlockwiseOptimizer):
                 groups.append((gi, entries))
         return groups
 
+    def planned_pages(self) -> int:
+        """Pages once every trainable param has state ([Note: lazy layout]); nothing is laid out."""
+        wanted = [p for g in self.param_groups for p in g["params"] if p.requires_grad and p not in self._keys]
+        return self.pager.plan(self._layout_entries(wanted, dict(self._keys))).num_pages
+
     def planned_footprint(self):
         """Bytes per tier once every trainable param has state ([Note: lazy layout]), and the
-        bytes held now: what the admission check weighs (paging/footprint.py)."""
-        wanted = [p for g in self.param_groups for p in g["params"] if p.requires_grad and p not in self._keys]
-        table = self.pager.plan(self._layout_entries(wanted, dict(self._keys)))
-        return self.pager.footprint(table.num_pages), self.pager.held()
+        bytes held now: what the admission check weighs (paging/footprint.py) and what the
+        planner predicts (plan/footprint.py, on meta params)."""
+        return self.pager.footprint(self.planned_pages()), self.pager.held()
 
     def _ensure_layout(self, wanted, states=None) -> list:
         """Lays out the params in `wanted` that have no pages yet, reserves their pages in the
@@ -225,6 +229,9 @@ class PagedOptimizer(BlockwiseOptimizer):
         spec["peak_kept_bytes"] = max(spec["peak_kept_bytes"], peak_kept_bytes)
 
     def _check_can_step(self, grad_scale: float) -> None:
+        if self._device.type == "meta":
+            raise RuntimeError(f"{type(self).__name__} was built on meta params, which have shapes and no values: "
+                               "it can plan a footprint (planned_footprint) and cannot step")
         self._check_not_failed()
         self._check_step_inputs(grad_scale)
         for group in self.param_groups:
@@ -268,6 +275,9 @@ class PagedOptimizer(BlockwiseOptimizer):
                 states[key][name] = tensor.view(shape) if as_param else tensor
 
     def load_state_dict(self, state_dict):
+        if self._device.type == "meta":
+            raise RuntimeError(f"{type(self).__name__} was built on meta params to plan a footprint; it holds no state "
+                               "to load into")
         before = {p: dict(s) for p, s in self.state.items()}
         groups_before = [dict(g) for g in self.param_groups]
         failed_before = self.failed
@@ -314,7 +324,8 @@ def _params_device(param_groups, name: str) -> torch.device:
     if len(devices) > 1:
         raise ValueError(f"{name}: all params must be on one device, got {sorted(map(str, devices))}")
     device = devices.pop() if devices else torch.device("cpu")
-    if device.type not in ("cpu", "cuda"):
+    # Meta params (shapes only) make an optimizer that plans footprints and never steps.
+    if device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"{name}: params on {device} are not supported (CPU or CUDA)")
     return device
 

@@ -1,7 +1,8 @@
 """Measures what the paged step is made of on this machine, in a few seconds: host memory
-(available, and its copy bandwidth), the disk at nvme_path (direct-IO write and read, as the
-NVMe store does them), the SIMD update's rate per state format and thread count (the paged
-optimizers themselves on host pages), and, with CUDA, the GPU's free memory and pinned copy
+(available, and its copy bandwidth), the disk at nvme_path (direct-IO write, read and both at
+once from the store's IO threads, as the NVMe store moves pages), the SIMD update's rate per
+state format, param dtype and thread count (the paged optimizers themselves on host pages) and
+what a step costs per param beyond its elements, and, with CUDA, the GPU's free memory and pinned copy
 bandwidth each way and both at once.
 
 [Note: probes] Each figure is the best of a few short repeats (the machine's rate, not its
@@ -11,6 +12,7 @@ a plan can be made again without measuring (`offload-plan probe --no-probe`).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -18,6 +20,7 @@ import mmap
 import os
 import platform
 import socket
+import statistics
 import tempfile
 import time
 
@@ -25,13 +28,15 @@ import torch
 
 from ..engine.admission import memory_available
 from ..paging import nvme_store
+from ..paging.layout import page_bytes_from_mb
+from .candidates import PAGE_SIZES_MB
 
 _COPY_BYTES = 256 << 20       # host memory bandwidth: one copy of this much
-_DISK_BYTES = 64 << 20        # written, then read back, in chunks of _DISK_CHUNK
-_DISK_CHUNK = 4 << 20
-_UPDATE_NUMEL = 1 << 24       # one param of this many elements (64 MiB, its state 128 MiB), 1 MiB pages
+_DISK_BYTES = 256 << 20       # written, read back, then half read while half is written, a page at a time
+_UPDATE_NUMEL = 1 << 24       # one param of this many elements (64 MiB, its state 128 MiB), at each page size
+_SMALL_PARAMS, _SMALL_NUMEL = 256, 4096  # the per-param overhead: many params of little work
 _GPU_BYTES = 256 << 20
-_REPEATS = 3
+_REPEATS = 5
 
 
 @dataclasses.dataclass
@@ -45,8 +50,12 @@ class MachineProbe:
     torch: str
     host_ram_available: int         # bytes: what admission counts (psutil, capped by the cgroup)
     host_copy_gbps: float           # bytes read + written per second by a large tensor copy
-    disk: dict | None               # {"path", "direct_io", "write_gbps", "read_gbps"}, or None when not probed
-    update: dict                    # state format -> {threads (str): params updated per second}
+    disk: dict | None               # {"path", "direct_io", "io_threads", "by_page_mb": {page MiB (str):
+                                    # {"write_gbps", "read_gbps", "both_gbps"}}}, or None when not probed
+    update: dict                    # "fp32" | "int8" (fp32 params), "fp32+master" | "int8+master" (bf16
+                                    # params, fp32 master weights paged with the state)
+                                    # -> {page MiB (str): {threads (str): params updated per second}}
+    param_overhead_s: dict          # "fp32" | "int8" -> a step's seconds per param beyond its elements
     gpu: dict | None                # {"name", "free_bytes", "h2d_gbps", "d2h_gbps", "both_gbps"}, or None
     seconds: float                  # how long the probes took
 
@@ -62,24 +71,35 @@ class MachineProbe:
         return cls(**{k: data[k] for k in names})
 
 
-def probe_machine(nvme_path: str | None = None, formats=("fp32", "int8"), threads=None) -> MachineProbe:
+def probe_machine(nvme_path: str | None = None, formats=("fp32", "int8"), threads=None,
+                  io_threads: int = 4, page_sizes_mb=PAGE_SIZES_MB) -> MachineProbe:
     """Runs every probe; `nvme_path` (a directory) for the disk, None to leave the disk out;
-    `threads`: the thread counts the update is timed at (default 1 and torch's count)."""
+    `threads`: the thread counts the update is timed at (default 1 and torch's count);
+    `page_sizes_mb`: the page sizes the update and the disk are timed at (the planner's)."""
     start = time.perf_counter()
     if nvme_path is not None:
         nvme_store.check_directory(nvme_path)  # an unwritable path fails first, naming nvme_path
     counts = sorted(set(threads or (1, torch.get_num_threads())))
     if any(n < 1 for n in counts):
         raise ValueError(f"threads must be positive thread counts, got {counts}")
+    pages = [float(mb) for mb in page_sizes_mb]
     probe = MachineProbe(
         host=socket.gethostname(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         cpu=cpu_name(), cores=os.cpu_count() or 1, torch=torch.__version__,
         host_ram_available=memory_available(), host_copy_gbps=host_copy_gbps(),
-        disk=disk_rates(nvme_path) if nvme_path is not None else None,
-        update={fmt: {str(n): update_rate(fmt, n) for n in counts} for fmt in formats},
+        disk=disk_rates(nvme_path, io_threads, pages) if nvme_path is not None else None,
+        update={f"{fmt}{'+master' if master else ''}": {
+            _key(mb): {str(n): update_rate(fmt, n, master, mb) for n in counts} for mb in pages}
+            for master in (False, True) for fmt in formats},
+        param_overhead_s={fmt: param_overhead_s(fmt) for fmt in formats},
         gpu=gpu_rates() if torch.cuda.is_available() else None, seconds=0.0)
     probe.seconds = round(time.perf_counter() - start, 2)
     return probe
+
+
+def _key(page_mb: float) -> str:
+    """A page size as the probe record keys it: "1", "4", "0.5"."""
+    return f"{page_mb:g}"
 
 
 def _best(fn, repeats: int = _REPEATS) -> float:
@@ -99,52 +119,132 @@ def host_copy_gbps() -> float:
     return round(2 * _COPY_BYTES / _best(lambda: dst.copy_(src)) / 1e9, 2)
 
 
-def disk_rates(directory: str) -> dict:
-    """Writes a file of _DISK_BYTES in _DISK_CHUNK writes (then fsync), reads it back the same
-    way, as the NVMe store opens its files (direct IO where the filesystem takes it)."""
-    fd_path = tempfile.mktemp(prefix=".offload_engine_disk_probe_", dir=directory)
-    fd, direct = nvme_store.open_file(fd_path)
-    chunk = mmap.mmap(-1, _DISK_CHUNK)  # page-aligned, as direct IO needs
-    chunk.write(os.urandom(4096) * (_DISK_CHUNK // 4096))
+def disk_rates(directory: str, io_threads: int = 4, page_sizes_mb=PAGE_SIZES_MB) -> dict:
+    """At each page size, the median of _REPEATS rounds, each on a fresh file:
+      write, read   _DISK_BYTES written, then read back, a page per transfer from `io_threads`
+                    threads (the file opened as the NVMe store opens its files, direct IO where
+                    the filesystem takes it; preadv/pwritev release the GIL, so the threads'
+                    transfers are in flight together): what the pipeline's ends cost;
+      both          the NVMe store itself: bytes read and written per second by a paged
+                    optimizer's step over one param of _UPDATE_NUMEL elements (fp32 state), whose
+                    IO, not its update, sets the step: the rate pages move at with the store's
+                    own reads and writes in flight together.
+    The median, not the best: a disk's rate wanders from file to file and minute to minute
+    (its cache; its neighbours on a virtual machine), and a step of many pages sees the
+    typical rate."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="oe-disk-probe")
+    by_page, direct = {}, False
     try:
-        def write():
-            for offset in range(0, _DISK_BYTES, _DISK_CHUNK):
-                os.pwritev(fd, [chunk], offset)
-            os.fsync(fd)
-
-        def read():
-            for offset in range(0, _DISK_BYTES, _DISK_CHUNK):
-                os.preadv(fd, [chunk], offset)
-        write_s = _best(write)
-        read_s = _best(read)  # without direct IO this is the page cache's rate: marked by direct_io
+        for mb in page_sizes_mb:
+            page = page_bytes_from_mb(mb)
+            rounds = []
+            for _ in range(_REPEATS):
+                seconds, direct = _disk_round(directory, pool, io_threads, page)
+                rounds.append(seconds)
+            total = _disk_bytes(io_threads, page)
+            w, r = (statistics.median(x[i] for x in rounds) for i in range(2))
+            both = statistics.median(_store_rate(directory, mb, io_threads) for _ in range(_REPEATS))
+            by_page[_key(mb)] = {"write_gbps": round(total / w / 1e9, 3), "read_gbps": round(total / r / 1e9, 3),
+                                 "both_gbps": round(both / 1e9, 3)}
     finally:
+        pool.shutdown()
+    return {"path": directory, "direct_io": direct, "io_threads": io_threads, "by_page_mb": by_page}
+
+
+def _store_rate(directory: str, page_size_mb: float, io_threads: int) -> float:
+    """Bytes per second an NVMe-store step moves (read + written) on a fresh file."""
+    param = torch.nn.Parameter(torch.randn(_UPDATE_NUMEL))
+    param.grad = torch.randn_like(param)
+    opt = _paged_optimizer("fp32", [param], page_size_mb=page_size_mb, store="nvme", nvme_path=directory,
+                           io_threads=io_threads)
+    try:
+        opt.step()  # lays out the pages: the file is written once
+        seconds = _best(opt.step, 2)
+        last = opt.paging_stats()["last_step"]
+        return (last["bytes_read"] + last["bytes_written"]) / seconds
+    finally:
+        opt.close()
+
+
+def _disk_bytes(io_threads: int, chunk_bytes: int) -> int:
+    """Bytes of a round's file for transfers of `chunk_bytes`."""
+    return max(_DISK_BYTES, 2 * io_threads * chunk_bytes) // chunk_bytes * chunk_bytes
+
+
+def _disk_round(directory: str, pool, io_threads: int, chunk_bytes: int) -> tuple[tuple, bool]:
+    """((write, read) seconds, direct IO) on a fresh file."""
+    path = tempfile.mktemp(prefix=".offload_engine_disk_probe_", dir=directory)
+    fd, direct = nvme_store.open_file(path)
+    chunks = [mmap.mmap(-1, chunk_bytes) for _ in range(io_threads)]  # page-aligned, as direct IO needs
+    for chunk in chunks:
+        chunk.write(os.urandom(4096) * (chunk_bytes // 4096))
+    offsets = list(range(0, _disk_bytes(io_threads, chunk_bytes), chunk_bytes))
+
+    def run(is_write: bool):
+        def worker(i):
+            for offset in offsets[i::io_threads]:  # each thread its own buffer
+                (os.pwritev if is_write else os.preadv)(fd, [chunks[i]], offset)
+        list(pool.map(worker, range(io_threads)))
+
+    def timed(fn):
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    def write():
+        run(True)
+        os.fsync(fd)
+    try:
+        # without direct IO the read is the page cache's rate (direct_io says so)
+        return (timed(write), timed(lambda: run(False))), direct
+    finally:
+        for chunk in chunks:
+            chunk.close()
         os.close(fd)
-        os.unlink(fd_path)
-        chunk.close()
-    return {"path": directory, "direct_io": direct, "write_gbps": round(_DISK_BYTES / write_s / 1e9, 3),
-            "read_gbps": round(_DISK_BYTES / read_s / 1e9, 3)}
+        os.unlink(path)
 
 
-def update_rate(fmt: str, threads: int) -> float:
-    """Params per second the paged optimizer's step updates with state format `fmt` ("fp32":
-    PagedAdamW, "int8": PagedAdamW8bit) on host pages, at `threads` threads (the page work
-    included)."""
+def _paged_optimizer(fmt: str, params, store: str = "cpu", **kwargs):
     from .. import optim
     classes = {"fp32": optim.PagedAdamW, "int8": optim.PagedAdamW8bit}
     if fmt not in classes:
         raise ValueError(f"state format must be one of {sorted(classes)} (the paged optimizers'), got {fmt!r}")
+    return classes[fmt](params, lr=1e-3, store=store, executor="cpu", **kwargs)
+
+
+def _timed_step(opt, threads: int) -> float:
     before = torch.get_num_threads()
-    param = torch.nn.Parameter(torch.randn(_UPDATE_NUMEL))
-    param.grad = torch.randn(_UPDATE_NUMEL)
-    opt = classes[fmt]([param], lr=1e-3, store="cpu", executor="cpu", page_size_mb=1)
     try:
         torch.set_num_threads(threads)
         opt.step()  # lays out the pages and touches the state
-        seconds = _best(opt.step)
+        return _best(opt.step)
     finally:
         torch.set_num_threads(before)
         opt.close()
-    return round(_UPDATE_NUMEL / seconds, 1)
+
+
+def update_rate(fmt: str, threads: int, master: bool = False, page_size_mb: float = 1.0) -> float:
+    """Params per second the paged optimizer's step updates with state format `fmt` ("fp32":
+    PagedAdamW, "int8": PagedAdamW8bit) on host pages of `page_size_mb`, at `threads` threads
+    (the page work included); `master`: bf16 params, whose fp32 master weights are paged with
+    the state."""
+    param = torch.nn.Parameter(torch.randn(_UPDATE_NUMEL, dtype=torch.bfloat16 if master else torch.float32))
+    param.grad = torch.randn_like(param)
+    opt = _paged_optimizer(fmt, [param], page_size_mb=page_size_mb, master_weights=master)
+    return round(_UPDATE_NUMEL / _timed_step(opt, threads), 1)
+
+
+def param_overhead_s(fmt: str) -> float:
+    """Seconds a step spends per param beyond its elements' update (its job, its segments):
+    a step over _SMALL_PARAMS small params, less the same elements' update as one param."""
+    params = [torch.nn.Parameter(torch.randn(_SMALL_NUMEL)) for _ in range(_SMALL_PARAMS)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    one = torch.nn.Parameter(torch.randn(_SMALL_PARAMS * _SMALL_NUMEL))
+    one.grad = torch.randn_like(one)
+    many_s = _timed_step(_paged_optimizer(fmt, params, page_size_mb=1), 1)
+    one_s = _timed_step(_paged_optimizer(fmt, [one], page_size_mb=1), 1)
+    return max(0.0, (many_s - one_s) / (_SMALL_PARAMS - 1))
 
 
 def gpu_rates() -> dict:  # pragma: no cover - needs CUDA

@@ -132,7 +132,9 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 
-def _load_config_dict(config: str | None) -> tuple[dict, str]:
+def load_config_dict(config: str | None) -> tuple[dict, str]:
+    """(the config as a dict, where it came from) for --config: a JSON file, or None (or
+    "default") for the embedded configs/default.json. Raises JobError naming --config."""
     if config is None or config == DEFAULT_CONFIG:
         text = resources.files(__package__).joinpath("data", "default.json").read_text(encoding="utf-8")
         return json.loads(text), "configs/default.json (embedded)"
@@ -211,7 +213,7 @@ def _resolve(settings: JobSettings) -> tuple[JobSettings, dict, str, list[str]]:
     settings = dataclasses.replace(settings, model=settings.model or "small",
                                    seed=0 if settings.seed is None else settings.seed,
                                    steps=DEFAULT_STEPS if settings.steps is None else settings.steps)
-    config, name = _load_config_dict(settings.config)
+    config, name = load_config_dict(settings.config)
     note = fit_schedule(config, settings.steps)
     if note:
         notes.append(note)
