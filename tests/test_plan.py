@@ -124,6 +124,84 @@ def test_feasibility_and_ranking(base, tmp_path):
             assert r.predicted.io_s == pytest.approx(io[r.candidate] / 2)
 
 
+def with_gpu(probe: MachineProbe, both=20.0, free=80 << 30) -> MachineProbe:
+    import dataclasses
+    return dataclasses.replace(probe, gpu={"name": "synthetic", "free_bytes": free, "count": 1, "h2d_gbps": both / 2,
+                                           "d2h_gbps": both / 2, "both_gbps": both})
+
+
+def test_the_hybrid_split_balances_the_two_sides(base):
+    """[Note: hybrid model]: the split f at which f x (CUDA alone) and (1 - f) x (CPU alone)
+    meet, unless the shared PCIe link is slower; the step at most the faster pure one."""
+    from offload_engine.plan.cost import hybrid_split
+    probe = with_gpu(synthetic(cores=4, fp32=2e9), both=200.0)  # a link fast enough not to bind
+    work = workload(params=3 << 24, dtype="fp32")
+    cand = Candidate("fp32", "cpu", "hybrid", 4.0, 2)
+    size = size_rank(config_for(base, Candidate("fp32", "cpu", "cpu", 4.0, 2), None), work)
+    gpu = predict(probe, size, Candidate("fp32", "cpu", "cuda", 4.0, 2), threads=4, gpu_params=True)
+    cpu = predict(probe, size, Candidate("fp32", "cpu", "cpu", 4.0, 2), threads=4, gpu_params=True)
+    t = hybrid_split(probe, size, cand, threads=4)
+    assert predict(probe, size, cand, threads=4, gpu_params=True) == t
+    pages = 2 * (size.pages - 1) * size.page_bytes
+
+    def step_at(f, both):
+        return max(f * gpu.step_s, (1 - f) * cpu.step_s, (f * pages + (1 - f) * 2 * size.param_bytes) / (both * GB))
+
+    assert 0 < t.gpu_fraction < 1 and t.step_s == pytest.approx(step_at(t.gpu_fraction, 200.0))
+    assert t.step_s == pytest.approx(min(step_at(i / 100, 200.0) for i in range(101)))
+    assert t.step_s < min(gpu.step_s, cpu.step_s)
+    # Both sides share the link: the CPU side moves a param and its grad (8 bytes per element
+    # here), the CUDA side a page in and out (16), so moving pages to the CPU side pays while
+    # the CPU keeps up.
+    assert t.bound == "pcie"
+    # a CPU twice as fast takes a larger share
+    faster = hybrid_split(with_gpu(synthetic(cores=4, fp32=4e9), both=200.0), size, cand, threads=4)
+    assert faster.gpu_fraction < t.gpu_fraction and faster.step_s < t.step_s
+    # the plan lists it with its split, and its config is one initialize() takes
+    plan = make_plan(work, probe, base, stores=["cpu"], state_dtypes=["fp32"])
+    rows = [r for r in plan.rows if r.candidate.executor == "hybrid"]
+    assert rows and all(r.candidate.gpu_fraction == r.predicted.gpu_fraction for r in rows)
+    assert "hybrid" in rows[0].candidate.label() and "% GPU" in rows[0].candidate.label()
+    paging = load_config(rows[0].config).paging_settings()
+    assert paging.executor == "hybrid" and paging.gpu_fraction == round(rows[0].candidate.gpu_fraction, 4)
+    # its host side stages (1 - f) of the params in pinned buffers, beside the CUDA footprint
+    row = rows[0]
+    cuda_foot = footprint_of(row.rank, dataclasses_replace(row.candidate, executor="cuda", gpu_fraction=None))
+    staged = row.footprint.pinned_host - cuda_foot.pinned_host
+    assert staged == int(2 * (1 - row.candidate.gpu_fraction) * row.rank.param_bytes)
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+    return dataclasses.replace(obj, **kw)
+
+
+def test_auto_executor_is_the_planners_choice_for_cuda_params(base):
+    """[Note: auto executor]: costed over the optimizer's own layout on meta params; no
+    cached probe (or none with a GPU) keeps the CUDA executor and says how to change that."""
+    from offload_engine.plan.auto import choose_executor
+    params = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in [(4096, 4096)] * 3 + [(333,)]]
+    kwargs = dict(store="cpu", page_size_mb=4.0, prefetch_depth=2)
+    none = choose_executor("PagedAdamW", kwargs, params, None)
+    assert none.executor == "cuda" and "offload-plan probe" in none.why
+    assert choose_executor("PagedAdamW", kwargs, params, synthetic()).executor == "cuda"  # probed without a GPU
+    probe = with_gpu(synthetic(cores=4, fp32=2e9), both=20.0)
+    choice = choose_executor("PagedAdamW", kwargs, params, probe)
+    assert choice.executor == "hybrid" and 0 < choice.gpu_fraction < 1
+    assert choice.predicted_s["hybrid"] == min(choice.predicted_s.values()) and set(choice.predicted_s) == \
+        {"cuda", "cpu", "hybrid"}
+    assert "hybrid" in choice.why and probe.date in choice.why
+    # a CPU update far faster than PCIe: the CPU executor alone; a tiny GPU: only the CPU executor fits
+    fast_cpu = choose_executor("PagedAdamW", kwargs, params, with_gpu(synthetic(cores=4, fp32=1e12), both=20.0))
+    assert fast_cpu.executor in ("cpu", "hybrid") and fast_cpu.predicted_s["cpu"] < fast_cpu.predicted_s["cuda"]
+    tiny = choose_executor("PagedAdamW", kwargs, params, with_gpu(synthetic(), free=1 << 20))
+    assert tiny.executor == "cpu"
+    only_cuda = choose_executor("PagedAdamW", kwargs, params, probe, executors=("cuda",))
+    assert only_cuda.executor == "cuda" and "hybrid" in only_cuda.predicted_fraction
+    nvme = choose_executor("PagedAdamW", dict(kwargs, store="nvme"), params, probe)
+    assert "hybrid" not in nvme.predicted_s  # its host side needs host pages
+
+
 def test_anchors(base):
     plan = make_plan(workload(params=1e6, dtype="fp32"), synthetic(), base, stores=["cpu"])
     by = {a.name: a.node for a in plan.anchors}

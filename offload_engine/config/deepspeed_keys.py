@@ -123,7 +123,9 @@ DEEPSPEED_KEYS: dict[str, dict[str, DeepSpeedKey]] = {
     "zero_optimization.offload_optimizer": {
         "pipeline_read": _hint(_PERF), "pipeline_write": _hint(_PERF),
         "fast_init": _hint(_PERF), "cpuadam_cores_perc": _hint(_PERF),
-        "ratio": _unsupported("offloading only part of the state", 1, 1.0),
+        "ratio": _unsupported("offloading only part of the state", 1, 1.0,
+                              instead="paging.executor 'hybrid' updates part of the state on the GPU and the "
+                                      "rest on the CPU each step: DeepSpeed's ratio is 1 - paging.gpu_fraction"),
         "super_offload": _unsupported("SuperOffload for superchips", False),
     },
     "fp16": {

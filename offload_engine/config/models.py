@@ -126,9 +126,18 @@ class PagingConfig(Section):
     prefetch_depth: PositiveInt = Field(
         2, description="Pages fetched ahead of the one being updated (>= 1); " + slot_rule_text() + ".")
     io_threads: PositiveInt = Field(4, description="Threads doing NVMe reads and writes (>= 1).")
-    executor: Literal["auto", "cpu", "cuda"] = Field(
+    executor: Literal["auto", "cpu", "cuda", "hybrid"] = Field(
         "auto", description="Where the update runs: 'cpu' (SIMD kernels), 'cuda' (CUDA kernels, pages copied to "
-                            "the GPU) or 'auto' (the params' device).")
+                            "the GPU), 'hybrid' (CUDA params: each step some pages are updated on the GPU and the "
+                            "others by the SIMD kernels in host memory, at the same time; store 'cpu') or 'auto' "
+                            "(CPU params: 'cpu'; CUDA params: the planner's choice from this machine's cached "
+                            "probe, `offload-plan probe`, else 'cuda'; docs/plan.md).")
+    gpu_fraction: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+        None, description="With executor 'hybrid': the share of a step's pages updated on the GPU, in [0, 1], to "
+                          "start from. null = the planner's split (0.5 without a cached probe).")
+    rebalance: bool = Field(
+        True, description="With executor 'hybrid': move gpu_fraction between steps toward the split at which both "
+                          "sides, at their measured rates, take equally long. false keeps it where it is.")
     master_weights: bool = Field(
         True, description="Keep fp32 master weights for bf16/fp16 params (fp32 params are their own master).")
     overlap: Literal["off", "exact", "delayed"] = Field(

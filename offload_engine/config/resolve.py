@@ -99,7 +99,9 @@ class PagingSettings:
     page_size_mb: float
     prefetch_depth: int
     io_threads: int
-    executor: str                 # "auto" | "cpu" | "cuda"
+    executor: str                 # "auto" | "cpu" | "cuda" | "hybrid"
+    gpu_fraction: float | None    # the hybrid's split; None: the planner's
+    rebalance: bool
     master_weights: bool
     overlap: str                  # "off" | "exact" | "delayed"
     speculation_budget_bytes: int
@@ -158,6 +160,13 @@ def check_paging(cfg) -> tuple[PagingSettings | None, list[Problem]]:
 
     # DeepSpeed's offload runs the update on the CPU; paging.executor, when given, decides instead.
     executor = p.executor if _given(p, "executor") or not offloading else "cpu"
+    if executor == "hybrid" and (store or "cpu") != "cpu":
+        problems.append((f"{_P}.executor", (f"'hybrid' updates some pages in host memory in place, beside the GPU's; "
+                                            f"it needs {_P}.store 'cpu' (the store is {store!r})")))
+    for key in ("gpu_fraction", "rebalance"):
+        if _given(p, key) and executor not in ("hybrid", "auto"):
+            problems.append((f"{_P}.{key}", (f"applies to {_P}.executor 'hybrid' (or 'auto', when it picks the "
+                                             f"hybrid); the executor is {executor!r}")))
 
     # fp32 master weights and stochastic rounding are two remedies for the same bf16 rounding
     # loss; asking for stochastic_rounding turns the default master_weights off.
@@ -180,7 +189,8 @@ def check_paging(cfg) -> tuple[PagingSettings | None, list[Problem]]:
         return None, problems
     return PagingSettings(store=store, nvme_path=nvme_path if store == "nvme" else None, state_dtype=p.state_dtype,
                           page_size_mb=p.page_size_mb, prefetch_depth=prefetch_depth, io_threads=p.io_threads,
-                          executor=executor, master_weights=master_weights, overlap=overlap,
+                          executor=executor, gpu_fraction=p.gpu_fraction, rebalance=p.rebalance,
+                          master_weights=master_weights, overlap=overlap,
                           speculation_budget_bytes=int(p.speculation_budget_mb * 2 ** 20),
                           delayed_warmup_steps=p.delayed_warmup_steps, pin_memory=pin_memory), []
 
@@ -294,6 +304,8 @@ def check_optimizer(cfg, settings: PagingSettings) -> tuple[tuple[str, dict] | N
         kwargs.update(store=settings.store or "cpu", page_size_mb=settings.page_size_mb,
                       prefetch_depth=settings.prefetch_depth, io_threads=settings.io_threads,
                       executor=settings.executor)
+        if settings.executor == "hybrid":
+            kwargs.update(gpu_fraction=settings.gpu_fraction, rebalance=settings.rebalance)
         if settings.store == "nvme":
             kwargs["nvme_path"] = settings.nvme_path
     return (None if problems else (name, kwargs)), problems

@@ -97,6 +97,8 @@ def _build(model, cfg, paging, low, model_parameters, optimizer, lr_scheduler, t
             raise ConfigError.single("optimizer", "no optimizer: add an optimizer section to the config or pass "
                                      "optimizer= to initialize()")
         kwargs = dict(spec.kwargs)
+        if "executor" in kwargs:  # a paged class: where its update runs ([Note: auto executor] in plan/auto.py)
+            kwargs.update(_place_update(spec.name, kwargs, params, paging))
         if kwargs.get("store") == "nvme":  # the node's ranks share its disk: [Note: node IO] in admission.py
             kwargs["io_threads"] = admission.node_io_threads(kwargs["io_threads"])
         optimizer = getattr(optim, spec.name)(params, **kwargs)
@@ -170,6 +172,41 @@ def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def _place_update(name: str, kwargs: dict, params, paging) -> dict:
+    """The executor (and the hybrid's split) for paged class `name` over `params`: the config's,
+    checked against the params' device, or for "auto" with CUDA params the planner's
+    ([Note: auto executor] in plan/auto.py); the CUDA executor where overlap 'exact' needs
+    pages during backward (only it takes them there)."""
+    flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else list(params)
+    device = flat[0].device if flat else torch.device("cpu")
+    executor = kwargs["executor"]
+    if executor in ("cuda", "hybrid") and device.type != "cuda":
+        what = ("updates CUDA params" if executor == "cuda" else
+                "splits each step between the GPU and the CPU, for CUDA params")
+        raise ConfigError.single("paging.executor", f"{executor!r} {what}; the params are on {device}. Use 'cpu' "
+                                 "or 'auto'")
+    if device.type != "cuda" or executor not in ("auto", "hybrid"):
+        return {}
+    if executor == "hybrid" and paging.gpu_fraction is not None:
+        return {}
+    from ..plan import auto
+    hosts = admission.gather_hosts()  # every rank takes this branch (same config, same device type)
+    local = hosts.count(admission.host_name())
+    choice = auto.choose_executor(name, {**kwargs, "executor": "cuda"}, flat, auto.cached_probe(), local,
+                                  executors=("cuda",) if paging.overlap == "exact" else None)
+    if executor == "hybrid":
+        fraction = choice.predicted_fraction.get("hybrid")
+        log.info("paging.gpu_fraction null: %s", f"{fraction:.2f}, the planner's split" if fraction is not None
+                 else f"0.5 to start ({choice.why})")
+        return {"gpu_fraction": 0.5 if fraction is None else fraction, "rebalance": paging.rebalance}
+    log.info("paging.executor auto: %s (%s)", choice.executor, choice.why)
+    out = {"executor": choice.executor}
+    if choice.executor == "hybrid":
+        fraction = choice.gpu_fraction if paging.gpu_fraction is None else paging.gpu_fraction
+        out.update(gpu_fraction=fraction, rebalance=paging.rebalance)
+    return out
+
+
 def _check_overlap_config(cfg, world_size: int, device: torch.device, backend: str | None) -> None:
     """[Note: overlap with backward]: clipping and fp16 are checked after backward (pages that
     ran early on a wrong guess are taken back); with several ranks the grads are reduced a
@@ -192,6 +229,10 @@ def _check_overlap_optimizer(optimizer, key: str, mode: str) -> None:
             raise ConfigError.single(key, f"'delayed' is built for the CPU executor so far: {refusal}; use "
                                      "paging.executor 'cpu' with CPU params, or overlap 'exact' or 'off'")
         return
+    if optimizer.paging_stats()["executor"] == "hybrid":
+        raise ConfigError.single(key, "'exact' is not supported with paging.executor 'hybrid' (its host side "
+                                 "copies the params and grads to the host after backward); use executor 'cuda' "
+                                 "or set paging.overlap to 'off'")
     if optimizer.paging_stats()["executor"] == "cpu" and optimizer.paging_stats()["device"].startswith("cuda"):
         raise ConfigError.single(key, "'exact' is not supported with paging.executor 'cpu' for CUDA params (the "
                                  "grads are copied to the host after backward); use executor 'cuda' or set "

@@ -118,8 +118,15 @@ _ARG = {
                   ">= 1; used with ``store=\"nvme\"`` only (default: {default})",
     "executor": "executor (str, optional): where the update runs: ``\"auto\"`` (on the params' device), "
                 "``\"cpu\"`` (the SIMD kernels; with CUDA params through pinned host copies of the params "
-                "and grads, ZeRO-Offload style, no state on the GPU) or ``\"cuda\"`` (the CUDA kernels "
-                "through device slots; CUDA params only) (default: {default})",
+                "and grads, ZeRO-Offload style, no state on the GPU), ``\"cuda\"`` (the CUDA kernels "
+                "through device slots; CUDA params only) or ``\"hybrid\"`` (CUDA params, ``store=\"cpu\"``: "
+                "each step some pages go to the GPU's kernels and the others to the SIMD kernels in host "
+                "memory, at the same time, bit for bit either alone) (default: {default})",
+    "gpu_fraction": "gpu_fraction (float, optional): with ``executor=\"hybrid\"``, the share of a step's "
+                    "pages updated on the GPU, in [0, 1]; None starts at 0.5 (default: {default})",
+    "rebalance": "rebalance (bool, optional): with ``executor=\"hybrid\"``, move ``gpu_fraction`` between "
+                 "steps toward the split at which both sides take equally long, from their measured "
+                 "times; None: only when ``gpu_fraction`` is None (default: {default})",
     "stochastic_rounding": "stochastic_rounding (bool, optional): round a bf16/fp16 param's new value "
                            "stochastically instead of to nearest even; seeded from torch's default "
                            "generator at construction, so ``torch.manual_seed`` makes runs repeatable. "

@@ -38,7 +38,7 @@ from ._base import _SIGNED, BlockwiseOptimizer
 from .paged_step import _PagedStep
 
 STORES = store_names()  # "cpu", "nvme", "managed" (paging/stores.py's registry)
-EXECUTORS = ("auto", "cpu", "cuda")  # auto: the params' device
+EXECUTORS = ("auto", "cpu", "cuda", "hybrid")  # auto: the params' device
 DEFAULT_PAGE_SIZE_MB = 16
 DEFAULT_PREFETCH_DEPTH = 2
 
@@ -49,7 +49,8 @@ class PagedOptimizer(BlockwiseOptimizer):
     (paging/pager.py), reached through ``self.pager``'s public methods only."""
 
     def __init__(self, params, *, store="cpu", nvme_path=None, page_size_mb=DEFAULT_PAGE_SIZE_MB,
-                 prefetch_depth=DEFAULT_PREFETCH_DEPTH, io_threads=4, executor="auto", **settings):
+                 prefetch_depth=DEFAULT_PREFETCH_DEPTH, io_threads=4, executor="auto", gpu_fraction=None,
+                 rebalance=None, **settings):
         name = type(self).__name__
         if store not in STORES:
             raise ValueError(f"{name}: store must be one of {', '.join(map(repr, STORES))}; got store={store!r}")
@@ -64,18 +65,40 @@ class PagedOptimizer(BlockwiseOptimizer):
         # By default the executor follows the params: CPU params are updated by the SIMD kernels,
         # CUDA params by the CUDA kernels through device slots (paging/executors/).
         device = _params_device(self.param_groups, name)
+        # `executor` may also be an Executor object (paging/executors/), e.g. a HybridExecutor
+        # of two CPU executors in tests; its name stands for it in the checks below.
+        given = None if isinstance(executor, str) else executor
+        if given is not None:
+            executor = getattr(given, "name", None)
         if executor not in EXECUTORS:
             raise ValueError(f"{name}: executor must be one of {', '.join(map(repr, EXECUTORS))}; got "
                              f"executor={executor!r}")
         if executor == "auto":
             executor = "cpu" if device.type == "meta" else device.type
-        if executor == "cuda" and device.type not in ("cuda", "meta"):
-            raise ValueError(f"{name}: executor='cuda' updates CUDA params; the params are on {device}")
+        if executor in ("cuda", "hybrid") and device.type not in ("cuda", "meta") and given is None:
+            what = ("updates CUDA params" if executor == "cuda" else
+                    "splits each step between the GPU (CUDA kernels) and the CPU (SIMD kernels) and needs CUDA "
+                    "params")
+            raise ValueError(f"{name}: executor={executor!r} {what}; the params are on {device}. Use "
+                             "executor='cpu' (or 'auto')")
         if store == "managed" and executor != "cuda":
             raise ValueError(f"{name}: store='managed' (CUDA managed memory) is updated by the CUDA executor; got "
                              f"executor={executor!r} with params on {device}. Use store='cpu' or 'nvme'")
+        if executor == "hybrid" and store != "cpu":
+            raise ValueError(f"{name}: executor='hybrid' updates some pages in host memory in place, beside the "
+                             f"GPU's; it needs store='cpu' (got store={store!r})")
+        if gpu_fraction is not None and (isinstance(gpu_fraction, bool) or not isinstance(gpu_fraction, (int, float))
+                                         or not 0.0 <= gpu_fraction <= 1.0):
+            raise ValueError(f"{name}: gpu_fraction must be a number in [0, 1] (the share of a step's pages the "
+                             f"hybrid executor updates on the GPU) or None; got gpu_fraction={gpu_fraction!r}")
+        if gpu_fraction is not None and executor != "hybrid":
+            raise ValueError(f"{name}: gpu_fraction is the hybrid executor's split; the executor is {executor!r}")
+        if rebalance is None:
+            rebalance = gpu_fraction is None  # a split the user set stays where it is
         self.pager = Pager(PagerSpec(store=store, executor=executor, device=device, page_bytes=page_bytes,
-                                     prefetch_depth=prefetch_depth, io_threads=io_threads, nvme_path=nvme_path))
+                                     prefetch_depth=prefetch_depth, io_threads=io_threads, nvme_path=nvme_path,
+                                     gpu_fraction=0.5 if gpu_fraction is None else float(gpu_fraction),
+                                     rebalance=bool(rebalance)), given)
         self._device = device
         self._keys: dict = {}          # param -> key (its index in the flat param order)
         # Overlapped steps opened with early="kept" or "none", by how settle() found them

@@ -22,9 +22,11 @@ class _PagedAdam(PagedOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
                  min_8bit_size=4096, *, block_size=None, maximize=False, store="cpu", nvme_path=None,
                  page_size_mb=DEFAULT_PAGE_SIZE_MB, prefetch_depth=DEFAULT_PREFETCH_DEPTH, io_threads=4,
-                 executor="auto", stochastic_rounding=False, master_weights=False):
+                 executor="auto", gpu_fraction=None, rebalance=None, stochastic_rounding=False,
+                 master_weights=False):
         super().__init__(params, store=store, nvme_path=nvme_path, page_size_mb=page_size_mb,
-                         prefetch_depth=prefetch_depth, io_threads=io_threads, executor=executor, lr=lr,
+                         prefetch_depth=prefetch_depth, io_threads=io_threads, executor=executor, gpu_fraction=gpu_fraction,
+                         rebalance=rebalance, lr=lr,
                          betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, adamw_mode=self._adamw,
                          maximize=maximize, stochastic_rounding=stochastic_rounding, state_format=self._format,
                          block_size=block_size, min_8bit_size=min_8bit_size, master_weights=master_weights)
@@ -39,11 +41,12 @@ class _PagedAdamW(_PagedAdam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  min_8bit_size=4096, *, block_size=None, maximize=False, store="cpu", nvme_path=None,
                  page_size_mb=DEFAULT_PAGE_SIZE_MB, prefetch_depth=DEFAULT_PREFETCH_DEPTH, io_threads=4,
-                 executor="auto", stochastic_rounding=False, master_weights=False):
+                 executor="auto", gpu_fraction=None, rebalance=None, stochastic_rounding=False,
+                 master_weights=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, min_8bit_size, block_size=block_size,
                          maximize=maximize, store=store, nvme_path=nvme_path, page_size_mb=page_size_mb,
                          prefetch_depth=prefetch_depth, io_threads=io_threads, executor=executor,
-                         stochastic_rounding=stochastic_rounding, master_weights=master_weights)
+                         gpu_fraction=gpu_fraction, rebalance=rebalance, stochastic_rounding=stochastic_rounding, master_weights=master_weights)
 
 
 class PagedAdam(_PagedAdam):
@@ -69,10 +72,11 @@ class PagedLion(PagedOptimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, min_8bit_size=4096, *,
                  block_size=None, maximize=False, store="cpu", nvme_path=None, page_size_mb=DEFAULT_PAGE_SIZE_MB,
-                 prefetch_depth=DEFAULT_PREFETCH_DEPTH, io_threads=4, executor="auto", stochastic_rounding=False,
-                 master_weights=False):
+                 prefetch_depth=DEFAULT_PREFETCH_DEPTH, io_threads=4, executor="auto", gpu_fraction=None, rebalance=None,
+                 stochastic_rounding=False, master_weights=False):
         super().__init__(params, store=store, nvme_path=nvme_path, page_size_mb=page_size_mb,
-                         prefetch_depth=prefetch_depth, io_threads=io_threads, executor=executor, lr=lr,
+                         prefetch_depth=prefetch_depth, io_threads=io_threads, executor=executor, gpu_fraction=gpu_fraction,
+                         rebalance=rebalance, lr=lr,
                          betas=betas, eps=0.0, weight_decay=weight_decay, amsgrad=False, adamw_mode=True,
                          bias_correction=False, maximize=maximize, stochastic_rounding=stochastic_rounding,
                          state_format=self._format, block_size=block_size, min_8bit_size=min_8bit_size,

@@ -66,6 +66,10 @@ class _PagedStep:
         self.restored = False          # settle() took the early pages back
         self.table = opt.pager.table
         self.work = {}                 # key -> (flat param, flat grad, step, seed, hyper)
+        # The jobs on pages updated in host memory for CUDA params (host copies of the params
+        # and grads), and which pages those are (None: all): set in close() by stage().
+        self.host_work: dict | None = None
+        self.host_pages: frozenset | None = None
         self.strided = []              # (param's local tensor, contiguous copy updated in its place)
         self.joined = set()            # keys whose grads are final
         self.fed = set()               # pages already handed to the pipeline
@@ -134,9 +138,15 @@ class _PagedStep:
         return (p_work.view(-1), grad.view(-1), step, seed, group_hyper(group, self.grad_scale))
 
     def _update(self, page, buf):
+        work = self.work
+        on_host = self.host_work is not None and (self.host_pages is None or page in self.host_pages)
+        if on_host:
+            work = self.host_work
         for seg, views in self.opt.pager.segment_views(page, buf):  # [Note: page views] in paging/pager.py
-            job = self.work.get(seg.key)
+            job = work.get(seg.key)
             if job is None:
+                if on_host and seg.key in self.work:  # staged without it: the page would silently stay
+                    raise RuntimeError(f"param {seg.key} on host page {page} has no host copy")
                 continue
             p_flat, g_flat, step, seed, hyper = job
             end = seg.start + seg.length
@@ -260,6 +270,19 @@ class _PagedStep:
             self.opt.mark_failed(f"a step failed after updating {done} of {max(total, done)} pages "
                                  f"({type(err).__name__}: {err})")
 
+    def _stage(self, keys) -> None:
+        """Host copies of the params and grads of `keys` for the pages the executor updates in
+        host memory (all of them for the CPU executor, some for the hybrid's host side)."""
+        staged = self.pages.stage({key: self.work[key][:2] for key in keys})  # flat param and grad
+        host = {key: (*pair, *self.work[key][2:]) for key, pair in staged.jobs.items()}
+        if self.host_work is None:
+            self.host_work, self.host_pages = host, staged.pages
+        else:
+            self.host_work.update(host)
+            self.host_pages = (None if self.host_pages is None or staged.pages is None
+                               else self.host_pages | staged.pages)
+        self.deferred = False
+
     def close(self) -> None:
         """Updates the pages still waiting for the params that have grads, lays out and updates
         params that joined without pages, waits for the write-backs and records the step."""
@@ -269,10 +292,7 @@ class _PagedStep:
         self.stop_pager()
         try:
             if self.deferred:  # CUDA params, CPU kernels ([Note: CPU executor for CUDA params])
-                on_gpu = {key: job[:2] for key, job in self.work.items()}  # flat param and grad
-                host = self.pages.stage(on_gpu)  # pinned host copies of each param and grad
-                self.work = {key: (*host[key], *job[2:]) for key, job in self.work.items()}
-                self.deferred = False
+                self._stage(list(self.work))
             rest = sorted({seg.page for key in self.work for seg in self.table.segments_of[key]} - self.fed)
             self._feed(rest)
             self.pages.finish()
@@ -283,7 +303,10 @@ class _PagedStep:
                 late, self.late = self.late, []
                 keys_before = set(self.work)
                 self.pages.next_pass()
+                self.deferred = self.host_work is not None  # their pages wait for their host copies
                 self.ready(late)
+                if self.deferred:
+                    self._stage(sorted(set(self.work) - keys_before))
                 new_pages = sorted({seg.page for key in set(self.work) - keys_before
                                     for seg in self.table.segments_of[key]} - self.fed)
                 self._feed(new_pages)

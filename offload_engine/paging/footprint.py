@@ -13,6 +13,8 @@ from here, so they cannot disagree.
                                 slots: one more than the CPU case, so a page's write to the
                                 file overlaps the next pages' reads
   managed store (CUDA only)     no slot: the driver migrates the pages, updated in place
+  host store,   hybrid          the CUDA executor's k + 2 device slots; its host side updates
+                                the other pages in place (executors/hybrid.py)
 A step allocates nothing beyond these. An NVMe file holds two copies of every page ([Note:
 shadow pages] in nvme_store.py: its ``copies_per_page``); a host-side slot pool is 4 KiB
 aligned (one SLOT_ALIGN more).
@@ -26,7 +28,7 @@ import dataclasses
 from .pool import SLOT_ALIGN
 from .stores import store_type
 
-EXECUTORS = ("cpu", "cuda")  # resolved: what runs the update kernels
+EXECUTORS = ("cpu", "cuda", "hybrid")  # resolved: what runs the update kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,9 @@ def slots(store: str, executor: str, prefetch_depth: int) -> Slots:
     access = store_type(store).access
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(map(repr, EXECUTORS))}; got {executor!r}")
-    cuda = executor == "cuda"
+    cuda = executor in ("cuda", "hybrid")  # the hybrid's device side holds the CUDA executor's slots
+    if executor == "hybrid" and access != "view":
+        raise ValueError(f"executor 'hybrid' updates host pages in place; the {store!r} store is not in host memory")
     if access == "managed":
         return Slots(0, False, 0)
     device = prefetch_depth + 2 if cuda else 0
@@ -61,7 +65,7 @@ def prefetch_depth_for_buffer_count(buffer_count: int) -> int:
 def slot_rule_text() -> str:
     """The slot rule in one sentence, for config field descriptions and generated docs."""
     return ("the pager holds prefetch_depth + 2 page slots (on the host for an NVMe store with the CPU "
-            "executor, on the GPU with the CUDA executor; an NVMe store with the CUDA executor adds "
+            "executor, on the GPU with the CUDA or hybrid executor; an NVMe store with the CUDA executor adds "
             "prefetch_depth + 3 pinned host staging slots; host RAM with the CPU executor and managed memory "
             "need none)")
 
@@ -110,5 +114,5 @@ def footprint(store: str, executor: str, prefetch_depth: int, page_bytes: int, n
                          disk=store_type(store).copies_per_page * pages)
     if access == "managed":
         return Footprint(host=pages)  # managed memory rests on the host; pages in flight visit the GPU
-    pinned = executor == "cuda"  # the CUDA executor copies from pinned pages
+    pinned = executor in ("cuda", "hybrid")  # the CUDA executor (and the hybrid's device side) copies pinned pages
     return Footprint(gpu=gpu, pinned_host=pages if pinned else 0, host=0 if pinned else pages)

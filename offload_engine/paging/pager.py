@@ -35,15 +35,23 @@ class PagerSpec:
     prefetch_depth: int
     io_threads: int = 4
     nvme_path: Optional[str] = None
+    gpu_fraction: float = 0.5   # the hybrid executor's split ([Note: hybrid split] in executors/hybrid.py)
+    rebalance: bool = True
 
     def footprint(self, num_pages: int) -> fp.Footprint:
         return fp.footprint(self.store, self.executor, self.prefetch_depth, self.page_bytes, num_pages)
 
 
 class Pager:
-    def __init__(self, spec: PagerSpec):
+    def __init__(self, spec: PagerSpec, executor=None):
+        """`executor`: an Executor (executors/__init__.py) to use instead of the one `spec`
+        names, e.g. a HybridExecutor of two CPU executors in tests; its name must be spec's."""
         self.spec = spec
-        self.executor = make_executor(spec.executor, spec.device)
+        if executor is None:
+            executor = make_executor(spec.executor, spec.device, spec.gpu_fraction, spec.rebalance)
+        elif executor.name != spec.executor:
+            raise ValueError(f"the executor given is {executor.name!r}; the spec names {spec.executor!r}")
+        self.executor = executor
         self.store = store_type(spec.store).from_spec(spec, self.executor.pins_host)
         self.table = PageTable(spec.page_bytes)
         self.slots = fp.slots(spec.store, spec.executor, spec.prefetch_depth)
@@ -244,6 +252,7 @@ class Pager:
             "state_bytes": self.table.state_bytes(),
             "store_bytes": self.store.nbytes,
             "footprint": self.footprint().as_dict(),
+            **self.executor.stats(),
             "steps": self.steps,
             "last_step": self._last.as_dict(),
             "totals": totals,
@@ -347,9 +356,10 @@ class PageStep:
         self._retaining = False
         self._let_go()
 
-    def stage(self, jobs: dict) -> dict:
-        """{key: (flat param, flat grad)} as the kernels read them ([Executor.stage])."""
-        return self._executor.stage(jobs)
+    def stage(self, jobs: dict):
+        """The params and grads the kernels read on host pages, and those pages (Staged,
+        [Executor.stage])."""
+        return self._executor.stage(jobs, self._pager.table)
 
     def feed(self, pages) -> None:
         self._feeder.feed(pages)

@@ -23,14 +23,18 @@ PREFETCH_DEPTHS = (2, 4)
 class Candidate:
     state_dtype: str          # "fp32" | "int8"
     store: str                # "cpu" (host RAM) | "nvme" | "managed"
-    executor: str             # "cpu" | "cuda"
+    executor: str             # "cpu" | "cuda" | "hybrid"
     page_size_mb: float
     prefetch_depth: int
+    gpu_fraction: float | None = None  # the hybrid's split, once the planner has chosen it (cost.hybrid_split)
 
     def label(self) -> str:
         store = {"cpu": "host"}.get(self.store, self.store)
         depth = f" prefetch {self.prefetch_depth}" if self.moves_pages else ""
-        return f"{self.state_dtype} {store} {self.executor} page {self.page_size_mb:g} MiB{depth}"
+        executor = self.executor
+        if self.gpu_fraction is not None:
+            executor = f"hybrid {self.gpu_fraction:.0%} GPU"
+        return f"{self.state_dtype} {store} {executor} page {self.page_size_mb:g} MiB{depth}"
 
     @property
     def moves_pages(self) -> bool:
@@ -40,6 +44,10 @@ class Candidate:
     def paging_section(self, nvme_path: str | None) -> dict:
         section = {"store": self.store, "state_dtype": self.state_dtype, "page_size_mb": self.page_size_mb,
                    "prefetch_depth": self.prefetch_depth, "executor": self.executor}
+        if self.gpu_fraction is not None:
+            # The planner's split to start from; the engine moves it with the measured phase
+            # times (paging.rebalance, on by default).
+            section["gpu_fraction"] = round(self.gpu_fraction, 4)
         if self.store == "nvme":
             section["nvme_path"] = nvme_path
         return section
@@ -47,14 +55,17 @@ class Candidate:
 
 def candidates(gpu: bool, state_dtypes=STATE_DTYPES, stores=None) -> list[Candidate]:
     """Every configuration the planner ranks on this machine: the CPU executor over host RAM
-    or NVMe, and with a GPU the CUDA executor (also over managed memory)."""
+    or NVMe, and with a GPU the CUDA executor (also over managed memory) and the hybrid of the
+    two over host RAM (its split chosen when it is costed: cost.hybrid_split)."""
     stores = tuple(stores or (("cpu", "nvme", "managed") if gpu else ("cpu", "nvme")))
     out = []
     for dtype in state_dtypes:
         for store in stores:
-            for executor in ("cpu", "cuda") if gpu else ("cpu",):
+            for executor in ("cpu", "cuda", "hybrid") if gpu else ("cpu",):
                 if store == "managed" and executor != "cuda":
                     continue  # managed memory is the CUDA executor's
+                if executor == "hybrid" and store != "cpu":
+                    continue  # its host side updates host pages in place
                 for page in PAGE_SIZES_MB:
                     moves = store == "nvme" or executor != "cpu"
                     for depth in PREFETCH_DEPTHS if moves and store != "managed" else PREFETCH_DEPTHS[:1]:
@@ -83,6 +94,7 @@ def config_for(base: dict, candidate: Candidate, nvme_path: str | None) -> dict:
     if isinstance(zero, dict):
         zero.pop("offload_optimizer", None)  # the paging section says where the state lives
     paging = {k: v for k, v in (config.get("paging") or {}).items()
-              if k not in ("store", "state_dtype", "page_size_mb", "prefetch_depth", "executor", "nvme_path")}
+              if k not in ("store", "state_dtype", "page_size_mb", "prefetch_depth", "executor", "nvme_path",
+                           "gpu_fraction")}
     config["paging"] = {**paging, **candidate.paging_section(nvme_path)}
     return config

@@ -17,6 +17,13 @@ With slots, the update and the transfers overlap (prefetch_depth pages ahead), s
 max(update + params, io) + fill; with pages in place it is update + params.
 The CUDA executor's own kernel time is taken as hidden behind its copies (it moves every
 page's bytes over PCIe, an order of magnitude slower than the GPU's memory).
+
+[Note: hybrid model] The hybrid executor gives a fraction f of the pages to the CUDA side and
+the rest to the CPU side, at once (paging/executors/hybrid.py). With G the step of the CUDA
+executor alone and C that of the CPU executor alone (CUDA params), its step is
+max(f G, (1 - f) C, link(f)) where link(f) is what both sides move over PCIe together (f of the
+pages in and out, 1 - f of the params and grads down and the params up) at the probed
+both-ways rate: the two sides share that wire. f is the best of 0, 0.01, ..., 1.
 """
 from __future__ import annotations
 
@@ -34,7 +41,8 @@ class StepPrediction:
     io_s: float
     fill_s: float
     step_s: float
-    bound: str                 # "update" | "disk" | "pcie": what sets the step
+    bound: str                 # "update" | "disk" | "pcie" | "split": what sets the step
+    gpu_fraction: float | None = None  # the hybrid's split ([Note: hybrid model])
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -64,6 +72,9 @@ def predict(probe: MachineProbe, size: RankSize, candidate: Candidate, *, thread
             ranks_per_disk: int = 1, ranks_per_gpu: int = 1) -> StepPrediction:
     """[Note: step model] for one rank's share (`size`) under `candidate`; `gpu_params`: the
     params are on a GPU."""
+    if candidate.executor == "hybrid":
+        return hybrid_split(probe, size, candidate, threads=threads, ranks_per_disk=ranks_per_disk,
+                            ranks_per_gpu=ranks_per_gpu)
     cuda = candidate.executor == "cuda"
     mb = candidate.page_size_mb
     update = 0.0 if cuda else sum(n / rate(probe, fmt, mb, threads) for fmt, n in size.numel.items())
@@ -95,3 +106,27 @@ def predict(probe: MachineProbe, size: RankSize, candidate: Candidate, *, thread
     if update + params >= io:
         bound = "update"
     return StepPrediction(update, params, io, fill, max(update + params, io) + fill, bound)
+
+
+def hybrid_split(probe: MachineProbe, size: RankSize, candidate: Candidate, *, threads: int, ranks_per_disk: int = 1,
+                 ranks_per_gpu: int = 1) -> StepPrediction:
+    """[Note: hybrid model]: the split with the shortest predicted step, and that step."""
+    if probe.gpu is None:
+        raise ValueError("the hybrid executor needs the GPU's probes (probe on a machine with CUDA)")
+    kw = dict(threads=threads, gpu_params=True, ranks_per_disk=ranks_per_disk, ranks_per_gpu=ranks_per_gpu)
+    gpu = predict(probe, size, dataclasses.replace(candidate, executor="cuda", gpu_fraction=None), **kw)
+    cpu = predict(probe, size, dataclasses.replace(candidate, executor="cpu", gpu_fraction=None), **kw)
+    both = probe.gpu["both_gbps"] * 1e9 / ranks_per_gpu
+    pages = 2 * max(0, size.pages - 1) * size.page_bytes
+    best = None
+    for i in range(101):
+        f = i / 100
+        parts = {"pcie": (f * pages + (1 - f) * 2 * size.param_bytes) / both,
+                 "split": max(f * gpu.step_s, (1 - f) * cpu.step_s)}
+        step = max(parts.values())
+        if best is None or step < best[1]:
+            best = (f, step, max(parts, key=parts.get))
+    f, step, bound = best
+    return StepPrediction(update_s=(1 - f) * cpu.update_s, params_s=(1 - f) * cpu.params_s,
+                          io_s=max(f * gpu.io_s, (1 - f) * cpu.io_s), fill_s=f * gpu.fill_s, step_s=step, bound=bound,
+                          gpu_fraction=f)

@@ -93,6 +93,12 @@ def make_plan(workload: Workload, probe: MachineProbe, base_config: dict, *, nvm
             predicted = max((predict(probe, r, cand, threads=threads, gpu_params=gpu,
                                      ranks_per_disk=workload.ranks_per_node) for r in ranks),
                             key=lambda p: p.step_s)  # the slowest rank sets the step
+        if predicted is not None and predicted.gpu_fraction is not None:
+            # The hybrid's split is chosen: its config and its (smaller) staging buffers follow.
+            cand = dataclasses.replace(cand, gpu_fraction=predicted.gpu_fraction)
+            config = config_for(base_config, cand, nvme_path)
+            feet = [footprint_of(r, cand, gpu) for r in ranks]
+            node = sum(feet, fp.Footprint())
         rows.append(Row(cand, config, ranks[0], feet[0], node, predicted, why))
     rows.sort(key=lambda r: (r.infeasible is not None, r.predicted.step_s if r.predicted else 0.0,
                              r.node.host_ram, r.node.disk))

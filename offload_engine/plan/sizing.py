@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import torch
+
 from ..config import ConfigWarning, load_config
 from ..engine.partition import split_points
 from ..optim.sharded import mark_full_numel
@@ -58,23 +60,29 @@ def rank_shapes(workload: Workload, rank: int):
 def size_rank(config: dict, workload: Workload, rank: int = 0) -> RankSize:
     """`rank`'s state under `config` (a candidate's, config_for), laid out by the optimizer the
     config builds, over meta params."""
-    import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)  # a user's lenient keys are reported when they train
         cfg = load_config(config, world_size=workload.world)
     spec = cfg.optimizer_spec(param_dtype_is_fp32=workload.dtype == "fp32")
-    kwargs = dict(spec.kwargs)
-    # Laid out on the host store and the CPU executor: the layout depends on the page size and
-    # the formats only, and a meta-param optimizer must open no file and touch no GPU.
-    kwargs.update(store="cpu", executor="cpu")
-    kwargs.pop("nvme_path", None)
     shards = []
     for view, full in rank_shapes(workload, rank):
         shard = torch.nn.Parameter(view, requires_grad=True)
         shards.append(mark_full_numel(shard, full))
+    return size_params(spec.name, spec.kwargs, shards)
+
+
+def size_params(name: str, kwargs: dict, shards) -> RankSize:
+    """The state of optimizer class `name` built with `kwargs` over `shards` (meta params, a
+    sharded one marked with its full size), laid out in pages."""
+    kwargs = dict(kwargs)
+    # Laid out on the host store and the CPU executor: the layout depends on the page size and
+    # the formats only, and a meta-param optimizer must open no file and touch no GPU.
+    kwargs.update(store="cpu", executor="cpu")
+    for key in ("nvme_path", "gpu_fraction", "rebalance"):
+        kwargs.pop(key, None)
     from .. import optim
-    opt = getattr(optim, spec.name)(shards, **kwargs)
+    opt = getattr(optim, name)(shards, **kwargs)
     try:
         pages = opt.planned_pages()
         numel: dict = {}
@@ -87,7 +95,7 @@ def size_rank(config: dict, workload: Workload, rank: int = 0) -> RankSize:
                 count[key] = count.get(key, 0) + 1
     finally:
         opt.close()
-    return RankSize(pages, page_bytes_from_mb(kwargs["page_size_mb"]), numel, count, spec.name,
+    return RankSize(pages, page_bytes_from_mb(kwargs["page_size_mb"]), numel, count, name,
                     sum(s.numel() * s.element_size() for s in shards))
 
 
@@ -98,4 +106,7 @@ def footprint_of(size: RankSize, candidate: Candidate, gpu_params: bool = False)
     foot = fp.footprint(candidate.store, candidate.executor, candidate.prefetch_depth, size.page_bytes, size.pages)
     if gpu_params and candidate.executor == "cpu":
         foot = foot + fp.Footprint(pinned_host=2 * size.param_bytes)
+    if candidate.executor == "hybrid":  # its host side stages its share of the params (at most all)
+        share = 1.0 if candidate.gpu_fraction is None else 1.0 - candidate.gpu_fraction
+        foot = foot + fp.Footprint(pinned_host=int(2 * share * size.param_bytes))
     return foot

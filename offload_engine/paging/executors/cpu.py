@@ -3,7 +3,7 @@ NVMe store's go through the pager's host slots (PageScheduler, paging/scheduler.
 from __future__ import annotations
 
 from ..scheduler import PageScheduler
-from . import DirectFeeder
+from . import DirectFeeder, Staged
 
 
 class CpuExecutor:
@@ -28,8 +28,11 @@ class CpuExecutor:
     def rewind(self, pipeline: PageScheduler) -> None:
         pipeline.rewind()
 
-    def stage(self, jobs: dict) -> dict:
-        return jobs
+    def stage(self, jobs: dict, table) -> Staged:
+        return Staged(jobs)  # CPU params: the kernels read them where they are
+
+    def stats(self) -> dict:
+        return {}
 
     def wrap_update(self, update, table):
         return update

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..scheduler import PageScheduler
-from . import DirectFeeder
+from . import DirectFeeder, Staged
 
 
 class CpuForCudaExecutor:
@@ -44,8 +44,11 @@ class CpuForCudaExecutor:
     def feeder(self, pipeline, threaded: bool) -> DirectFeeder:
         return DirectFeeder(pipeline)
 
-    def stage(self, jobs: dict) -> dict:
-        return self.copies.begin_step(jobs)
+    def stage(self, jobs: dict, table) -> Staged:
+        return Staged(self.copies.begin_step(jobs))  # every page runs on the host copies
+
+    def stats(self) -> dict:
+        return {}
 
     def wrap_update(self, update, table):
         copies = self.copies

@@ -34,8 +34,12 @@ class CudaExecutor:
             return DirectFeeder(pipeline)
         return PagerThread(pipeline, self.device)
 
-    def stage(self, jobs: dict) -> dict:
-        return jobs
+    def stage(self, jobs: dict, table):
+        from . import Staged
+        return Staged({}, frozenset())  # no page is updated in host memory
+
+    def stats(self) -> dict:
+        return {}
 
     def wrap_update(self, update, table):
         return update
