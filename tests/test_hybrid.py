@@ -185,3 +185,20 @@ def test_cuda_hybrid_is_bit_for_bit_the_cuda_and_cpu_executors(gpu, cls, dtype, 
     split = stats["split"]
     if 0.0 < fraction < 1.0 or rebalance:
         assert split["device_pages"] >= 1 and split["host_pages"] >= 1
+
+
+def test_the_benchmark_runs_with_the_stand_in(tmp_path):
+    """benchmarks/hybrid_step.py end to end where no GPU is lent (its times are not asserted)."""
+    import json
+
+    from conftest import import_benchmark
+    bench = import_benchmark("hybrid_step")
+    out = tmp_path / "rows.json"
+    assert bench.main(["--stand-in", "--sizes", "3e5", "--state", "int8", "--steps", "1", "--warmup", "2",
+                       "--page-size-mb", "0.25", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["device"].startswith("stand-in") and len(record["rows"]) == 1
+    row = record["rows"][0]
+    split = row["hybrid"]["split"]
+    assert split["device_pages"] >= 1 and split["host_pages"] >= 1
+    assert row["hybrid_vs_faster"] == row["hybrid"]["step_ms"] / min(row["cuda"]["step_ms"], row["cpu"]["step_ms"])

@@ -31,8 +31,8 @@ TINY = ["--model", "tiny", "--no-progress"]
 AUTO_PRECISION = "bf16" if choose_bf16(torch.device("cpu"))[0] else "fp32"
 
 
-def cli(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def cli(*args, timeout=300, env_extra=None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "offload_engine.train", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=REPO, **kw)
 
@@ -408,3 +408,32 @@ def test_overlap_delayed_reports_its_delayed_steps(tmp_path):
     assert delayed["param_copy_bytes"] > 0
     line = next(line for line in r.stdout.splitlines() if line.startswith("  overlap "))
     assert f"delayed: {delayed['steps_delayed']} steps updated" in line
+
+
+def test_plan_trains_with_the_planners_choice(tmp_path):
+    """--plan: the saved config is the planner's first choice for this model and precision from
+    the cached probe (a synthetic one here, so the choice is known), and the log says so."""
+    import socket
+
+    from offload_engine.plan import make_plan, save_cache
+    from offload_engine.plan.workload import workload
+    from test_plan import synthetic
+    cache = tmp_path / "cache"
+    probe = synthetic(cores=2)
+    save_cache(probe, str(cache / f"probe-{socket.gethostname()}.json"))
+    base = job.load_config_dict(None)[0]
+    job.fit_schedule(base, 3)
+    choice = make_plan(workload("tiny", dtype=AUTO_PRECISION), probe, base).choice
+    out = tmp_path / "run"
+    r = cli(*TINY, "--steps", 3, "--out", out, "--plan", env_extra={"OFFLOAD_ENGINE_CACHE": str(cache)})
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((out / job.CONFIG_FILE).read_text())
+    assert saved == choice.config and saved["paging"]["store"] == "cpu"
+    assert f"--plan: {choice.candidate.label()} ({choice.config['optimizer']['type']})" in r.stdout
+    summary = json.loads((out / job.SUMMARY_FILE).read_text())
+    assert summary["optimizer"] == choice.config["optimizer"]["type"] and "placed by --plan" in summary["config"]
+    # a resumed run keeps its saved config; --baseline trains torch AdamW: neither takes --plan
+    for extra, message in ((["--resume"], "--plan places a new run's state"),
+                           (["--baseline"], "--plan places the engine's optimizer state")):
+        r = cli(*TINY, "--out", out, "--plan", *extra, env_extra={"OFFLOAD_ENGINE_CACHE": str(cache)})
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

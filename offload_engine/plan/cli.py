@@ -170,17 +170,12 @@ def _plan_command(args) -> int:
 
 
 def _config_dtype(config: dict, probe) -> str:
-    """The params' training dtype the config gives on this machine (bf16 'auto' decided as
-    initialize() decides it, for the GPU when the probe found one)."""
-    bf16 = (config.get("bf16") or {}).get("enabled", False)
-    if bf16 == "auto":
-        import torch
+    """The params' training dtype the config gives on this machine (for the GPU when the probe
+    found one)."""
+    import torch
 
-        from ..engine.precision import choose_bf16
-        bf16, _why = choose_bf16(torch.device("cuda" if probe.gpu is not None else "cpu"))
-    if bf16:
-        return "bf16"
-    return "fp16" if (config.get("fp16") or {}).get("enabled", False) else "fp32"
+    from .for_job import config_dtype
+    return config_dtype(config, torch.device("cuda" if probe.gpu is not None else "cpu"))
 
 
 def format_probe(probe) -> str:

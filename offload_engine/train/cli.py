@@ -63,6 +63,10 @@ def parser() -> argparse.ArgumentParser:
                     help="train with torch.optim.AdamW on fp32 params instead of the config's optimizer (what "
                          "--compare runs as its first leg)")
     ap.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    ap.add_argument("--plan", action="store_true",
+                    help="place the optimizer state where offload-plan's first choice puts it for this model on this "
+                         "machine (the config's paging section and optimizer type; a cached probe, else one taken "
+                         "now, about 20 s)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap
@@ -116,7 +120,8 @@ def _fail(args, err: BaseException, code: int) -> int:
 def _settings(args) -> job.JobSettings:
     return job.JobSettings(config=args.config, steps=args.steps, model=args.model, out=args.out, resume=args.resume,
                            seed=args.seed, corpus=args.corpus, context=args.context, baseline=args.baseline,
-                           save_every=args.save_every, progress=not args.no_progress, device=args.device)
+                           save_every=args.save_every, progress=not args.no_progress, device=args.device,
+                           plan=args.plan)
 
 
 class _StopOnSignal:
@@ -177,7 +182,7 @@ def _compare(args) -> int:
     # its step and saves. This process only notes the request: the default handler would raise
     # KeyboardInterrupt here, and subprocess would kill the leg in the middle of its save.
     with _StopOnSignal() as stop:
-        for leg, extra in (("torch_adamw", ["--baseline"]), ("offload_engine", [])):
+        for leg, extra in (("torch_adamw", ["--baseline"]), ("offload_engine", ["--plan"] if args.plan else [])):
             out = args.out / leg
             print(f"{PROG} --compare: {leg} ({steps} steps) -> {out}", flush=True)
             cmd = [sys.executable, "-m", "offload_engine.train", "--steps", str(steps), "--out", str(out),

@@ -66,6 +66,7 @@ class JobSettings:
     save_every: int = 100
     progress: bool = True
     device: str | None = None        # None: cuda when available, else cpu
+    plan: bool = False               # place the state where the planner says (plan/for_job.py)
 
 
 # ---- the run directory ----------------------------------------------------------------------
@@ -181,7 +182,7 @@ def _baseline_config(config: dict) -> tuple[dict, dict]:
     return config, hyper
 
 
-def _resolve(settings: JobSettings) -> tuple[JobSettings, dict, str, list[str]]:
+def _resolve(settings: JobSettings, device: torch.device, log=print) -> tuple[JobSettings, dict, str, list[str]]:
     """Fills unset options from the saved run (--resume) or the defaults; returns the settings,
     the config dict to use, its name, and notes for the log."""
     notes = []
@@ -217,6 +218,15 @@ def _resolve(settings: JobSettings) -> tuple[JobSettings, dict, str, list[str]]:
     note = fit_schedule(config, settings.steps)
     if note:
         notes.append(note)
+    if settings.plan:
+        from ..plan.for_job import config_dtype, plan_job
+        from ..plan.workload import PlanError
+        try:
+            planned = plan_job(config, settings.model, config_dtype(config, device), settings.context, log=log)
+        except (PlanError, ValueError) as err:
+            raise JobError(str(err)) from None
+        config, name = planned.config, f"{name}, state placed by --plan"
+        notes.append(planned.note())
     return settings, config, name, notes
 
 
@@ -229,6 +239,12 @@ def run(settings: JobSettings, stop: threading.Event | None = None, log=print) -
         raise JobError(f"--steps must be >= 1, got {settings.steps}")
     if settings.save_every < 0:
         raise JobError(f"--save-every must be >= 0 (0: only at the end), got {settings.save_every}")
+    if settings.plan and settings.resume:
+        raise JobError("--plan places a new run's state; a resumed run keeps the config it was saved with "
+                       "(drop --plan)")
+    if settings.plan and settings.baseline:
+        raise JobError("--plan places the engine's optimizer state; --baseline trains torch AdamW instead "
+                       "(drop one of them)")
     device = resolve_device(settings.device)
     created = prepare_out(settings.out)
     try:
@@ -239,7 +255,7 @@ def run(settings: JobSettings, stop: threading.Event | None = None, log=print) -
 
 
 def _run(settings: JobSettings, device: torch.device, stop: threading.Event, log) -> dict:
-    settings, config, config_name, notes = _resolve(settings)
+    settings, config, config_name, notes = _resolve(settings, device, log)
     out = settings.out
 
     torch.manual_seed(settings.seed)
