@@ -27,7 +27,7 @@ def test_every_figure_is_measured(measured, tmp_path_factory):
     assert set(measured.update) == {"fp32", "int8", "fp32+master", "int8+master"}
     for fmt, by_page in measured.update.items():
         assert list(by_page) == ["1"] and list(by_page["1"]) == ["1"] and by_page["1"]["1"] > 0, fmt
-    assert set(measured.param_overhead_s) == {"fp32", "int8"}
+    assert set(measured.param_overhead_s) == {"fp32", "int8", "fp32+master", "int8+master"}
     assert (measured.gpu is None) == (not torch.cuda.is_available())
     assert not list(tmp_path_factory.getbasetemp().glob("disk*/.offload_engine_disk_probe_*"))  # no file left
 

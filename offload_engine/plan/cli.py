@@ -197,7 +197,9 @@ def format_probe(probe) -> str:
         for mb, by_threads in by_page.items():
             rates = ", ".join(f"{n} thread{'s' if n != '1' else ''} {rate / 1e9:.2f}" for n, rate in by_threads.items())
             lines.append(f"    {fmt:11} state, {mb:>4} MiB pages   {rates}")
-    lines.append("  per param            " + ", ".join(f"{fmt} {s * 1e6:.1f} us" for fmt, s in probe.param_overhead_s.items()))
+    lines.append("  per param            " + ", ".join(
+        f"{fmt} " + (", ".join(f"{v * 1e6:.1f} us at {n} thread{'s' if n != '1' else ''}" for n, v in s.items())
+                     if isinstance(s, dict) else f"{s * 1e6:.1f} us") for fmt, s in probe.param_overhead_s.items()))
     if probe.gpu is None:
         lines.append("  GPU                  none (no CUDA device)")
     else:

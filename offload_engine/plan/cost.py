@@ -6,7 +6,8 @@ the rank's state updated once. Its parts:
             without master weights) at the candidate's page size and the rank's thread count
             (cores / ranks per node): the probe runs the paged optimizer itself on host pages,
             so the page work is in it;
-  params    params x the probed per-param cost of their format (a job, its segments);
+  params    params x the probed per-param cost of their format, with or without master
+            weights, at the thread count (a job, its segments, a master's copy to its param);
   io        pages that travel through slots, each read and written once, but for the first
             read and the last write: at the probed rate of reads and writes in flight together
             at that page size (the disk's for the NVMe store, shared by the node's ranks;
@@ -68,6 +69,14 @@ def rate(probe: MachineProbe, fmt: str, page_size_mb: float, threads: int) -> fl
     return _nearest(_nearest(by_page, page_size_mb, f"{fmt} page sizes"), threads, f"{fmt} thread counts")
 
 
+def overhead_s(probe: MachineProbe, fmt: str, threads: int) -> float:
+    """The probed seconds per param of format key `fmt` ("int8+master", ...) at the thread count
+    nearest below `threads`; a record of an older probe holds one figure per plain format (at one
+    thread), which stands for its "+master" key too."""
+    value = probe.param_overhead_s.get(fmt, probe.param_overhead_s.get(fmt.split("+")[0], 0.0))
+    return _nearest(value, threads, f"{fmt} per-param thread counts") if isinstance(value, dict) else value
+
+
 def predict(probe: MachineProbe, size: RankSize, candidate: Candidate, *, threads: int, gpu_params: bool = False,
             ranks_per_disk: int = 1, ranks_per_gpu: int = 1) -> StepPrediction:
     """[Note: step model] for one rank's share (`size`) under `candidate`; `gpu_params`: the
@@ -78,7 +87,7 @@ def predict(probe: MachineProbe, size: RankSize, candidate: Candidate, *, thread
     cuda = candidate.executor == "cuda"
     mb = candidate.page_size_mb
     update = 0.0 if cuda else sum(n / rate(probe, fmt, mb, threads) for fmt, n in size.numel.items())
-    params = sum(n * probe.param_overhead_s.get(fmt.split("+")[0], 0.0) for fmt, n in size.params.items())
+    params = sum(n * overhead_s(probe, fmt, threads) for fmt, n in size.params.items())
     page = size.page_bytes
     inner = 2 * max(0, size.pages - 1) * page  # every page in and out but the first in and the last out
     io = fill = 0.0

@@ -37,6 +37,7 @@ _UPDATE_NUMEL = 1 << 24       # one param of this many elements (64 MiB, its sta
 _SMALL_PARAMS, _SMALL_NUMEL = 256, 4096  # the per-param overhead: many params of little work
 _GPU_BYTES = 256 << 20
 _REPEATS = 5
+_UPDATE_ROUNDS = 3  # [Note: interleaved update probes]
 
 
 @dataclasses.dataclass
@@ -55,7 +56,7 @@ class MachineProbe:
     update: dict                    # "fp32" | "int8" (fp32 params), "fp32+master" | "int8+master" (bf16
                                     # params, fp32 master weights paged with the state)
                                     # -> {page MiB (str): {threads (str): params updated per second}}
-    param_overhead_s: dict          # "fp32" | "int8" -> a step's seconds per param beyond its elements
+    param_overhead_s: dict          # "fp32", "int8+master", ... -> {threads: a step's seconds per param beyond its elements}
     gpu: dict | None                # {"name", "free_bytes", "h2d_gbps", "d2h_gbps", "both_gbps"}, or None
     seconds: float                  # how long the probes took
 
@@ -88,10 +89,10 @@ def probe_machine(nvme_path: str | None = None, formats=("fp32", "int8"), thread
         cpu=cpu_name(), cores=os.cpu_count() or 1, torch=torch.__version__,
         host_ram_available=memory_available(), host_copy_gbps=host_copy_gbps(),
         disk=disk_rates(nvme_path, io_threads, pages) if nvme_path is not None else None,
-        update={f"{fmt}{'+master' if master else ''}": {
-            _key(mb): {str(n): update_rate(fmt, n, master, mb) for n in counts} for mb in pages}
-            for master in (False, True) for fmt in formats},
-        param_overhead_s={fmt: param_overhead_s(fmt) for fmt in formats},
+        update=update_rates(formats, counts, pages),
+        param_overhead_s={f"{fmt}{'+master' if master else ''}": {str(n): param_overhead_s(fmt, n, master)
+                                                                   for n in counts}
+                          for master in (False, True) for fmt in formats},
         gpu=gpu_rates() if torch.cuda.is_available() else None, seconds=0.0)
     probe.seconds = round(time.perf_counter() - start, 2)
     return probe
@@ -134,18 +135,21 @@ def disk_rates(directory: str, io_threads: int = 4, page_sizes_mb=PAGE_SIZES_MB)
     typical rate."""
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="oe-disk-probe")
     by_page, direct = {}, False
+    rounds: dict = {mb: [] for mb in page_sizes_mb}
+    stores: dict = {mb: [] for mb in page_sizes_mb}
     try:
+        # Round by round over the page sizes, not page size by page size: a slow spell of the
+        # disk then falls on every page size alike, not on one ([Note: interleaved update probes]).
+        for _ in range(_REPEATS):
+            for mb in page_sizes_mb:
+                seconds, direct = _disk_round(directory, pool, io_threads, page_bytes_from_mb(mb))
+                rounds[mb].append(seconds)
+                stores[mb].append(_store_rate(directory, mb, io_threads))
         for mb in page_sizes_mb:
-            page = page_bytes_from_mb(mb)
-            rounds = []
-            for _ in range(_REPEATS):
-                seconds, direct = _disk_round(directory, pool, io_threads, page)
-                rounds.append(seconds)
-            total = _disk_bytes(io_threads, page)
-            w, r = (statistics.median(x[i] for x in rounds) for i in range(2))
-            both = statistics.median(_store_rate(directory, mb, io_threads) for _ in range(_REPEATS))
+            total = _disk_bytes(io_threads, page_bytes_from_mb(mb))
+            w, r = (statistics.median(x[i] for x in rounds[mb]) for i in range(2))
             by_page[_key(mb)] = {"write_gbps": round(total / w / 1e9, 3), "read_gbps": round(total / r / 1e9, 3),
-                                 "both_gbps": round(both / 1e9, 3)}
+                                 "both_gbps": round(statistics.median(stores[mb]) / 1e9, 3)}
     finally:
         pool.shutdown()
     return {"path": directory, "direct_io": direct, "io_threads": io_threads, "by_page_mb": by_page}
@@ -234,16 +238,63 @@ def update_rate(fmt: str, threads: int, master: bool = False, page_size_mb: floa
     return round(_UPDATE_NUMEL / _timed_step(opt, threads), 1)
 
 
-def param_overhead_s(fmt: str) -> float:
-    """Seconds a step spends per param beyond its elements' update (its job, its segments):
-    a step over _SMALL_PARAMS small params, less the same elements' update as one param."""
-    params = [torch.nn.Parameter(torch.randn(_SMALL_NUMEL)) for _ in range(_SMALL_PARAMS)]
+def update_rates(formats, counts, pages_mb, rounds: int = _UPDATE_ROUNDS, repeats: int = 2) -> dict:
+    """{format key: {page MiB: {threads: params per second}}} for every state format (with and
+    without master weights), page size and thread count, as update_rate() measures each one.
+
+    [Note: interleaved update probes] Timed one configuration after another, a slow spell of
+    the machine (a VM's neighbour, a frequency dip) lasting a few hundred milliseconds lands on
+    the few configurations probed during it, and the planner then ranks them wrongly: on a
+    2-core VM one page size's rate came out 25% below its neighbours' in one probe and not in
+    the next. So every configuration keeps one optimizer (over one shared param per dtype; the
+    state is its own), and `rounds` rounds each time every configuration `repeats` times; the
+    best over the rounds is kept, each configuration sampled across the whole probe."""
+    fp32 = torch.nn.Parameter(torch.randn(_UPDATE_NUMEL))
+    fp32.grad = torch.randn_like(fp32)
+    bf16 = torch.nn.Parameter(torch.randn(_UPDATE_NUMEL, dtype=torch.bfloat16))
+    bf16.grad = torch.randn_like(bf16)
+    opts = {}
+    try:
+        for master in (False, True):
+            for fmt in formats:
+                for mb in pages_mb:
+                    opt = _paged_optimizer(fmt, [bf16 if master else fp32], page_size_mb=mb, master_weights=master)
+                    opts[(f"{fmt}{'+master' if master else ''}", _key(mb))] = opt
+                    opt.step()  # lays out the pages and touches the state
+        best: dict = {}
+        before = torch.get_num_threads()
+        try:
+            for _ in range(rounds):
+                for (fmt, mb), opt in opts.items():
+                    for n in counts:
+                        torch.set_num_threads(n)
+                        seconds = _best(opt.step, repeats)
+                        key = (fmt, mb, str(n))
+                        best[key] = min(best.get(key, float("inf")), seconds)
+        finally:
+            torch.set_num_threads(before)
+    finally:
+        for opt in opts.values():
+            opt.close()
+    out: dict = {}
+    for (fmt, mb, n), seconds in best.items():
+        out.setdefault(fmt, {}).setdefault(mb, {})[n] = round(_UPDATE_NUMEL / seconds, 1)
+    return out
+
+
+def param_overhead_s(fmt: str, threads: int = 1, master: bool = False) -> float:
+    """Seconds a step spends per param beyond its elements' update (its job, its segments; with
+    `master`, bf16 params whose fp32 masters are paged, the param's copy from its master too):
+    a step over _SMALL_PARAMS small params, less the same elements' update as one param, at
+    the step's own thread count."""
+    dtype = torch.bfloat16 if master else torch.float32
+    params = [torch.nn.Parameter(torch.randn(_SMALL_NUMEL, dtype=dtype)) for _ in range(_SMALL_PARAMS)]
     for p in params:
         p.grad = torch.randn_like(p)
-    one = torch.nn.Parameter(torch.randn(_SMALL_PARAMS * _SMALL_NUMEL))
+    one = torch.nn.Parameter(torch.randn(_SMALL_PARAMS * _SMALL_NUMEL, dtype=dtype))
     one.grad = torch.randn_like(one)
-    many_s = _timed_step(_paged_optimizer(fmt, params, page_size_mb=1), 1)
-    one_s = _timed_step(_paged_optimizer(fmt, [one], page_size_mb=1), 1)
+    many_s = _timed_step(_paged_optimizer(fmt, params, page_size_mb=1, master_weights=master), threads)
+    one_s = _timed_step(_paged_optimizer(fmt, [one], page_size_mb=1, master_weights=master), threads)
     return max(0.0, (many_s - one_s) / (_SMALL_PARAMS - 1))
 
 

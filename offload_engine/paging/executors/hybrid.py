@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+import weakref
 from typing import Optional
 
 import torch
@@ -153,6 +154,8 @@ class HybridPipeline:
         self.split = split
         self.device = device
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="oe-hybrid")
+        # The worker thread ends with the pipeline (the optimizer closed or collected), not at exit only.
+        weakref.finalize(self, self._worker.shutdown, wait=False)
         self._pending: list[concurrent.futures.Future] = []
         self._device_pages = 0
         self._device_s = 0.0
@@ -196,6 +199,7 @@ class HybridPipeline:
             self._device_t0 = time.perf_counter()
         self.device_pipe.feed(pages, after)
 
+    @torch.no_grad()
     def _device_finish(self) -> StepStats:
         stats = self.device_pipe.finish()  # waits for the device side's last write-back
         if self._device_t0 is not None:
