@@ -62,7 +62,9 @@ elif args.shm_fallback == "hosts":
 
 world, rank = 1, 0
 if "RANK" in os.environ:
-    dist.init_process_group("gloo")
+    from offload_engine.engine import launch_env
+
+    dist.init_process_group("gloo", timeout=launch_env.timeout())  # [Note: collective timeout]
     world, rank = dist.get_world_size(), dist.get_rank()
 if args.global_micro % world:
     raise SystemExit(f"global micro-batch {args.global_micro} does not split over {world} ranks")

@@ -1,0 +1,167 @@
+"""A real two-host job on this machine (tests/hosts.py: two network namespaces on a veth link,
+each with its own host name and /dev/shm): torchrun's rendezvous across them, ranks grouped by
+host name, the result against one process. Skipped where namespaces cannot be made (not root)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hosts import TwoHosts
+from multirank import launch_ranks
+from test_data_parallel import _departures
+
+TESTS = Path(__file__).parent
+JOB = TESTS / "dp_job.py"
+PORT = 29511  # each test's namespaces are new: nothing else listens there
+
+pytestmark = pytest.mark.skipif(TwoHosts.unavailable() is not None, reason=str(TwoHosts.unavailable()))
+
+
+def _env(host) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": host.ifname,
+            "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+
+
+def torchrun_on(hosts, per_host: int, out: Path, *args, timeout=300) -> list[dict]:
+    """`dp_job --out out *args` by torchrun on every host (--nnodes len(hosts), node_rank its
+    index), the rendezvous at the first host's veth address. Each rank's result file."""
+    procs = []
+    for node_rank, host in enumerate(hosts):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", len(hosts), "--node-rank", node_rank,
+               "--nproc-per-node", per_host, "--master-addr", hosts[0].address, "--master-port", PORT,
+               JOB, "--out", out, *args]
+        procs.append(host.popen(cmd, env=_env(host), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err[-4000:]
+    world = per_host * len(hosts)
+    return [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.mark.parametrize("name, fmt", [("PagedAdamW", "fp32"), ("PagedAdamW8bit", "int8")])
+def test_two_hosts_by_torchrun_match_one_process(tmp_path, name, fmt):
+    """2 hosts x 2 ranks, rendezvous over the veth link: every step's loss and grad norm and the
+    final params within the data-parallel tolerances of one process on the same global batch;
+    ranks on different hosts do not share memory (the exchange is gloo's), and nothing is left
+    in either host's /dev/shm."""
+    single = launch_ranks(JOB, 1, tmp_path / "w1", "--optimizer", name, rank_env=False)[0]
+    with TwoHosts() as hosts:
+        ranks = torchrun_on(hosts, 2, tmp_path / "w4", "--optimizer", name)
+        leftovers = [h.run(["ls", "-A", "/dev/shm"]).stdout.split() for h in hosts]
+    assert _departures(single, ranks, fmt) == []
+    for r in ranks:
+        assert r["result"]["world"] == 4 and r["result"]["transport"] == "gloo", r["result"]["transport"]
+        # one copy of the params per rank: rank 0's change to its params reaches no other rank
+        assert r["result"]["seen_rank0_change"] == (r["result"]["rank"] == 0)
+    for key in single["params"]:
+        assert all(torch.equal(ranks[0]["params"][key], r["params"][key]) for r in ranks[1:]), key
+    held = [r["result"]["elements_with_state"] for r in ranks]
+    assert sum(held) == single["result"]["elements_with_state"]
+    assert leftovers == [[], []], leftovers
+
+
+def test_admission_names_the_host_that_does_not_fit(tmp_path):
+    """Each node's ranks are weighed against that node's memory: with host b short of memory
+    (its ranks read 1 KB available) every rank of both hosts refuses to start, naming host b."""
+    from offload_engine.engine.admission import MEMORY_ENV
+    with TwoHosts() as hosts:
+        procs = []
+        for node_rank, host in enumerate(hosts):
+            env = _env(host)
+            if node_rank == 1:
+                env[MEMORY_ENV] = "1000"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", 2, "--node-rank", node_rank,
+                   "--nproc-per-node", 2, "--master-addr", hosts[0].address, "--master-port", PORT,
+                   JOB, "--out", tmp_path / "w4", "--steps", 1]
+            procs.append(host.popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+        names = [h.name for h in hosts]
+    assert all(p.returncode != 0 for p in procs)
+    for err in errs:
+        assert f"does not fit in host memory on node {names[1]!r}: its 2 rank(s) of a world of 4" in err, err[-3000:]
+        assert f"node {names[0]!r}" not in err
+
+
+# What a surviving host takes to give up (docs/launch.md, "Two hosts"): a lost peer's socket is
+# seen at once; a cut link only by the collective timeout, set to 30 s here.
+FAULT_BOUND_S = 90
+
+
+def _start_long_job(hosts, out):
+    procs = []
+    for node_rank, host in enumerate(hosts):
+        env = {**_env(host), "OFFLOAD_ENGINE_DIST_TIMEOUT_S": "30"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", 2, "--node-rank", node_rank,
+               "--nproc-per-node", 2, "--master-addr", hosts[0].address, "--master-port", PORT,
+               JOB, "--out", out, "--steps", 100000]
+        procs.append(host.popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True))
+    return procs
+
+
+def _wait_running(host, count: int, deadline_s: float = 60.0) -> None:
+    """Until `count` dp_job processes run on `host` (its ranks started training)."""
+    import time
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if len(_jobs_on(host)) >= count:
+            time.sleep(3)  # past initialize(): in the step loop
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the ranks did not start on {host.name}")
+
+
+def _jobs_on(host) -> list[int]:
+    """Pids of dp_job processes in `host`'s network namespace."""
+    pids = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True, text=True).stdout.split()
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            if b"dp_job.py" in cmdline and b"torch.distributed.run" not in cmdline:
+                out.append(int(pid))
+        except OSError:
+            pass  # it ended meanwhile
+    return out
+
+
+
+@pytest.mark.parametrize("fault", ["kill-host", "cut-link"])
+def test_a_lost_host_ends_the_other_within_a_bound(tmp_path, fault):
+    """All ranks of host a killed (SIGKILL), or the veth link set down mid-step: host b's
+    ranks exit non-zero within FAULT_BOUND_S, never hang, and leave no process and no /dev/shm
+    file behind."""
+    import signal
+    import time
+    harness = TwoHosts()
+    with harness as hosts:
+        a, b = hosts
+        procs = _start_long_job(hosts, tmp_path / "w4")
+        try:
+            _wait_running(a, 2)
+            _wait_running(b, 2)
+            t0 = time.monotonic()
+            if fault == "kill-host":
+                os.killpg(procs[0].pid, signal.SIGKILL)
+                for pid in _jobs_on(a):
+                    os.kill(pid, signal.SIGKILL)
+            else:
+                harness.link(up=False)
+            procs[1].communicate(timeout=FAULT_BOUND_S)
+            took = time.monotonic() - t0
+            assert procs[1].returncode != 0
+            assert took < FAULT_BOUND_S
+            time.sleep(1)
+            assert _jobs_on(b) == []
+            assert b.run(["ls", "-A", "/dev/shm"]).stdout.split() == []
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.communicate()
