@@ -35,6 +35,18 @@ def simd_path(request, native, monkeypatch):
     return request.param
 
 
+@pytest.fixture(scope="session")
+def gpu():
+    """The CUDA device the CUDA-marked tests run on; skips them without a GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here: torch.cuda.is_available() is False")
+    from offload_engine import kernels
+    if not kernels.cuda_ops_built():
+        pytest.fail("a GPU is present but the native ops have no CUDA kernels (build with a CUDA torch and nvcc: "
+                    "pip install --no-build-isolation -e .)")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bit pattern, so equality means bit-identical (NaN payloads included)."""
     return t.view({4: torch.int32, 2: torch.int16, 8: torch.int64}[t.element_size()])

@@ -23,14 +23,6 @@ MODES = {  # each a branch of the kernel: AdamW, Adam with L2 + maximize + grad_
 }
 
 
-@pytest.fixture(scope="module")
-def gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU here: torch.cuda.is_available() is False")
-    if not kernels.cuda_ops_built():
-        pytest.fail("a GPU is present but the native ops have no CUDA kernels (build with a CUDA torch and nvcc: "
-                    "pip install --no-build-isolation -e .)")
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _adam(step, **over):

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import offload_engine
-from offload_engine import kernels
 from offload_engine.config import ConfigError, load_config
 from offload_engine.optim import PagedAdamW, PagedAdamW8bit, PagedLion8bit
 from offload_engine.paging import footprint as fp
@@ -156,16 +155,7 @@ def test_config_passes_the_split_to_the_optimizer():
     assert spec.kwargs["gpu_fraction"] == 0.7 and spec.kwargs["rebalance"] is False
 
 
-# ---- the CUDA pair (skipped without a GPU) ------------------------------------------------
-
-@pytest.fixture(scope="module")
-def gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU here: torch.cuda.is_available() is False")
-    if not kernels.cuda_ops_built():
-        pytest.fail("a GPU is present but the native ops have no CUDA kernels")
-    return torch.device("cuda", torch.cuda.current_device())
-
+# ---- the CUDA pair (skipped without a GPU: conftest's gpu fixture) -----------------------
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)

@@ -7,7 +7,6 @@ import gc
 import pytest
 import torch
 
-from offload_engine import kernels
 from offload_engine.optim import AdamW8bit, CPUAdam, Lion8bit, PagedAdamW, PagedAdamW8bit, PagedLion8bit
 from offload_engine.paging import PageIOError
 from conftest import bits
@@ -16,13 +15,6 @@ pytestmark = pytest.mark.cuda
 KB = 1 / 1024
 
 
-@pytest.fixture(scope="module")
-def gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU here: torch.cuda.is_available() is False")
-    if not kernels.cuda_ops_built():
-        pytest.fail("a GPU is present but the native ops have no CUDA kernels")
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 PAIRS = [
