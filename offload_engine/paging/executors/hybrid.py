@@ -98,7 +98,6 @@ class HybridExecutor:
         self.pins_host = device_side.pins_host
         self.split = Split(gpu_fraction, rebalance)
         self.device = device if device is not None else torch.device("cpu")
-        self._table = None
 
     @property
     def pinned_bytes(self) -> int:
@@ -117,7 +116,6 @@ class HybridExecutor:
         return DirectFeeder(pipeline)  # never overlapped (overlaps is False): close() feeds every page
 
     def wrap_update(self, update, table):
-        self._table = table
         return (self.device_side.wrap_update(update, table), self.host_side.wrap_update(update, table))
 
     def stage(self, jobs: dict, table) -> Staged:
@@ -241,6 +239,3 @@ class HybridPipeline:
             pass  # the step is dropped either way; abandon() below leaves nothing stored
         self.device_pipe.abandon()
         self.host_pipe.abandon()
-
-    def rewind(self) -> None:
-        raise RuntimeError("the hybrid pipeline keeps no page to rewind")
