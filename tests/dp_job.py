@@ -23,6 +23,9 @@ ap.add_argument("--shared-memory", choices=("on", "off"), default="on",
                 help="data_parallel.shared_memory (on: the ranks of this host share params and grads)")
 ap.add_argument("--shm-fallback", choices=("", "small-dir", "hosts"), default="",
                 help="make shared memory impossible: a directory it cannot be created in, or each rank on its own host")
+ap.add_argument("--fake-hosts", type=int, default=0,
+                help="report the ranks as on this many hosts (contiguous blocks of ranks; one host's /dev/shm "
+                     "for all): the hierarchical exchange on one machine")
 ap.add_argument("--perturb-inputs", type=int, default=0,
                 help="with this seed, move each input element by -1, 0 or +1 ulp: a difference at the level of "
                      "fp32 rounding, as another summation order or another CPU's GEMM makes")
@@ -35,6 +38,7 @@ ap.add_argument("--out", required=True)
 args = ap.parse_args()
 
 calls: dict = {}  # collective -> how many calls on more than 64 elements (--chunk-elements)
+sent: dict = {}  # collective -> the elements of those calls
 if args.chunk_elements:
     from offload_engine.engine import partition as _partition
 
@@ -45,6 +49,7 @@ if args.chunk_elements:
             tensor = tensor_or_list[0] if isinstance(tensor_or_list, list) else tensor_or_list
             if tensor.numel() > 64:  # grads or params, not a flag per param or a norm
                 calls[name] = calls.get(name, 0) + 1
+                sent[name] = sent.get(name, 0) + tensor.numel()
             return fn(tensor_or_list, *a, **k)
         return call
 
@@ -59,6 +64,11 @@ elif args.shm_fallback == "hosts":
     from offload_engine.engine import shared_memory as _shm
 
     _shm._host_id = lambda: (f"host-of-rank-{os.environ['RANK']}", "boot")
+if args.fake_hosts:
+    from offload_engine.engine import shared_memory as _shm
+
+    _per_host = int(os.environ["WORLD_SIZE"]) // args.fake_hosts
+    _shm._host_id = lambda: (f"fake-host-{int(os.environ['RANK']) // _per_host}", "boot")
 
 world, rank = 1, 0
 if "RANK" in os.environ:
@@ -137,7 +147,7 @@ if world > 1:
 held = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if optimizer.state.get(p))
 result = {"rank": rank, "world": world, "losses": losses, "norms": norms, "elements_with_state": held,
           "skipped": engine.skipped_steps, "checkpoint": saved, "global_steps": engine.global_steps,
-          "calls": calls, "scratch": scratch,
+          "calls": calls, "sent": sent, "scratch": scratch,
           "transport": engine.partition.transport if engine.partition is not None else None,
           "seen_rank0_change": seen, "profiler_labels": labels,
           "state_bytes": optimizer.paging_stats()["state_bytes"] if hasattr(optimizer, "paging_stats") else None}

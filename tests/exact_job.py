@@ -18,6 +18,8 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--cases", required=True, help="comma-separated optimizer:precision:gas:store")
 ap.add_argument("--bucket-mb", type=float, default=0.02)
 ap.add_argument("--shared-memory", choices=("on", "off"), default="on")
+ap.add_argument("--fake-hosts", type=int, default=0,
+                help="report the ranks as on this many hosts (contiguous blocks of ranks): the hierarchical exchange")
 ap.add_argument("--mutant", choices=("none", "skip-restore", "own-grads"), default="none")
 ap.add_argument("--graph", choices=("read", "opaque"), default="read",
                 help="opaque: the autograd graph tells nothing (as with reentrant checkpointing)")
@@ -50,6 +52,14 @@ if args.mutant == "own-grads":  # owners update their pages on their own grads: 
 if args.graph == "opaque":  # no param is taken as unreached: unused ones hold their buckets to the end
     from offload_engine.engine import overlap
     overlap.params_reached = lambda loss: None
+
+if args.fake_hosts:
+    import os
+
+    from offload_engine.engine import shared_memory as _shm
+
+    _per_host = int(os.environ["WORLD_SIZE"]) // args.fake_hosts
+    _shm._host_id = lambda: (f"fake-host-{int(os.environ['RANK']) // _per_host}", "boot")
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

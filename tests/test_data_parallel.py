@@ -166,6 +166,44 @@ def test_without_shared_memory_the_ranks_fall_back_to_gloo(tmp_path, fallback):
         assert res["losses"] == pytest.approx(single["losses"], rel=TRAJECTORY_REL["fp32"])
 
 
+@pytest.mark.parametrize("name, fmt", [("PagedAdamW", "fp32"), ("PagedAdamW8bit", "int8")])
+def test_two_hosts_of_two_ranks_exchange_hierarchically(tmp_path, name, fmt):
+    """4 ranks reported as 2 hosts x 2 ([Note: hierarchical exchange]): within the
+    data-parallel tolerances of one process; the ranks of a host share params (rank 0's change
+    is seen by rank 1, not by the other host's); what goes over gloo is, per step, each rank's
+    host-summed grads of its column peer's slices (with a flag per slice) and its own updated
+    slices, nothing more (the broadcasts are rank 0's params to each host's first rank, at
+    setup); no file is left in
+    /dev/shm."""
+    before = _offload_engine_shm_files()
+    steps = 6
+    single = run_job(tmp_path, 1, "--optimizer", name, "--steps", steps)[0]
+    ranks = run_job(tmp_path, 4, "--optimizer", name, "--steps", steps, "--fake-hosts", 2,
+                    "--chunk-elements", 1 << 20)
+    assert _departures(single, ranks, fmt) == []
+    numels = [v.numel() for v in single["params"].values()]
+    points = split_points(numels, 4)
+    starts = [sum(numels[:i]) for i in range(len(numels))]
+
+    def slices(r):  # (elements, slices) rank r owns
+        lo, hi = points[r], points[r + 1]
+        inside = [min(hi, s + n) - max(lo, s) for s, n in zip(starts, numels)]
+        return sum(x for x in inside if x > 0), sum(1 for x in inside if x > 0)
+    for r, rank in enumerate(ranks):
+        res = rank["result"]
+        assert res["transport"] == "hierarchical"
+        assert res["seen_rank0_change"] == (r < 2), r
+        peer = (r + 2) % 4  # the same local index on the other host
+        elements, count = slices(peer)
+        assert res["sent"]["isend"] == steps * (elements + count + slices(r)[0]), (r, res["sent"])
+        leader = r in (0, 2)  # each host's first rank
+        assert res["sent"].get("broadcast", 0) == (sum(n for n in numels if n > 64) if leader else 0)
+        assert "all_gather" not in res["sent"] and "all_reduce" not in res["sent"], res["sent"]
+    for key in single["params"]:
+        assert all(torch.equal(ranks[0]["params"][key], r["params"][key]) for r in ranks[1:]), key
+    assert _offload_engine_shm_files() <= before
+
+
 def test_a_nonfinite_grad_on_one_rank_skips_the_step_on_all(tmp_path):
     ranks = run_job(tmp_path, 2, "--optimizer", "PagedAdamW", "--steps", 4, "--nonfinite-at", 2)
     for r in ranks:

@@ -103,8 +103,8 @@ CASES = [f"{opt}:{precision}:{gas}:{store}" for opt in ("PagedAdamW", "PagedAdam
          for precision in ("fp32", "bf16", "fp16") for gas in (1, 3) for store in ("cpu", "nvme")]
 
 
-def _two_ranks(tmp_path, cases, *args):
-    return launch_ranks(JOB, 2, tmp_path / "out", "--cases", ",".join(cases), "--dir", tmp_path, *args)
+def _two_ranks(tmp_path, cases, *args, world=2):
+    return launch_ranks(JOB, world, tmp_path / "out", "--cases", ",".join(cases), "--dir", tmp_path, *args)
 
 
 def test_the_graph_names_the_params_backward_reaches():
@@ -127,13 +127,17 @@ def test_the_graph_names_the_params_backward_reaches():
 GLOO_CASES = [c for c in CASES if c.endswith((":bf16:3:cpu", ":fp16:1:nvme", ":fp32:3:nvme"))]
 
 
-@pytest.mark.parametrize("shared_memory", ["on", "off"])
+@pytest.mark.parametrize("shared_memory", ["on", "off", "two-hosts"])
 def test_two_ranks_exact_equals_the_step_after_backward(tmp_path, shared_memory):
     """The grid at 2 ranks: each rank's own micro-batches, an inf grad on rank 0 only (every
     rank must skip), a param with a grad on one rank only; every param on both ranks and
-    every state tensor of each rank's shards, bit for bit, against overlap off."""
+    every state tensor of each rank's shards, bit for bit, against overlap off. two-hosts:
+    4 ranks reported as 2 hosts x 2 ([Note: hierarchical exchange]), a quarter of the grid."""
     cases = CASES if shared_memory == "on" else GLOO_CASES
-    ranks = _two_ranks(tmp_path, cases, "--shared-memory", shared_memory)
+    if shared_memory == "two-hosts":
+        ranks = _two_ranks(tmp_path, cases, "--fake-hosts", 2, world=4)
+    else:
+        ranks = _two_ranks(tmp_path, cases, "--shared-memory", shared_memory)
     for case in cases:
         both = [r[case] for r in ranks]
         for rank, got in enumerate(both):
@@ -143,9 +147,10 @@ def test_two_ranks_exact_equals_the_step_after_backward(tmp_path, shared_memory)
             # Buckets went to their owners while backward ran, and pages were updated then.
             assert all(buckets == 3 for _, buckets in got["during"]), (case, rank, got["during"])
         assert any(pages > 0 for got in both for pages, _ in got["during"]), case
-        assert both[0]["applied"] == both[1]["applied"] and both[0]["outcomes"] == both[1]["outcomes"], case
-        for a, b in zip(both[0]["params"], both[1]["params"], strict=True):
-            assert torch.equal(bits(a), bits(b)), case
+        for other in both[1:]:
+            assert both[0]["applied"] == other["applied"] and both[0]["outcomes"] == other["outcomes"], case
+            for a, b in zip(both[0]["params"], other["params"], strict=True):
+                assert torch.equal(bits(a), bits(b)), case
 
 
 def test_two_ranks_an_opaque_graph_waits_for_unused_params_and_stays_exact(tmp_path):

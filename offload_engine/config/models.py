@@ -170,10 +170,12 @@ class DataParallelConfig(Section):
     """How data-parallel ranks exchange grads and params (this package's own section)."""
 
     shared_memory: bool = Field(
-        True, description="When every rank runs on one host (gloo, CPU params), keep one copy of the params in "
-                          "shared memory (/dev/shm) for all of them and hand grads to their owners there instead of "
-                          "over gloo; falls back to gloo, with the reason logged, where it cannot (several hosts, "
-                          "too little /dev/shm). false = always gloo.")
+        True, description="With gloo and CPU params, the ranks of each host keep one copy of the params in shared "
+                          "memory (/dev/shm) and hand grads to their owners there instead of over gloo. Across "
+                          "several hosts (the same number of ranks on each) the exchange is hierarchical: each "
+                          "rank sums its host's grads of one column of slices and only those sums, and the "
+                          "updated slices, cross hosts. Falls back to gloo for every rank, with the reason logged, "
+                          "where it cannot (too little /dev/shm, unequal or single-rank hosts). false = always gloo.")
     bucket_mb: PositiveFloat = Field(
         4.0, description="With paging.overlap 'exact' and several ranks: grads are averaged to their owners "
                          "during backward in buckets of whole params, in backward order, of at most this many "

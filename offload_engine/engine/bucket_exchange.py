@@ -59,6 +59,11 @@ class BucketExchange:
         mine = spans[rank]
         if self.transport == "shared memory":
             return self._reduce_bucket_shared(spans, group)
+        if self.transport == "hierarchical":  # [Note: hierarchical exchange] in host_exchange.py
+            done = self._reduce_across_hosts(spans, group, "bucket")
+            for p, a, b in done:
+                self.shard_of[p].grad = p.grad.view(-1)[a:b]
+            return [self.shard_of[p] for p, _, _ in done]
         n_mine = sum(b - a for _, a, b in mine)
         requests, received = [], []
         for k in range(1, world):

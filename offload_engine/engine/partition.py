@@ -50,8 +50,10 @@ its outbox again only after the next step's flag all-reduce, which no rank passe
 owner has finished reading; the next forward starts after gather_params' barrier, when every
 owner has written its slices. Rank 0's params become every rank's at setup (DeepSpeed
 broadcasts rank 0's at initialize too). The node then holds one copy of the params instead of
-one per rank. Any failure to set it up (another host, a small /dev/shm, params that share
-storage with other tensors) leaves the gloo path above, with the reason logged.
+one per rank. Ranks on several hosts, each with several ranks, share params within each host
+and exchange across hosts by column ([Note: hierarchical exchange] in host_exchange.py). Any
+failure to set it up (hosts with unequal rank counts or one rank each, a small /dev/shm, params
+that share storage with other tensors) leaves the gloo path above, with the reason logged.
 
 [Note: reduce per bucket] in bucket_exchange.py: with paging.overlap "exact" the grads go to their
 owners a bucket at a time during backward (the methods of BucketExchange, mixed in here).
@@ -69,7 +71,9 @@ import torch.distributed as dist
 
 from ..optim.sharded import mark_full_numel
 from .bucket_exchange import BucketExchange
-from .shared_memory import SharedArena, aligned, same_host
+from .host_exchange import HostExchange
+from .shared_memory import SharedArena, aligned, host_ids
+from .spans import add_into, pack, sub_span, unpack
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,7 @@ def split_points(numels: list[int], world: int, align: int = ALIGN) -> list[int]
     return points
 
 
-class Partition(BucketExchange):
+class Partition(BucketExchange, HostExchange):
     """This rank's share of `params` (the trainable params, in a fixed order shared by every
     rank) and the collectives around its optimizer step."""
 
@@ -125,7 +129,8 @@ class Partition(BucketExchange):
         # ([Note: shared params]) before the shards are cut: they must alias the shared params.
         self._outbox: list[dict[int, torch.Tensor]] = []  # [rank][owner] -> fp32 grads for owner
         self._outbox_pos: dict[tuple[int, int], int] = {}  # (owner, id(param)) -> its slice's offset in a box
-        self.transport = dist.get_backend(group)  # "gloo", "nccl", ... or "shared memory"
+        self._column_pos: dict[tuple[int, int], int] = {}  # the same in a column's box, less its start in the param
+        self.transport = dist.get_backend(group)  # "gloo", "nccl", ..., "shared memory" or "hierarchical"
         if shared_memory and self.transport == "gloo" and self.params:
             self._share_params()
         start = 0
@@ -162,8 +167,18 @@ class Partition(BucketExchange):
         elif any(p.untyped_storage().nbytes() != p.numel() * p.element_size() or p.storage_offset()
                  for p in self.params):
             why = "a param shares its storage with another tensor (moving it would break the aliasing)"
-        if why or not same_host(self.group):  # the same on every rank: the same model and group
-            log.info("data parallel: %s; grads and params go through gloo", why or "the ranks are on several hosts")
+        if why:  # the same on every rank: the same model and group
+            log.info("data parallel: %s; grads and params go through gloo", why)
+            return
+        ids = host_ids(self.group)
+        if None in ids:
+            log.info("data parallel: a rank's host has no boot id; grads and params go through gloo")
+            return
+        if any(i != ids[0] for i in ids):
+            why = self._share_across_hosts(ids)  # [Note: hierarchical exchange]
+            if why:
+                log.info("data parallel: the ranks are on several hosts and %s; grads and params go through gloo",
+                         why)
             return
         offset, param_at = 0, []
         for p in self.params:
@@ -254,6 +269,8 @@ class Partition(BucketExchange):
                 p.grad = torch.zeros_like(p)
         if self.transport == "shared memory":
             self._reduce_through_shared(with_grad)
+        elif self.transport == "hierarchical":
+            self._reduce_hierarchical(with_grad, _CHUNK_ELEMENTS)
         elif self.transport == "gloo":
             self._reduce_to_owners(with_grad)
         else:
@@ -283,23 +300,23 @@ class Partition(BucketExchange):
         sizes = [sum(b - a for _, a, b in s) for s in spans]
         rank, world = self.rank, self.world
         for lo in range(0, max(sizes), _CHUNK_ELEMENTS):
-            mine = _sub_span(spans[rank], lo, min(sizes[rank], lo + _CHUNK_ELEMENTS))
+            mine = sub_span(spans[rank], lo, min(sizes[rank], lo + _CHUNK_ELEMENTS))
             n_mine = sum(b - a for _, a, b in mine)
             # fp32 grads sum in place; others (bf16, fp16) in an fp32 copy, rounded back at the end.
             in_place = all(g.dtype == torch.float32 for g, _, _ in mine)
             if not in_place:
                 acc = self._scratch("acc", n_mine, torch.float32)
-                _pack(mine, acc)
+                pack(mine, acc)
             for k in range(1, world):
                 to, frm = (rank + k) % world, (rank - k) % world
-                theirs = _sub_span(spans[to], lo, min(sizes[to], lo + _CHUNK_ELEMENTS))
+                theirs = sub_span(spans[to], lo, min(sizes[to], lo + _CHUNK_ELEMENTS))
                 n_theirs = sum(b - a for _, a, b in theirs)
                 # Both sides of a pair agree on every size (the same partition), so each isend
                 # meets its irecv; posting both before waiting lets the two directions overlap.
                 requests = []
                 if n_theirs:
                     out = self._scratch("send", n_theirs, torch.float32)
-                    _pack(theirs, out)
+                    pack(theirs, out)
                     requests.append(dist.isend(out, dst=self._global(to), group=self.group))
                 if n_mine:
                     into = self._scratch("recv", n_mine, torch.float32)
@@ -307,7 +324,7 @@ class Partition(BucketExchange):
                 for request in requests:
                     request.wait()
                 if n_mine and in_place:
-                    _add_into(mine, into)
+                    add_into(mine, into)
                 elif n_mine:
                     acc += into
             if n_mine and in_place:
@@ -315,7 +332,7 @@ class Partition(BucketExchange):
                     g.view(-1)[a:b].div_(world)
             elif n_mine:
                 acc /= world
-                _unpack(acc, mine)
+                unpack(acc, mine)
 
     def _global(self, r: int) -> int:
         return r if self.group is None else dist.get_global_rank(self.group, r)
@@ -342,6 +359,9 @@ class Partition(BucketExchange):
             # returns to run the next forward on them ([Note: shared params]).
             dist.barrier(group=self.group)
             return
+        if self.transport == "hierarchical":
+            self._gather_across_hosts(_BUCKET_ELEMENTS)
+            return
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in self.params:
             by_dtype.setdefault(p.dtype, []).append(p)
@@ -355,12 +375,12 @@ class Partition(BucketExchange):
             if longest == 0:
                 continue
             mine = torch.zeros(longest, dtype=dtype, device=device)
-            _pack(spans[self.rank], mine)
+            pack(spans[self.rank], mine)
             gathered = [torch.empty_like(mine) for _ in range(self.world)]
             dist.all_gather(gathered, mine, group=self.group)
             for r, span in enumerate(spans):
                 if r != self.rank:
-                    _unpack(gathered[r], span)
+                    unpack(gathered[r], span)
 
     def _broadcast_spans(self, spans: list, dtype: torch.dtype) -> None:
         """Each rank's `spans[r]` from rank r to all, packed into the scratch buffer a chunk of
@@ -370,12 +390,12 @@ class Partition(BucketExchange):
             size = sum(b - a for _, a, b in span)
             for lo in range(0, size, _BUCKET_ELEMENTS):
                 hi = min(size, lo + _BUCKET_ELEMENTS)
-                chunk, part = self._scratch("gather", hi - lo, dtype), _sub_span(span, lo, hi)
+                chunk, part = self._scratch("gather", hi - lo, dtype), sub_span(span, lo, hi)
                 if r == self.rank:
-                    _pack(part, chunk)
+                    pack(part, chunk)
                 dist.broadcast(chunk, src=src, group=self.group)
                 if r != self.rank:
-                    _unpack(chunk, part)
+                    unpack(chunk, part)
 
     def _scratch(self, use: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """`numel` elements of the flat buffer for `use` and `dtype`, which grows to the largest
@@ -436,43 +456,6 @@ class Partition(BucketExchange):
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
-
-
-def _pack(span, flat: torch.Tensor) -> None:
-    """The slices of `span` ((tensor, start, end): of a param or a grad, in order) into
-    `flat`, back to back."""
-    offset = 0
-    for p, a, b in span:
-        flat[offset:offset + b - a] = p.view(-1)[a:b]
-        offset += b - a
-
-
-def _sub_span(span, lo: int, hi: int) -> list:
-    """The part of `span` that lands at [lo, hi) once its slices are packed back to back."""
-    out, offset = [], 0
-    for p, a, b in span:
-        n = b - a
-        x, y = max(lo, offset), min(hi, offset + n)
-        if x < y:
-            out.append((p, a + x - offset, a + y - offset))
-        offset += n
-    return out
-
-
-def _add_into(span, flat: torch.Tensor) -> None:
-    """Adds `flat` (the slices of `span`, packed back to back) into the slices themselves."""
-    offset = 0
-    for t, a, b in span:
-        t.view(-1)[a:b] += flat[offset:offset + b - a]
-        offset += b - a
-
-
-def _unpack(flat: torch.Tensor, span) -> None:
-    """`flat` back into the slices of `span` (the reverse of _pack)."""
-    offset = 0
-    for p, a, b in span:
-        p.view(-1)[a:b] = flat[offset:offset + b - a]
-        offset += b - a
 
 
 def _buckets(params: list[torch.Tensor]):

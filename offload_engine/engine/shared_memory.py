@@ -41,11 +41,12 @@ def _host_id() -> tuple[str, str]:
     return socket.gethostname(), boot
 
 
-def same_host(group=None) -> bool:
-    """Whether every rank of `group` runs on this host (a collective: every rank calls it)."""
+def host_ids(group=None) -> list[tuple[str, str] | None]:
+    """Each rank's host (its name and boot id), in `group`'s rank order; None for a rank whose
+    boot id is unknown, which shares memory with no one. A collective: every rank calls it."""
     ids = [None] * dist.get_world_size(group)
     dist.all_gather_object(ids, _host_id(), group=group)
-    return all(i == ids[0] for i in ids) and bool(ids[0][1])
+    return [i if i[1] else None for i in ids]
 
 
 class SharedArena:
