@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -75,7 +76,10 @@ def run(args, rank: int = 0, world: int = 1) -> dict:
                             "state": held_state(engine)}
 
     def save():
-        if engine.global_steps != args.save_at:
+        if args.pace_s:
+            time.sleep(args.pace_s)
+        periodic = args.save_every and engine.global_steps % args.save_every == 0
+        if engine.global_steps != args.save_at and not periodic:
             return
         if args.probe_tags:  # ranks that disagree on the tag are refused on every rank, before any file
             try:
@@ -121,6 +125,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--load-tag")
     ap.add_argument("--save")
     ap.add_argument("--save-at", type=int, default=-1)
+    ap.add_argument("--save-every", type=int, default=0, help="also save at every multiple of this many steps")
+    ap.add_argument("--pace-s", type=float, default=0.0, help="sleep this long after each step (a long job)")
     ap.add_argument("--probe-tags", action="store_true")
     ap.add_argument("--fail-save", action="store_true")
     ap.add_argument("--out")
@@ -131,7 +137,9 @@ def main() -> None:
     args = parser().parse_args()
     world, rank = 1, 0
     if "RANK" in os.environ:
-        dist.init_process_group("gloo")
+        from offload_engine.engine import launch_env
+
+        dist.init_process_group("gloo", timeout=launch_env.timeout())  # [Note: collective timeout]
         world, rank = dist.get_world_size(), dist.get_rank()
     result = run(args, rank, world)
     torch.save(result, f"{args.out}.rank{rank}.pt")

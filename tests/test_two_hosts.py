@@ -27,16 +27,23 @@ def _env(host) -> dict:
             "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
 
 
-def torchrun_on(hosts, per_host: int, out: Path, *args, timeout=300) -> list[dict]:
-    """`dp_job --out out *args` by torchrun on every host (--nnodes len(hosts), node_rank its
-    index), the rendezvous at the first host's veth address. Each rank's result file."""
+def start_torchrun(hosts, per_host: int, job: Path, out: Path, *args, env=None) -> list[subprocess.Popen]:
+    """`job --out out *args` by torchrun on every host (--nnodes len(hosts), node_rank its
+    index), the rendezvous at the first host's veth address; torchrun's process on each host,
+    each the leader of a session of its own."""
     procs = []
     for node_rank, host in enumerate(hosts):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", len(hosts), "--node-rank", node_rank,
                "--nproc-per-node", per_host, "--master-addr", hosts[0].address, "--master-port", PORT,
-               JOB, "--out", out, *args]
-        procs.append(host.popen(cmd, env=_env(host), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for proc in procs:
+               job, "--out", out, *args]
+        procs.append(host.popen(cmd, env={**_env(host), **(env or {})}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True))
+    return procs
+
+
+def torchrun_on(hosts, per_host: int, out: Path, *args, job: Path = JOB, timeout=300) -> list[dict]:
+    """start_torchrun to the end; each rank's result file."""
+    for proc in start_torchrun(hosts, per_host, job, out, *args):
         _, err = proc.communicate(timeout=timeout)
         assert proc.returncode == 0, err[-4000:]
     world = per_host * len(hosts)
@@ -93,38 +100,30 @@ FAULT_BOUND_S = 90
 
 
 def _start_long_job(hosts, out):
-    procs = []
-    for node_rank, host in enumerate(hosts):
-        env = {**_env(host), "OFFLOAD_ENGINE_DIST_TIMEOUT_S": "30"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", 2, "--node-rank", node_rank,
-               "--nproc-per-node", 2, "--master-addr", hosts[0].address, "--master-port", PORT,
-               JOB, "--out", out, "--steps", 100000]
-        procs.append(host.popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True))
-    return procs
+    return start_torchrun(hosts, 2, JOB, out, "--steps", 100000, env={"OFFLOAD_ENGINE_DIST_TIMEOUT_S": "30"})
 
 
-def _wait_running(host, count: int, deadline_s: float = 60.0) -> None:
-    """Until `count` dp_job processes run on `host` (its ranks started training)."""
+def _wait_running(host, count: int, deadline_s: float = 60.0, job: str = "dp_job.py") -> None:
+    """Until `count` `job` processes run on `host` (its ranks started training)."""
     import time
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
-        if len(_jobs_on(host)) >= count:
+        if len(_jobs_on(host, job)) >= count:
             time.sleep(3)  # past initialize(): in the step loop
             return
         time.sleep(0.2)
     raise AssertionError(f"the ranks did not start on {host.name}")
 
 
-def _jobs_on(host) -> list[int]:
-    """Pids of dp_job processes in `host`'s network namespace."""
+def _jobs_on(host, job: str = "dp_job.py") -> list[int]:
+    """Pids of `job` processes (not their torchrun) in `host`'s network namespace."""
     pids = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True, text=True).stdout.split()
     out = []
     for pid in pids:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read()
-            if b"dp_job.py" in cmdline and b"torch.distributed.run" not in cmdline:
+            if job.encode() in cmdline and b"torch.distributed.run" not in cmdline:
                 out.append(int(pid))
         except OSError:
             pass  # it ended meanwhile
@@ -165,3 +164,71 @@ def test_a_lost_host_ends_the_other_within_a_bound(tmp_path, fault):
                 if p.poll() is None:
                     os.killpg(p.pid, signal.SIGKILL)
                     p.communicate()
+
+
+# ---- checkpoints across hosts ([Note: world-size-free checkpoints] in engine/reshard.py) ---------
+CKPT_JOB = TESTS / "dp_ckpt_job.py"
+SAVE_AT, STEPS, GLOBAL_MICRO = 3, 6, 12  # 12 splits over 4, 3 and 1 ranks
+
+
+def test_a_checkpoint_saved_at_two_hosts_loads_at_three_ranks_and_at_one(tmp_path):
+    """Saved at 2 hosts x 2 ranks (step 3 of 6), loaded at 3 ranks on one host and in one
+    process: the state the new ranks hold is the saved state, bit for bit, the step and lr are
+    the saved ones, and continuing to step 6 matches the uninterrupted two-host run within the
+    fp32 trajectory bound."""
+    from test_dp_checkpoint import alone, assert_params_close, assert_same_state, launch, stitched
+    from tolerances import TRAJECTORY_PARAM_MAX_REL
+    common = ("--global-micro", GLOBAL_MICRO, "--steps", STEPS)
+    with TwoHosts() as hosts:
+        saved = torchrun_on(hosts, 2, tmp_path / "w4", *common, "--save", tmp_path / "ckpt", "--save-at", SAVE_AT,
+                            job=CKPT_JOB)
+    resumed = {"w3": launch(3, tmp_path / "w3", *common, "--load", tmp_path / "ckpt"),
+               "w1": [alone(*common, "--load", tmp_path / "ckpt")]}
+    for name, ranks in resumed.items():
+        assert_same_state(stitched(ranks, "loaded"), stitched(saved, "saved"))
+        for r in ranks:
+            assert r["loaded"]["global_steps"] == SAVE_AT and r["loaded"]["lr"] == saved[0]["saved"]["lr"], name
+            assert r["global_steps"] == STEPS and r["lr"] == saved[0]["lr"], name
+            assert_params_close(r["params"], saved[0]["params"], rel=TRAJECTORY_PARAM_MAX_REL["fp32"])
+
+
+def test_a_job_restarted_after_a_lost_host_resumes_from_its_last_checkpoint(tmp_path):
+    """A two-host job saving every 5 steps loses host a (SIGKILL) after a few saves: host b's
+    ranks end, and the job started again on both hosts loads the last complete checkpoint (the
+    `latest` a save moves only once every rank's file is in) and continues from its step;
+    where it ends matches one process run straight to that step, within the fp32 trajectory
+    bound."""
+    import signal
+    import time
+    from offload_engine.engine import checkpoint as ckpt
+    from test_dp_checkpoint import alone, assert_params_close
+    from tolerances import TRAJECTORY_PARAM_MAX_REL
+    save = tmp_path / "ckpt"
+    common = ("--global-micro", GLOBAL_MICRO, "--save", save)
+    with TwoHosts() as hosts:
+        procs = start_torchrun(hosts, 2, CKPT_JOB, tmp_path / "long", *common, "--steps", 100000,
+                               "--save-every", 5, "--pace-s", 0.05, env={"OFFLOAD_ENGINE_DIST_TIMEOUT_S": "30"})
+        try:
+            end = time.monotonic() + 120
+            while time.monotonic() < end and not (save / "latest").exists():
+                time.sleep(0.2)
+            time.sleep(2)  # a few more saves
+            os.killpg(procs[0].pid, signal.SIGKILL)
+            for pid in _jobs_on(hosts[0], "dp_ckpt_job.py"):
+                os.kill(pid, signal.SIGKILL)
+            procs[1].communicate(timeout=FAULT_BOUND_S)
+            assert procs[1].returncode != 0
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+        last = ckpt.resolve_tag(save, None)
+        step = int(last.name.removeprefix("global_step"))
+        assert step >= 5 and step % 5 == 0, last
+        again = torchrun_on(hosts, 2, tmp_path / "again", *common, "--load", save, "--steps", step + 3,
+                            job=CKPT_JOB)
+    straight = alone("--global-micro", GLOBAL_MICRO, "--steps", step + 3)
+    for r in again:
+        assert r["loaded"]["global_steps"] == step and r["global_steps"] == step + 3
+        assert_params_close(r["params"], straight["params"], rel=TRAJECTORY_PARAM_MAX_REL["fp32"])
