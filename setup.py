@@ -78,7 +78,10 @@ setup(
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "numpy", "transformers>=4.40", "peft>=0.10", "matplotlib>=3.7",
                  # the mpiexec launcher test: MPICH's binary wheel (mpiexec) and mpi4py's (seconds to install)
-                 "mpich", "mpi4py"],
+                 "mpich", "mpi4py",
+                 # the deepspeed launcher tests (one host, and two with a hostfile) and the DeepSpeed
+                 # compatibility checks (loss scaler, schedulers); it installs no torch of its own
+                 "deepspeed>=0.14"],
         "plot": ["matplotlib>=3.7"],
         "bench": ["deepspeed>=0.14", "bitsandbytes>=0.43", "torchao>=0.5", "matplotlib>=3.7", "py-cpuinfo"],
     },

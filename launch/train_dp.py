@@ -16,6 +16,7 @@ fixed held-out batch, which every rank computes on its own copy of the params.
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 
@@ -78,7 +79,8 @@ def main() -> None:
     with torch.no_grad():
         final = torch.nn.functional.mse_loss(engine(x), y).item()
     result = {"rank": rank, "world": world, "local_rank": launched.local_rank, "launcher": launched.launcher,
-              "pid": os.getpid(), "final_loss": final}
+              "pid": os.getpid(), "host": socket.gethostname(), "final_loss": final,
+              "transport": engine.partition.transport if engine.partition is not None else None}
     _say("RESULT " + json.dumps(result))
     if dist.is_initialized():
         dist.barrier()  # no rank tears the group down while another still uses it

@@ -17,6 +17,7 @@ import signal
 import subprocess
 
 SUBNET = "10.231.{}.{}"
+IFNAME = "oelink0"  # each host's end of the veth link, inside its namespace
 
 
 class Host:
@@ -72,8 +73,11 @@ class TwoHosts:
             for i, ns in enumerate(self.names):
                 address = SUBNET.format(self.subnet, i + 1)
                 self._ip("link", "set", veth[i], "netns", ns)
-                self._ip("addr", "add", f"{address}/24", "dev", veth[i], netns=ns)
-                self._ip("link", "set", veth[i], "up", netns=ns)
+                # One interface name on every host, as on a cluster's nodes: one GLOO_SOCKET_IFNAME
+                # serves a launcher that starts ranks on both (mpiexec -genv).
+                self._ip("link", "set", veth[i], "name", IFNAME, netns=ns)
+                self._ip("addr", "add", f"{address}/24", "dev", IFNAME, netns=ns)
+                self._ip("link", "set", IFNAME, "up", netns=ns)
                 self._ip("link", "set", "lo", "up", netns=ns)
                 host_name = f"host{'ab'[i]}-{self.names[i]}"
                 script = (f"hostname {host_name} && mount -t tmpfs -o size=1g oe-shm /dev/shm && echo ready && "
@@ -84,7 +88,7 @@ class TwoHosts:
                 line = holder.stdout.readline().strip()
                 if line != "ready":
                     raise RuntimeError(f"host {host_name} did not start: {holder.stderr.read().strip()}")
-                self.hosts.append(Host(host_name, ns, veth[i], address, holder))
+                self.hosts.append(Host(host_name, ns, IFNAME, address, holder))
         except BaseException:
             self.__exit__()
             raise

@@ -232,3 +232,83 @@ def test_a_job_restarted_after_a_lost_host_resumes_from_its_last_checkpoint(tmp_
     for r in again:
         assert r["loaded"]["global_steps"] == step and r["global_steps"] == step + 3
         assert_params_close(r["params"], straight["params"], rel=TRAJECTORY_PARAM_MAX_REL["fp32"])
+
+
+# ---- the other launchers across the hosts ---------------------------------------------------------
+TRAIN_DP = TESTS.parent / "launch" / "train_dp.py"
+
+
+def _train_dp_alone() -> float:
+    """launch/train_dp.py's final loss in one process (the whole global batch)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    done = subprocess.run([sys.executable, str(TRAIN_DP), "--steps", "5"], env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _results_of(done.stdout)[0]["final_loss"]
+
+
+def _results_of(stdout: str) -> list[dict]:
+    import json
+    import re
+    return [json.loads(m) for m in re.findall(r"RESULT (\{.*?\})", stdout)]
+
+
+def _check_four_ranks(results: list[dict], hosts, launcher: str, alone_loss: float) -> None:
+    """One world of 4 over the two hosts, 2 ranks each, the launcher recognised, the ranks of a
+    host sharing params (the hierarchical exchange), and one process's loss."""
+    from tolerances import TRAJECTORY_REL
+    results = sorted(results, key=lambda r: r["rank"])
+    assert [(r["rank"], r["world"], r["local_rank"], r["host"]) for r in results] == \
+        [(0, 4, 0, hosts[0].name), (1, 4, 1, hosts[0].name), (2, 4, 0, hosts[1].name), (3, 4, 1, hosts[1].name)]
+    assert all(r["launcher"].startswith(launcher) and r["transport"] == "hierarchical" for r in results), results
+    assert len({r["final_loss"] for r in results}) == 1
+    assert results[0]["final_loss"] == pytest.approx(alone_loss, rel=TRAJECTORY_REL["fp32"])
+
+
+def _tool(name: str):
+    import shutil
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+def test_the_deepspeed_launcher_with_a_hostfile_runs_over_both_hosts(tmp_path):
+    """`deepspeed --hostfile H --no_ssh --node_rank R --master_addr A` on each host, the
+    hostfile naming both (DeepSpeed's way to start nodes without ssh)."""
+    deepspeed = _tool("deepspeed")
+    if deepspeed is None:
+        pytest.skip("the deepspeed launcher is not installed (pip install deepspeed)")
+    alone_loss = _train_dp_alone()
+    with TwoHosts() as hosts:
+        hostfile = tmp_path / "hostfile"
+        hostfile.write_text("".join(f"{h.name} slots=2\n" for h in hosts))
+        procs = [host.popen([deepspeed, "--hostfile", hostfile, "--no_ssh", "--node_rank", node_rank,
+                             "--master_addr", hosts[0].address, "--master_port", PORT, TRAIN_DP, "--steps", 5],
+                            env=_env(host), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for node_rank, host in enumerate(hosts)]
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err[-4000:]
+            results += _results_of(out)
+        _check_four_ranks(results, hosts, "deepspeed", alone_loss)
+
+
+def test_mpiexec_starts_ranks_on_both_hosts(tmp_path):
+    """MPICH's mpiexec on host a with both hosts in -hosts; its ssh launcher is tests/ns_ssh.py,
+    which enters the named host's namespaces (no ssh daemon, nothing outside the test's
+    namespaces). The master address and the gloo interface go to every rank with -genv."""
+    mpiexec = _tool("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec is not installed (pip install mpich)")
+    alone_loss = _train_dp_alone()
+    with TwoHosts() as hosts:
+        a = hosts[0]
+        env = {**_env(a), "NS_SSH_HOSTS": ",".join(f"{h.name}={h.holder.pid}" for h in hosts)}
+        cmd = [mpiexec, "-hosts", ",".join(f"{h.name}:2" for h in hosts), "-n", 4,
+               "-launcher", "ssh", "-launcher-exec", TESTS / "ns_ssh.py", "-iface", a.ifname,
+               "-genv", "MASTER_ADDR", a.address, "-genv", "MASTER_PORT", PORT,
+               "-genv", "GLOO_SOCKET_IFNAME", a.ifname, sys.executable, TRAIN_DP, "--steps", 5]
+        proc = a.popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-4000:]
+        _check_four_ranks(_results_of(out), hosts, "mpi:mpich", alone_loss)
