@@ -116,14 +116,17 @@ def run_job(cmd: list[str], env: dict, timeout: float) -> int:
 
 
 # ---- DeepSpeed's ops, checked and built once before any rank starts ---------------------------------
-def deepspeed_missing() -> str | None:
-    """Why DeepSpeed cannot run here with NVMe offload (None when it can). Builds nothing."""
+def deepspeed_missing(nvme: bool = True) -> str | None:
+    """Why DeepSpeed cannot run here (None when it can), with NVMe offload when `nvme`.
+    Builds nothing."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import deepspeed  # noqa: F401
         from deepspeed.accelerator import get_accelerator
     except Exception as e:  # noqa: BLE001 - any failure to load is a reason to skip
         return f"deepspeed is not importable ({type(e).__name__}: {e}); pip install deepspeed"
+    if not nvme:
+        return None
     try:
         aio = get_accelerator().create_op_builder("AsyncIOBuilder")
         if aio is None or not aio.is_compatible(verbose=False):
@@ -134,14 +137,14 @@ def deepspeed_missing() -> str | None:
     return None
 
 
-def build_deepspeed_ops() -> str | None:
-    """JIT-builds (or loads from the cache) async_io and cpu_adam once, before the ranks start,
-    so that no rank's first step includes minutes of compiling."""
+def build_deepspeed_ops(nvme: bool = True) -> str | None:
+    """JIT-builds (or loads from the cache) cpu_adam, and async_io when `nvme`, once, before the
+    ranks start, so that no rank's first step includes minutes of compiling."""
     import time
 
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
-    for op in ("AsyncIOBuilder", "CPUAdamBuilder"):
+    for op in ("AsyncIOBuilder", "CPUAdamBuilder") if nvme else ("CPUAdamBuilder",):
         builder = acc.create_op_builder(op)
         t = time.perf_counter()
         print(f"> loading DeepSpeed op {builder.name} (a first use JIT-builds it: minutes)", file=sys.stderr, flush=True)

@@ -40,6 +40,7 @@ def pool(runs: dict) -> dict:
                 "pss_sum_end": max(r.get("pss_sum_end", 0) for r in rounds),
                 "peak_gpu_bytes": max(r["peak_gpu_bytes"] for r in rounds),
                 "state_bytes": first["state_bytes"],
+                "link_bytes_per_step": first.get("link_bytes_per_step", 0), "layout": first.get("layout", "1x2"),
                 "phases_ms": first.get("phases_ms", {}),
                 "speculation": first.get("speculation"),
                 "final_loss": first["final_loss"], "final_loss_by_round": [r["final_loss"] for r in rounds],
@@ -74,6 +75,14 @@ def checks(results: dict, fp32_state: set, rtol: float) -> dict:
                 if c.startswith("gpu-") and c != GPU_CEILING:
                     ratios[f"{c}/{GPU_CEILING}"] = {
                         "step": round(r["step_ms"]["median"] / by[GPU_CEILING]["step_ms"]["median"], 3)}
+        # Our default exchange against every rank over gloo (two hosts: hierarchical against flat).
+        if "ours-host" in by and "ours-host-gloo" in by:
+            a, b = by["ours-host"], by["ours-host-gloo"]
+            ratios["ours-host/ours-host-gloo"] = {
+                "step": round(a["step_ms"]["median"] / b["step_ms"]["median"], 3),
+                "opt": round(a["opt_ms"]["median"] / b["opt_ms"]["median"], 3),
+                **({"link_bytes": round(a["link_bytes_per_step"] / b["link_bytes_per_step"], 3)}
+                   if a.get("link_bytes_per_step") and b.get("link_bytes_per_step") else {})}
         for ours, anchor in GPU_PAIRS:
             if ours in by and anchor in by:
                 ratios[f"{ours}/{anchor}"] = {
@@ -106,6 +115,11 @@ def table(record: dict) -> str:
                 f"{_mib(st['host'])} / {_mib(st['nvme'])} / {_mib(st['gpu'])} | {r['final_loss']:.6f} | "
                 f"{chk['loss_rel_diff'].get(c, float('nan')):.1e} |")
     lines.append("")
+    for model, by in record["results"].items():  # two hosts: the link
+        sent = {c: r["link_bytes_per_step"] for c, r in by.items() if r.get("link_bytes_per_step")}
+        if sent:
+            lines.append(f"{model}, {record.get('layout')}: bytes on the link per step: "
+                         + ", ".join(f"{c} {v / 2**20:,.2f} MiB" for c, v in sent.items()))
     for model, chk in record["checks"].items():
         agree = "agree" if chk["fp32_losses_agree"] else "DISAGREE"
         lines.append(f"{model}: fp32-state losses {agree} (largest relative difference {chk['fp32_max_rel_diff']:.1e} "
@@ -115,7 +129,8 @@ def table(record: dict) -> str:
                 lines.append(f"  {name}: step {r['step']:.2f}x, engine.step {r['opt']:.2f}x (target <= {r['target']}x: "
                              f"{'met' if r['met'] else 'NOT met'})")
             else:
-                lines.append(f"  {name}: step {r['step']:.2f}x")
+                more = "".join(f", {k.replace('_', ' ')} {r[k]:.2f}x" for k in ("opt", "link_bytes") if k in r)
+                lines.append(f"  {name}: step {r['step']:.2f}x{more}")
     lines.append(f"load average before {record['loadavg_before']}, after {record.get('loadavg_after')}")
     return "\n".join(lines)
 

@@ -103,10 +103,12 @@ def _base(workload: Workload, micro_batch: int, clip: float = 0.0) -> dict:
                                                       for k, v in HYPER.items()}}}
 
 
-def deepspeed_config(contender: str, workload: Workload, nvme_path: str | None, clip: float = 0.0) -> dict:
+def deepspeed_config(contender: str, workload: Workload, nvme_path: str | None, clip: float = 0.0,
+                     micro_batch: int | None = None) -> dict:
     """DeepSpeed's settings are its defaults except what the comparison names: the ZeRO stage
-    and where the optimizer state goes (pin_memory, buffer counts, sub-group size, aio: defaults)."""
-    cfg = _base(workload, workload.micro_batch, clip)
+    and where the optimizer state goes (pin_memory, buffer counts, sub-group size, aio: defaults).
+    `micro_batch`: per rank (default the workload's, at WORLD ranks)."""
+    cfg = _base(workload, micro_batch or workload.micro_batch, clip)
     cfg["wall_clock_breakdown"] = False
     if contender == "ds-zero2-cpu":
         cfg["zero_optimization"] = {"stage": 2, "offload_optimizer": {"device": "cpu"}}

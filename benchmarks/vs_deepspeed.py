@@ -34,6 +34,16 @@ global batch (these are not data-parallel):
 
 A contender whose package does not import is reported as skipped, not fatal.
 
+--layout HxR runs the CPU jobs on H hosts of R ranks each (default 1x2: one host, 2 ranks). With
+H = 2 the hosts are two network namespaces on this machine joined by a veth link (the harness of
+tests/hosts.py; needs root), each with its own host name and /dev/shm, and each runs its own
+launcher (torchrun --nnodes 2, or deepspeed --hostfile --no_ssh --node_rank). The global batch is
+the same in every layout (split over H x R ranks), and each job also reports the bytes its hosts
+sent on the link per timed step (the interface's tx counters, summed over hosts). At 2x2 our
+default is the hierarchical exchange (shared memory within a host, each rank's column of
+host-summed grads across: engine/host_exchange.py) and ours-host-gloo the flat one (every rank
+over gloo).
+
 Each step is timed after a barrier as the slowest rank's: "step" = forward + backward +
 engine.step(), "opt" = engine.step() alone (DeepSpeed's ZeRO-2 reduces grads inside backward,
 ours inside step(), so compare full steps). Per contender: the median of the timed steps of
@@ -48,6 +58,7 @@ rotate their order, so background load hits all alike; the load average goes in 
     python benchmarks/vs_deepspeed.py --models linear8 --rounds 1  # one model, quicker
     python benchmarks/vs_deepspeed.py --gpu --models linear8,gpt-43m,gpt-350m   # on a GPU machine
     python benchmarks/vs_deepspeed.py --from-json record.json --plots-dir docs/img   # redraw, run nothing
+    sudo python benchmarks/vs_deepspeed.py --layout 2x2 --contenders ours-host,ours-host-gloo,ds-zero2-cpu
 
 Prints a markdown table and the targets' ratios on stdout, and writes --json and the PNG plots
 (--plots-dir). Exit status 1 when a contender fails or fp32 losses disagree.
@@ -95,6 +106,9 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="rounds; each runs every contender once")
     ap.add_argument("--launcher", choices=("deepspeed", "torchrun"), default=None,
                     help="CPU jobs' launcher (default: deepspeed when installed, else torchrun)")
+    ap.add_argument("--layout", default=f"1x{WORLD}",
+                    help="HOSTSxRANKS for the CPU jobs: 1x2 on this host, or 2x1 / 2x2 over two network namespaces "
+                         "on a veth link (root)")
     ap.add_argument("--clip", type=float, default=0.0, help="gradient_clipping for every contender (0: none)")
     ap.add_argument("--loss-rtol", type=float, default=1e-4,
                     help="fp32-state contenders' losses after the last step must agree within this relative tolerance")
@@ -146,17 +160,18 @@ def _start(contender, workload, state_dir, clip=0.0):
     import torch.distributed as dist
     model = workload.build()
     count = n_params(model)  # before DeepSpeed's ZeRO-3 partitions the params away
+    # The global batch is the same in every layout: micro_batch x WORLD samples over the job's ranks.
+    micro = workload.micro_batch * WORLD // int(os.environ.get("WORLD_SIZE", WORLD))
     if contender.startswith("ds-"):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                               config=deepspeed_config(contender, workload, state_dir, clip))
+                                               config=deepspeed_config(contender, workload, state_dir, clip, micro))
         return engine, lambda: deepspeed_state_tiers(engine, state_dir), "cpu", count
     if contender in EXTRA_CPU_CONTENDERS or contender in ("ours-host", "ours-nvme", "ours-8bit"):
         import offload_engine
-        engine, _, _, _ = offload_engine.initialize(model, ours_config(contender, workload, state_dir,
-                                                                       workload.micro_batch, clip))
+        engine, _, _, _ = offload_engine.initialize(model, ours_config(contender, workload, state_dir, micro, clip))
         return engine, lambda: ours_state_tiers(engine), "cpu", count
     if not torch.cuda.is_available():
         raise RuntimeError(f"{contender} needs a CUDA GPU")
@@ -241,10 +256,13 @@ def worker(args) -> int:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     step_s, opt_s, losses = [], [], []
+    link = [0, 0]  # this host's bytes sent on the link: at the first timed step, after the last
     for i in range(args.warmup + args.steps):
         x, y = batches.take(i, rank, world)
         if distributed:
             dist.barrier()  # every rank starts the step together: its time is the slowest rank's
+        if i == args.warmup:
+            link[0] = _link_tx_bytes()
         sync()
         t0 = time.perf_counter()
         loss = loss_of(workload, engine(x), y)
@@ -258,6 +276,9 @@ def worker(args) -> int:
         if i >= args.warmup:
             step_s.append(t2 - t0)
             opt_s.append(t2 - t1)
+    if distributed:
+        dist.barrier()  # every rank's last step is done before the link's counter is read again
+    link[1] = _link_tx_bytes()
     if hasattr(engine, "apply_pending_step"):
         engine.apply_pending_step()  # paging.overlap "delayed": the last step lands before the loss is taken
     with torch.no_grad():  # the loss after the last step, on the next batch
@@ -273,10 +294,10 @@ def worker(args) -> int:
         dist.all_reduce(figures)
         figures /= world
         per_rank = [None] * world
-        dist.all_gather_object(per_rank, {"rss": rss, "pss": pss, "tiers": tiers})
+        dist.all_gather_object(per_rank, {"rss": rss, "pss": pss, "tiers": tiers, "link": link[1] - link[0]})
     else:
         times = {"step": step_s, "opt": opt_s}
-        per_rank = [{"rss": rss, "pss": pss, "tiers": tiers}]
+        per_rank = [{"rss": rss, "pss": pss, "tiers": tiers, "link": 0}]
     if rank == 0:
         result = {
             "contender": args.worker, "model": args.model, "params": params, "world": world,
@@ -285,6 +306,9 @@ def worker(args) -> int:
             "peak_rss_max_rank": max(r["rss"] for r in per_rank), "peak_rss_sum": sum(r["rss"] for r in per_rank),
             "pss_sum_end": sum(r["pss"] for r in per_rank),
             "peak_gpu_bytes": gpu_peak,
+            # Two hosts: what they sent on the link per timed step (each host's first rank reads
+            # its counter; barriers' bytes included, alike for every contender).
+            "link_bytes_per_step": round(sum(r["link"] for r in per_rank) / max(1, args.steps)),
             "state_bytes": {t: sum(r["tiers"][t] for r in per_rank) for t in ("gpu", "host", "nvme")},
             "optimizer": type(getattr(engine, "optimizer", engine)).__name__,
             # paging.overlap "exact": rank 0's settled steps (kept / redo / skipped / waited)
@@ -302,6 +326,20 @@ def worker(args) -> int:
     if distributed:
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
+    return 0
+
+
+def _link_tx_bytes() -> int:
+    """Bytes this host has sent on GLOO_SOCKET_IFNAME (a two-host layout sets it), read by the
+    host's first rank from /proc/net/dev (this network namespace's counters); 0 otherwise."""
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME")
+    if not ifname or os.environ.get("LOCAL_RANK", "0") != "0":
+        return 0
+    with open("/proc/net/dev") as f:
+        for line in f:
+            name, _, fields = line.partition(":")
+            if name.strip() == ifname:
+                return int(fields.split()[8])  # receive: 8 fields, then transmit bytes
     return 0
 
 
@@ -327,7 +365,7 @@ def _pss_bytes() -> int:
 # ---- the parent: checks, launches, pools, reports --------------------------------------------------
 def _skip_reason(contender: str, have_cuda: bool) -> str | None:
     if contender.startswith("ds-"):
-        return _ranks.deepspeed_missing()
+        return _ranks.deepspeed_missing(nvme=contender == "ds-zero3-nvme")
     if contender.startswith("gpu-"):
         if not have_cuda:
             return "no CUDA GPU"
@@ -340,7 +378,9 @@ def _skip_reason(contender: str, have_cuda: bool) -> str | None:
     return None
 
 
-def _launch(contender, model, args, tmp_root, launcher) -> dict:
+def _launch(contender, model, args, tmp_root, launcher, hosts=None) -> dict:
+    """One job of `contender` on `model`; on this host, or with `hosts` (the two-host harness)
+    a launcher on each, its ranks per host from --layout."""
     job_dir = tempfile.mkdtemp(prefix=f"{model}-{contender}-", dir=tmp_root)
     result = os.path.join(job_dir, "result.json")
     state_dir = os.path.join(job_dir, "state")
@@ -358,10 +398,17 @@ def _launch(contender, model, args, tmp_root, launcher) -> dict:
         cmd = [_deepspeed_launcher(), "--num_gpus", str(WORLD), "--master_port", str(_ranks.free_port())] + script
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"] + script
-    print(f"> {model} {contender}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    if hosts is not None and not contender.startswith("gpu-"):
+        cmds = _host_commands(hosts, launcher, _layout(args.layout)[1], script, job_dir)
+        env["GLOO_SOCKET_IFNAME"] = hosts[0].ifname  # every host's end of the link has this name
+    else:
+        cmds = [cmd]
+    for c in cmds:
+        print(f"> {model} {contender}: {' '.join(map(str, c))}", file=sys.stderr, flush=True)
     t = time.perf_counter()
     try:
-        code = _ranks.run_job(cmd, env, args.timeout)
+        code = (_ranks.run_job(cmd, env, args.timeout) if len(cmds) == 1 else
+                _run_on_hosts(hosts, cmds, env, args.timeout))
         if code != 0 or not os.path.exists(result):
             raise RuntimeError(f"{contender} on {model} failed (exit {code}); see its output above")
         with open(result) as f:
@@ -370,7 +417,58 @@ def _launch(contender, model, args, tmp_root, launcher) -> dict:
         shutil.rmtree(job_dir, ignore_errors=True)
     out["wall_s"] = round(time.perf_counter() - t, 1)
     out["launcher"] = "python" if contender.startswith("gpu-") else launcher
+    out["layout"] = "1x1" if contender.startswith("gpu-") else args.layout
     return out
+
+
+def _layout(text: str) -> tuple[int, int]:
+    """--layout "HxR" as (hosts, ranks per host)."""
+    try:
+        hosts, per_host = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--layout {text!r}: write HOSTSxRANKS, e.g. 1x2, 2x1 or 2x2") from None
+    if hosts not in (1, 2) or per_host < 1:
+        raise SystemExit(f"--layout {text!r}: 1 or 2 hosts (two network namespaces), at least 1 rank each")
+    return hosts, per_host
+
+
+def _host_commands(hosts, launcher: str, per_host: int, script: list[str], job_dir: str) -> list[list[str]]:
+    """Each host's launcher command: node rank = the host's index, the rendezvous at the first
+    host's link address. DeepSpeed's reads a hostfile naming both hosts (--no_ssh: it starts
+    only this node's ranks)."""
+    port = str(_ranks.free_port())
+    out = []
+    for node_rank, host in enumerate(hosts):
+        if launcher == "deepspeed":
+            hostfile = os.path.join(job_dir, "hostfile")
+            with open(hostfile, "w") as f:
+                f.writelines(f"{h.name} slots={per_host}\n" for h in hosts)
+            cmd = [_deepspeed_launcher(), "--hostfile", hostfile, "--no_ssh", "--node_rank", str(node_rank),
+                   "--master_addr", hosts[0].address, "--master_port", port] + script
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(hosts)),
+                   "--node-rank", str(node_rank), f"--nproc-per-node={per_host}", "--master-addr",
+                   hosts[0].address, "--master-port", port] + script
+        out.append(host.command(cmd))
+    return out
+
+
+def _run_on_hosts(hosts, cmds: list[list[str]], env: dict, timeout: float) -> int:
+    """Every host's launcher at once, their output on our stderr; the first non-zero exit code
+    (0 when all succeed). A timeout or an error kills every host's launcher and ranks."""
+    import subprocess
+    procs = [subprocess.Popen(c, env=env, stdout=sys.stderr, stderr=sys.stderr, start_new_session=True)
+             for c in cmds]
+    end = time.monotonic() + timeout
+    try:
+        codes = [p.wait(timeout=max(1.0, end - time.monotonic())) for p in procs]
+    except BaseException:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        raise
+    return next((c for c in codes if c != 0), 0)
 
 
 def _deepspeed_launcher() -> str:
@@ -414,9 +512,23 @@ def main(argv=None) -> int:
     for c in wanted:
         if c not in known:
             raise SystemExit(f"--contenders: unknown contender {c!r}; choose from {', '.join(sorted(known))}")
+    n_hosts, per_host = _layout(args.layout)
+    for m in models:
+        total = WORKLOADS[m].micro_batch * WORLD
+        if total % (n_hosts * per_host):
+            raise SystemExit(f"--layout {args.layout}: {m}'s global batch of {total} samples does not split over "
+                             f"{n_hosts * per_host} ranks")
+    harness = None
+    if n_hosts == 2:
+        sys.path.insert(0, os.path.join(REPO, "tests"))  # the two-host harness the tests use
+        from hosts import TwoHosts
+        why = TwoHosts.unavailable()
+        if why:
+            raise SystemExit(f"--layout {args.layout}: two hosts cannot be made here: {why}")
+        harness = TwoHosts()
     skipped = {c: r for c in wanted if (r := _skip_reason(c, have_cuda))}
     if any(c.startswith("ds-") for c in wanted) and not any(c.startswith("ds-") for c in skipped):
-        reason = _ranks.build_deepspeed_ops()
+        reason = _ranks.build_deepspeed_ops(nvme="ds-zero3-nvme" in wanted)
         if reason:
             skipped.update({c: reason for c in wanted if c.startswith("ds-")})
     for c, reason in skipped.items():
@@ -427,7 +539,7 @@ def main(argv=None) -> int:
     record = {"benchmark": "vs_deepspeed", "date": time.strftime("%Y-%m-%d %H:%M"),
               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                           "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if have_cuda else None},
-              "world": WORLD, "launcher": launcher,
+              "world": n_hosts * per_host, "layout": args.layout, "launcher": launcher,
               "hyper": {k: list(v) if isinstance(v, tuple) else v for k, v in HYPER.items()},
               "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "contenders": contenders,
               "skipped": skipped, "loss_rtol": args.loss_rtol, "gradient_clipping": args.clip,
@@ -438,6 +550,7 @@ def main(argv=None) -> int:
     tmp_root = tempfile.mkdtemp(prefix="vs_deepspeed-", dir=args.nvme_dir)
     runs: dict = {m: {c: [] for c in contenders} for m in models}
     failed = []
+    hosts = harness.__enter__() if harness is not None else None
     try:
         for m in models:
             for rnd in range(args.rounds):
@@ -446,12 +559,14 @@ def main(argv=None) -> int:
                     if c in failed:
                         continue
                     try:
-                        runs[m][c].append(_launch(c, m, args, tmp_root, launcher))
+                        runs[m][c].append(_launch(c, m, args, tmp_root, launcher, hosts))
                     except (RuntimeError, OSError) as e:
                         print(f"> {e}", file=sys.stderr, flush=True)
                         record.setdefault("errors", {})[f"{m}/{c}"] = str(e)
                         failed.append(c)
     finally:
+        if harness is not None:
+            harness.__exit__(None, None, None)
         shutil.rmtree(tmp_root, ignore_errors=True)
     record["loadavg_after"] = _ranks.loadavg()
     record["results"] = _vs_report.pool(runs)

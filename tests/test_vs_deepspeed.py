@@ -75,6 +75,35 @@ def test_fp32_runs_end_at_the_same_loss_and_8bit_near_it(record):
     assert chk["ratios"] == {}  # no DeepSpeed anchor in this run
 
 
+def _two_hosts_unavailable():
+    import sys as _sys
+    _sys.path.insert(0, str(ROOT / "tests"))
+    from hosts import TwoHosts
+    return TwoHosts.unavailable()
+
+
+@pytest.mark.skipif(_two_hosts_unavailable() is not None, reason=str(_two_hosts_unavailable()))
+def test_two_host_layout_reports_the_bytes_on_the_link(tmp_path):
+    """--layout 2x2 (two network namespaces, 2 ranks each): the same global batch, so the fp32
+    losses agree with each other; the hierarchical exchange (ours-host) sends well under what
+    every rank over gloo does (ours-host-gloo; about half in theory at 2 ranks per host), and
+    the table prints both and their ratio. Bytes, not times, are asserted."""
+    cmd = [sys.executable, str(SCRIPT), "--models", "tiny-gpt", "--layout", "2x2", "--contenders",
+           "ours-host,ours-host-gloo", "--steps", "2", "--warmup", "1", "--rounds", "1", "--launcher", "torchrun",
+           "--json", str(tmp_path / "record.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    rec = json.loads((tmp_path / "record.json").read_text())
+    assert rec["layout"] == "2x2" and rec["world"] == 4
+    by = rec["results"]["tiny-gpt"]
+    assert all(r["world"] == 4 and r["tokens_per_step"] == 4 * 2 * 8 for r in by.values())
+    assert rec["checks"]["tiny-gpt"]["fp32_losses_agree"]
+    hier, flat = by["ours-host"]["link_bytes_per_step"], by["ours-host-gloo"]["link_bytes_per_step"]
+    assert 0 < hier < 0.75 * flat, (hier, flat)
+    assert "tiny-gpt, 2x2: bytes on the link per step: ours-host" in proc.stdout
+    assert "ours-host/ours-host-gloo: step" in proc.stdout and "link bytes" in proc.stdout
+
+
 def test_table_and_plots(record):
     out = record["_stdout"]
     assert "| model | params | contender |" in out and "tiny-gpt: fp32-state losses agree" in out
