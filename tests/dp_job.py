@@ -144,10 +144,14 @@ if world > 1:
             p0.view(-1)[0] = before
     dist.barrier()
 
+# [Note: node IO]: a node's io_threads budget of 4 split between the ranks that share its host name.
+from offload_engine.engine.admission import node_io_threads  # noqa: E402
+io_share = node_io_threads(4)
+
 held = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if optimizer.state.get(p))
 result = {"rank": rank, "world": world, "losses": losses, "norms": norms, "elements_with_state": held,
           "skipped": engine.skipped_steps, "checkpoint": saved, "global_steps": engine.global_steps,
-          "calls": calls, "sent": sent, "scratch": scratch,
+          "calls": calls, "sent": sent, "scratch": scratch, "io_threads_of_4": io_share,
           "transport": engine.partition.transport if engine.partition is not None else None,
           "seen_rank0_change": seen, "profiler_labels": labels,
           "state_bytes": optimizer.paging_stats()["state_bytes"] if hasattr(optimizer, "paging_stats") else None}

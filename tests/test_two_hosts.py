@@ -55,7 +55,8 @@ def test_two_hosts_by_torchrun_match_one_process(tmp_path, name, fmt):
     """2 hosts x 2 ranks, rendezvous over the veth link: every step's loss and grad norm and the
     final params within the data-parallel tolerances of one process on the same global batch;
     the ranks of a host share params and ranks on different hosts do not (the hierarchical
-    exchange, [Note: hierarchical exchange]), and nothing is left in either host's /dev/shm."""
+    exchange, [Note: hierarchical exchange]); each host's IO budget is shared by its own ranks
+    ([Note: node IO]); and nothing is left in either host's /dev/shm."""
     single = launch_ranks(JOB, 1, tmp_path / "w1", "--optimizer", name, rank_env=False)[0]
     with TwoHosts() as hosts:
         ranks = torchrun_on(hosts, 2, tmp_path / "w4", "--optimizer", name)
@@ -65,6 +66,7 @@ def test_two_hosts_by_torchrun_match_one_process(tmp_path, name, fmt):
         assert r["result"]["world"] == 4 and r["result"]["transport"] == "hierarchical", r["result"]["transport"]
         # one copy of the params per host: rank 0's change reaches host a's ranks (0 and 1) only
         assert r["result"]["seen_rank0_change"] == (r["result"]["rank"] < 2)
+        assert r["result"]["io_threads_of_4"] == 2  # each host's IO budget split by its own 2 ranks
     for key in single["params"]:
         assert all(torch.equal(ranks[0]["params"][key], r["params"][key]) for r in ranks[1:]), key
     held = [r["result"]["elements_with_state"] for r in ranks]
