@@ -81,7 +81,9 @@ setup(
                  "mpich", "mpi4py",
                  # the deepspeed launcher tests (one host, and two with a hostfile) and the DeepSpeed
                  # compatibility checks (loss scaler, schedulers); it installs no torch of its own
-                 "deepspeed>=0.14"],
+                 "deepspeed>=0.14",
+                 # torch's own optimizer test machinery (torch.testing._internal) imports it
+                 "expecttest"],
         "plot": ["matplotlib>=3.7"],
         "bench": ["deepspeed>=0.14", "bitsandbytes>=0.43", "torchao>=0.5", "matplotlib>=3.7", "py-cpuinfo"],
     },

@@ -59,7 +59,10 @@ class BlockwiseOptimizer(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         amsgrad=False, adamw_mode=adamw_mode, maximize=maximize,
                         stochastic_rounding=stochastic_rounding, state_format=state_format, block_size=block_size,
-                        min_8bit_size=min_8bit_size, master_weights=master_weights)
+                        min_8bit_size=min_8bit_size, master_weights=master_weights,
+                        # torch.optim's key (False: no autograd through the step), present from the
+                        # start, as torch's optimizers have it, so a state_dict round trip adds nothing.
+                        differentiable=False)
         super().__init__(params, defaults)
         # The stochastic-rounding streams' base; drawn from torch's generator only when some
         # group rounds stochastically, so other optimizers' users see no shift in their RNG.
@@ -236,6 +239,15 @@ class BlockwiseOptimizer(Optimizer):
                     raise ValueError(f"{type(self).__name__} updates CPU tensors (and CUDA tensors when the ops are "
                                      f"built with CUDA); a param of shape {list(p.shape)} is on {p.device}")
 
+    # ---- copies ---------------------------------------------------------------------------
+    def __getstate__(self):
+        """What copy.deepcopy and pickle carry: torch.optim's defaults, state and param groups,
+        plus this class's own settings beside them, so that a copy steps as the original
+        would. Hooks are not carried (as torch.optim)."""
+        state = super().__getstate__()
+        state.update(_seed_base=self._seed_base, _failed=self._failed)
+        return state
+
     # ---- checkpoints --------------------------------------------------------------------
     def state_dict(self):
         """As torch.optim's, plus the seed, format version, algorithm and the code maps of the
@@ -243,16 +255,18 @@ class BlockwiseOptimizer(Optimizer):
         the param ([Note: sharded state dict] in sharded.py)."""
         sd = super().state_dict()
         # torch's dict shares each param's state dict with self.state: copy before adding arrays.
-        sd["state"] = {key: dict(state) for key, state in sd["state"].items()}
+        # Entries a state-dict pre-hook put under other keys than params pass through as they are.
+        sd["state"] = {key: dict(state) if isinstance(state, dict) else state for key, state in sd["state"].items()}
         params = [p for g in self.param_groups for p in g["params"]]
         self._add_state_arrays(sd["state"], params)
         for key, state in sd["state"].items():
-            if "format" in state and sharded.presents_logical(params[key]):
+            if isinstance(key, int) and isinstance(state, dict) and "format" in state \
+                    and sharded.presents_logical(params[key]):
                 sd["state"][key] = self._logical_view(state, params[key])
         sd["seed_base"] = self._seed_base
         sd["state_format_version"] = STATE_FORMAT_VERSION
         sd["algorithm"] = self._algorithm
-        used = {s.get("format") for s in sd["state"].values()} - {"fp32", None}
+        used = {s.get("format") for s in sd["state"].values() if isinstance(s, dict)} - {"fp32", None}
         sd["quant_maps"] = {fmt: {"signed": FORMATS[fmt].code_map(True), "unsigned": FORMATS[fmt].code_map(False)}
                             for fmt in sorted(used)}
         return sd
@@ -429,8 +443,12 @@ def _stream_seed(base: int, group_index: int, index: int, step: int) -> int:
     return (base ^ (step * 0x9E3779B97F4A7C15 + (group_index << 40) + index)) & ((1 << 64) - 1)
 
 
-def _as_float(value) -> float:
-    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+def _as_float(value, name: str = "lr") -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:  # torch.optim's rule, and its error type
+            raise ValueError(f"Tensor {name} must be 1-element; got {name} of shape {list(value.shape)}")
+        return float(value.item())
+    return float(value)
 
 
 def _check_hyperparameters(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):

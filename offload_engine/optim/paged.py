@@ -281,6 +281,34 @@ class PagedOptimizer(BlockwiseOptimizer):
         """Releases the store (for NVMe: deletes the state file). The optimizer is unusable after."""
         self.pager.close()
 
+    # ---- copies ---------------------------------------------------------------------------
+    def __getstate__(self):
+        """BlockwiseOptimizer's, plus the pager's spec and every laid-out param's state arrays
+        read from the pages: a copy (copy.deepcopy, pickle) builds a pager of its own from the
+        spec, with its own pages and, on NVMe, its own file in the same directory, holding the
+        same bytes."""
+        if self._device.type == "meta":
+            raise RuntimeError(f"{type(self).__name__} was built on meta params to plan a footprint; it holds no "
+                               "state to copy")
+        state = super().__getstate__()
+        params = [p for g in self.param_groups for p in g["params"]]
+        laid_out = [p for p in params if p in self._keys]
+        read = self.pager.read_states([self._keys[p] for p in laid_out])
+        state["_paged"] = {"spec": self.pager.spec, "device": self._device, "speculation": dict(self._speculation),
+                           "arrays": [(p, read[self._keys[p]]) for p in laid_out]}
+        return state
+
+    def __setstate__(self, state):
+        paged = state.pop("_paged", None)
+        super().__setstate__(state)
+        if paged is None:  # torch.optim's load_state_dict sets state and groups through here too
+            return
+        self.pager = Pager(paged["spec"])
+        self._device, self._speculation, self._keys = paged["device"], paged["speculation"], {}
+        index = {id(p): key for key, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        arrays = {index[id(p)]: {name: t.reshape(-1) for name, t in a.items()} for p, a in paged["arrays"]}
+        self._ensure_layout([p for p, _ in paged["arrays"]], arrays)
+
     # ---- state access -----------------------------------------------------------------------
     def _state_arrays(self, param, state: dict) -> dict:
         key = self._key_of(param)
