@@ -115,17 +115,9 @@ class BucketExchange:
             to, frm = (rank + k) % world, (rank - k) % world
             theirs = spans[to]
             if theirs:
-                box = self._outbox[rank][to]
-                for q, a, b in theirs:
-                    at = self._outbox_pos[(to, id(q))]
-                    if q.grad is None:
-                        box[at:at + b - a].zero_()
-                    else:
-                        box[at:at + b - a] = q.grad.view(-1)[a:b]
-                flags = self._scratch(f"bucket-flags-send{k}", len(theirs), torch.float32)
-                flags.copy_(torch.tensor([float(q.grad is not None) for q, _, _ in theirs]))
-                # Why after the writes: the owner reads this outbox once the flags have arrived.
-                requests.append(dist.isend(flags, dst=self._global(to), group=group))
+                slices = [(self._outbox_pos[(to, id(q))], q, a, b) for q, a, b in theirs]
+                requests.append(self._send_through_outbox(self._outbox[rank][to], slices, f"bucket-flags-send{k}",
+                                                          to, group))
             if mine:
                 flags_of[frm] = self._scratch(f"bucket-flags-recv{k}", len(mine), torch.float32)
                 requests.append(dist.irecv(flags_of[frm], src=self._global(frm), group=group))
@@ -146,6 +138,20 @@ class BucketExchange:
             shard.grad = flat[a:b]
             shards.append(shard)
         return shards
+
+    def _send_through_outbox(self, box: torch.Tensor, slices: list, use: str, reader: int, group):
+        """Writes this rank's grads of `slices` ((offset in `box`, param, start, end); zeros
+        where the param has no grad) into its outbox `box`, then sends `reader` one flag per
+        slice (1: this rank had a grad there) through `group`. Returns the send's request."""
+        for at, q, a, b in slices:
+            if q.grad is None:
+                box[at:at + b - a].zero_()
+            else:
+                box[at:at + b - a] = q.grad.view(-1)[a:b]
+        flags = self._scratch(use, len(slices), torch.float32)
+        flags.copy_(torch.tensor([float(q.grad is not None) for _, q, _, _ in slices]))
+        # Why after the writes: `reader` reads this outbox once the flags have arrived.
+        return dist.isend(flags, dst=self._global(reader), group=group)
 
     def note_bucketed_reduction(self) -> None:
         """After every bucket of a step went through reduce_bucket: learns whether any rank had

@@ -144,18 +144,10 @@ class HostExchange:
                 continue
             peer = hosts[h][c]
             theirs = [(o, q, a, b) for o in self._column(c) for q, a, b in spans[o]]
-            if theirs:
-                box = self._outbox[col][c]
-                for o, q, a, b in theirs:
-                    at = pos[(o, id(q))] + a
-                    if q.grad is None:
-                        box[at:at + b - a].zero_()
-                    else:
-                        box[at:at + b - a] = q.grad.view(-1)[a:b]
-                flags = self._scratch(f"{tag}-flags-send{c}", len(theirs), torch.float32)
-                flags.copy_(torch.tensor([float(q.grad is not None) for _, q, _, _ in theirs]))
-                # Why after the writes: local rank c reads this outbox once the flags have arrived.
-                requests.append(dist.isend(flags, dst=self._global(peer), group=group))
+            if theirs:  # local rank c reads this outbox once the flags have arrived
+                slices = [(pos[(o, id(q))] + a, q, a, b) for o, q, a, b in theirs]
+                requests.append(self._send_through_outbox(self._outbox[col][c], slices, f"{tag}-flags-send{c}",
+                                                          peer, group))
             if my_column:
                 flags_of[c] = self._scratch(f"{tag}-flags-recv{c}", len(my_column), torch.float32)
                 requests.append(dist.irecv(flags_of[c], src=self._global(peer), group=group))
