@@ -83,7 +83,9 @@ setup(
                  # compatibility checks (loss scaler, schedulers); it installs no torch of its own
                  "deepspeed>=0.14",
                  # torch's own optimizer test machinery (torch.testing._internal) imports it
-                 "expecttest"],
+                 "expecttest",
+                 # bitsandbytes' own constructors, to check ours against class by class (its CPU backend)
+                 "bitsandbytes>=0.50"],
         "plot": ["matplotlib>=3.7"],
         "bench": ["deepspeed>=0.14", "bitsandbytes>=0.43", "torchao>=0.5", "matplotlib>=3.7", "py-cpuinfo"],
     },

@@ -40,7 +40,7 @@ def test_constructor_matches_deepspeed_cpu_adam():
     positional = [(n, p.default) for n, p in sig.parameters.items() if p.kind == p.POSITIONAL_OR_KEYWORD][1:]
     assert positional == [("params", inspect.Parameter.empty), ("lr", 1e-3), ("bias_correction", True),
                           ("betas", (0.9, 0.999)), ("eps", 1e-8), ("weight_decay", 0), ("amsgrad", False),
-                          ("adamw_mode", True)]
+                          ("adamw_mode", True), ("fp32_optimizer_states", True)]
 
 
 @pytest.mark.parametrize("adamw_mode", [True, False])

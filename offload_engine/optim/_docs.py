@@ -61,7 +61,7 @@ _PAGED = (
     "tier; ``close()`` releases the store (for NVMe it deletes the file). A step that fails half-way (an "
     "IO error) raises naming the page and the file, and the optimizer then refuses to step until "
     "``load_state_dict()`` restores a checkpoint.")
-_SAME_AS = ("Results are bit for bit those of ``{twin}`` with the same arguments, whatever the store, page "
+_SAME_AS = ("Results are bit for bit those of ``{twin}``{twin8} with the same arguments, whatever the store, page "
             "size, prefetch depth or executor, and ``state_dict()`` is in its format, so checkpoints move "
             "between the two both ways.")
 
@@ -96,6 +96,36 @@ _ARG = {
     "min_8bit_size_unused": "min_8bit_size (int, optional): kept for bitsandbytes' signature and "
                             "validated (an int >= 0); this class's state is fp32 at any size "
                             "(default: {default})",
+    "min_8bit_size_bits": "min_8bit_size (int, optional): with ``optim_bits`` 8 or 4, params with fewer "
+                          "elements keep fp32 state, an int >= 0 (0: quantize all); validated and unused at "
+                          "32. Counted on the whole param, not a rank's shard of it (default: {default})",
+    "block_size_bits": "block_size (int, optional): with ``optim_bits`` 8 or 4, elements per quantization "
+                       "block, a power of two from 64 to 4096; None picks the format's (256 for 8-bit, 128 for "
+                       "4-bit); validated and unused at 32 (default: {default})",
+    "optim_bits": "optim_bits (int, optional): the state's width, as in bitsandbytes: 32 keeps fp32 state, 8 "
+                  "8-bit block-quantized state, 4 4-bit; another value raises ValueError (default: {default})",
+    "optim_bits_fixed": "optim_bits (int, optional): kept for bitsandbytes' signature, where this class "
+                        "takes only its default; the width is in the class's name, and another value raises "
+                        "ValueError (default: {default})",
+    "args": "args (object, optional): bitsandbytes' override object (an argparse namespace, say): where it "
+            "has them, its ``optim_bits`` and ``min_8bit_size`` replace those arguments, as in bitsandbytes; "
+            "its ``max_unorm``, ``skip_zeros``, ``percentile_clipping`` and ``block_wise`` must be their "
+            "no-op values (0.0, False, 100, True), another raises ValueError naming it (default: {default})",
+    "is_paged": "is_paged (bool, optional): bitsandbytes' paged state, paged out of GPU memory under "
+                "pressure. With CPU params the state already lives in host memory and True changes nothing; "
+                "with CUDA params True raises ValueError naming the Paged class that pages it "
+                "(default: {default})",
+    "is_paged_paged": "is_paged (bool, optional): kept for bitsandbytes' signature: this class is paged "
+                      "whatever its value (default: {default})",
+    "percentile_clipping": "percentile_clipping (int, optional): older bitsandbytes releases' keyword; only "
+                           "100 (off) is allowed, another value raises ValueError (clip with the engine's "
+                           "``gradient_clipping`` or ``torch.nn.utils.clip_grad_norm_``) (default: {default})",
+    "block_wise": "block_wise (bool, optional): older bitsandbytes releases' keyword; only True is allowed, "
+                  "the state being always block-quantized (default: {default})",
+    "fp32_optimizer_states": "fp32_optimizer_states (bool, optional): DeepSpeedCPUAdam's choice of fp32 "
+                             "moments (True) or moments in the param's dtype (False). The moments are always "
+                             "fp32 here: False is taken for fp32 params, where both mean the same, and raises "
+                             "ValueError for a bf16/fp16 param (default: {default})",
     "block_size": "block_size (int, optional): elements per quantization block, a power of two from 64 "
                   "to 4096; None picks the format's {block} (default: {default})",
     "block_size_unused": "block_size (int, optional): kept for the quantized classes' signature and "
@@ -155,6 +185,16 @@ def adam_math(*, l2: bool | None, bias_correction_arg: bool = False) -> str:
                              if bias_correction_arg else "")
 
 
+_BY_OPTIM_BITS = ("With ``optim_bits=8`` (or 4) {it} {are} stored block-quantized instead, as in the 8-bit "
+                  "(4-bit) classes: one fp32 absmax per block of ``block_size`` elements and one code per "
+                  "element; params with fewer than ``min_8bit_size`` elements keep fp32 state.")
+
+
+def by_optim_bits(*, plural: bool) -> str:
+    """The state sentence of a class whose width ``optim_bits`` picks (fp32 by default)."""
+    return _BY_OPTIM_BITS.format(it="they" if plural else "it", are="are" if plural else "is")
+
+
 def lion_math() -> str:
     return _LION_MATH
 
@@ -169,15 +209,16 @@ def state_text(*, moments: str, plural: bool, fmt: str) -> str:
 
 
 def document(cls, summary: str, *, math: str, state: str, example: str, paged_twin: str | None = None,
-             entries: dict | None = None, block: int | None = None) -> None:
+             paged_twin8: str | None = None, entries: dict | None = None, block: int | None = None) -> None:
     """Sets ``cls.__doc__``: summary, math, rounding, state and where it lives (paged: its
     bit-for-bit twin), an Args block and an Example. The Args block walks the constructor's
     signature, so every argument is documented in order with its real default; `entries` maps
     an argument to another text of _ARG (weight_decay -> "weight_decay_l2"); `block` is the
-    format's default block size."""
+    format's default block size; `paged_twin8` the twin at ``optim_bits=8``."""
     paras = [summary, math, _ROUNDING, state + " " + (_PAGED if paged_twin else _IN_MEMORY)]
     if paged_twin:
-        paras.append(_SAME_AS.format(twin=paged_twin))
+        paras.append(_SAME_AS.format(twin=paged_twin, twin8=f" (``{paged_twin8}`` at ``optim_bits=8``)"
+                                     if paged_twin8 else ""))
     out = [p if "::" in p else _wrap(p) for p in paras]
     lines = ["Args:"]
     for name, param in list(inspect.signature(cls.__init__).parameters.items())[1:]:
