@@ -4,7 +4,8 @@ Same constructor names, defaults and numbers as ``deepspeed.runtime.lr_schedules
 (checked float-for-float against DeepSpeed 0.19.8 in tests/test_schedulers.py).
 Notation: ``k`` is ``last_batch_iteration`` (-1 after construction, +1 per ``step()``),
 ``W = max(2, warmup_num_steps)`` (DeepSpeed silently turns a warmup of 1 into 2, so
-that ``ln W`` is never 0), ``T = total_num_steps``, and the warmup fraction is
+that ``ln W`` is never 0; a warmup of 0, which DeepSpeed 0.19.6 and later refuse and
+older releases took, is 2 as well), ``T = total_num_steps``, and the warmup fraction is
 ``f(k) = ln(k + 1) / ln(W)`` for ``warmup_type="log"`` or ``f(k) = k / W`` for
 ``"linear"`` while ``0 <= k < W``.
 
@@ -138,8 +139,9 @@ def _write_lrs(optimizer: Optimizer, lrs: Sequence) -> list:
 
 
 def _check_warmup(warmup_num_steps: Any, warmup_type: Any) -> None:
-    if not _is_int(warmup_num_steps) or warmup_num_steps < 1:
-        raise ValueError(f"warmup_num_steps must be an integer >= 1, got {warmup_num_steps!r}")
+    # 0 is the Hugging Face Trainer's default warmup; DeepSpeed before 0.19.6 took it (as 2 steps).
+    if not _is_int(warmup_num_steps) or warmup_num_steps < 0:
+        raise ValueError(f"warmup_num_steps must be an integer >= 0, got {warmup_num_steps!r}")
     if warmup_type not in WARMUP_TYPES:
         raise ValueError(f"warmup_type must be one of {', '.join(map(repr, WARMUP_TYPES))}, "
                          f"got {warmup_type!r}")

@@ -302,6 +302,22 @@ def test_defaults():
      "zero_optimization.offload_optimizer.fast_init"),
     ({"optimizer": opt("Adam", torch_adam=True)}, "optimizer.params.torch_adam"),
     ({"bf16": {"enabled": True, "immediate_grad_update": True}}, "bf16.immediate_grad_update"),
+    # read by DeepSpeed elsewhere than its engine, or the same numbers here
+    ({"activation_checkpointing": {"partition_activations": True}}, "activation_checkpointing"),
+    ({"cuda_visible_devices": "0,1"}, "cuda_visible_devices"),
+    ({"prescale_gradients": True}, "prescale_gradients"),
+    ({"gradient_predivide_factor": 2.0}, "gradient_predivide_factor"),
+    ({"zero_optimization": {"cpu_offload_use_pin_memory": True}}, "zero_optimization.cpu_offload_use_pin_memory"),
+    # ZeRO-3 keys at another stage, which DeepSpeed ignores there
+    ({"zero_optimization": {"offload_param": {"device": "cpu"}}}, "zero_optimization.offload_param"),
+    ({"zero_optimization": {"stage": 2, "stage3_max_live_parameters": 1e9}},
+     "zero_optimization.stage3_max_live_parameters"),
+    ({"zero_optimization": {"stage": 1, "cpu_offload_param": True}}, "zero_optimization.cpu_offload_param"),
+    ({"zero_optimization": {"stage": 2, "gather_16bit_weights_on_model_save": True}},
+     "zero_optimization.gather_16bit_weights_on_model_save"),
+    # deprecated spellings, mapped as DeepSpeed maps them
+    ({"zero_optimization": {"cpu_offload": True}}, "zero_optimization.cpu_offload"),
+    ({"zero_optimization": {"cpu_offload": False}}, "zero_optimization.cpu_offload"),
     # unsupported features given their DeepSpeed default: accepted, with a warning
     ({"prescale_gradients": False}, "prescale_gradients"),
     ({"amp": {"enabled": False}}, "amp"),
@@ -319,19 +335,12 @@ def test_deepspeed_hints_warn_once_and_load(config, key):
 
 
 @pytest.mark.parametrize("config,path", [
-    ({"activation_checkpointing": {"partition_activations": True}}, "activation_checkpointing"),
     ({"amp": {"enabled": True}}, "amp"),
-    ({"prescale_gradients": True}, "prescale_gradients"),
-    ({"gradient_predivide_factor": 2.0}, "gradient_predivide_factor"),
     ({"sparse_gradients": True}, "sparse_gradients"),
-    ({"zero_optimization": {"offload_param": {"device": "cpu"}}}, "zero_optimization.offload_param"),
-    ({"zero_optimization": {"stage3_max_live_parameters": 1e9}}, "zero_optimization.stage3_max_live_parameters"),
     ({"zero_optimization": {"zero_quantized_weights": True}}, "zero_optimization.zero_quantized_weights"),
     ({"zero_optimization": {"elastic_checkpoint": True}}, "zero_optimization.elastic_checkpoint"),
-    ({"zero_optimization": {"cpu_offload": True}}, "zero_optimization.cpu_offload"),
     ({"zero_optimization": {"offload_optimizer": {"device": "cpu", "ratio": 0.5}}},
      "zero_optimization.offload_optimizer.ratio"),
-    ({"fp16": {"enabled": True, "auto_cast": True}}, "fp16.auto_cast"),
     ({"bf16": {"enabled": True, "check_grad_overflow": True}}, "bf16.check_grad_overflow"),
     ({"pipeline": {"stages": 2}}, "pipeline"),
 ])

@@ -265,7 +265,7 @@ def test_load_state_dict_rejects_bad_state():
 
 BAD = [
     (WarmupLR, {"warmup_type": "cosine"}, "warmup_type"),
-    (WarmupLR, {"warmup_num_steps": 0}, "warmup_num_steps"),
+    (WarmupLR, {"warmup_num_steps": -1}, "warmup_num_steps"),
     (WarmupLR, {"warmup_num_steps": -3}, "warmup_num_steps"),
     (WarmupLR, {"warmup_num_steps": 10.0}, "warmup_num_steps"),
     (WarmupLR, {"warmup_num_steps": True}, "warmup_num_steps"),
@@ -287,7 +287,7 @@ BAD = [
     (WarmupCosineLR, {"total_num_steps": 2000, "cos_min_ratio": 2.0}, "cos_min_ratio"),
     (WarmupCosineLR, {"total_num_steps": 2000, "cos_min_ratio": float("nan")}, "cos_min_ratio"),
     (WarmupCosineLR, {"total_num_steps": 2000, "warmup_type": "Linear"}, "warmup_type"),
-    (WarmupCosineLR, {"total_num_steps": 2000, "warmup_num_steps": 0}, "warmup_num_steps"),
+    (WarmupCosineLR, {"total_num_steps": 2000, "warmup_num_steps": -1}, "warmup_num_steps"),
 ]
 
 

@@ -8,7 +8,11 @@
     the listed DeepSpeed default): then only a warning, so a DeepSpeed config that spells out its
     defaults still loads.
 
-Any other unknown key is an error with a did-you-mean (validation.py). The tables below are
+Two rules come before the tables: the ZeRO-3 keys (``offload_param``, ``cpu_offload_param``,
+``stage3_*`` and the table's other ZeRO-3 settings) in a config of stage 0-2 only warn, because
+DeepSpeed ignores them there; and the deprecated ``zero_optimization.cpu_offload`` is mapped to
+``offload_optimizer`` as DeepSpeed maps it. Any other unknown key is an error with a did-you-mean
+(validation.py). The tables below are
 also printed in docs/config.md (docs.py), so the documentation cannot drift from the behaviour.
 """
 from __future__ import annotations
@@ -56,14 +60,21 @@ DEEPSPEED_KEYS: dict[str, dict[str, DeepSpeedKey]] = {
                                              "optimizer.type and the paging section"),
         "disable_allgather": _hint(_COMM), "disable_python_gc": _hint(_PERF),
         "vocabulary_size": _hint("used by DeepSpeed's data-efficiency features only"),
-        "activation_checkpointing": _unsupported("DeepSpeed's activation checkpointing API",
-                                                 instead="use torch.utils.checkpoint in the model"),
+        "activation_checkpointing": _hint("read by deepspeed.checkpointing.configure(), which model code calls "
+                                          "itself; DeepSpeed's engine reads nothing from it, nor does this one "
+                                          "(checkpoint in the model, with torch.utils.checkpoint)"),
+        "cuda_visible_devices": _hint("DeepSpeed's engine does not read it either; the launcher picks the devices "
+                                      "(CUDA_VISIBLE_DEVICES, deepspeed --include)"),
         "amp": _unsupported("NVIDIA Apex AMP", instead="use bf16 or fp16"),
         "torch_autocast": _unsupported("torch.autocast managed by the engine", instead="use bf16 or fp16"),
         "compile": _unsupported("torch.compile managed by the engine", instead="compile the model yourself"),
         "sparse_gradients": _unsupported("sparse embedding gradients", False),
-        "prescale_gradients": _unsupported("scaling gradients before the all-reduce", False),
-        "gradient_predivide_factor": _unsupported("dividing gradients before the all-reduce", 1, 1.0),
+        "prescale_gradients": _hint("where DeepSpeed divides the gradients by the world size, before or after "
+                                    "the all-reduce; the average is the same, and offload_engine divides once, "
+                                    "after the sum"),
+        "gradient_predivide_factor": _hint("how DeepSpeed splits the division by the world size around the "
+                                           "all-reduce; the average is the same, and offload_engine divides once, "
+                                           "after the sum"),
         "gradient_allreduce_op": _unsupported("summing instead of averaging gradients", "mean"),
         "communication_data_type": _unsupported("all-reduce in a lower precision"),
         "seq_parallel_communication_data_type": _unsupported("sequence parallelism", "fp32"),
@@ -107,11 +118,10 @@ DEEPSPEED_KEYS: dict[str, dict[str, DeepSpeedKey]] = {
         "zero_hpz_partition_size": _unsupported("ZeRO++ hierarchical partitioning", 1),
         "mics_shard_size": _unsupported("MiCS sharding", -1),
         "mics_hierarchical_params_gather": _unsupported("MiCS sharding", False),
-        "cpu_offload": _unsupported("DeepSpeed's deprecated optimizer offload switch", False,
-                                    instead="use offload_optimizer.device 'cpu'"),
-        "cpu_offload_param": _unsupported("DeepSpeed's deprecated parameter offload switch", False),
-        "cpu_offload_use_pin_memory": _unsupported("DeepSpeed's deprecated pinning switch", False,
-                                                   instead="use offload_optimizer.pin_memory"),
+        # cpu_offload is mapped to offload_optimizer before this table is read (_map_cpu_offload).
+        "cpu_offload_param": _unsupported("DeepSpeed's deprecated parameter offload switch (ZeRO-3)", False),
+        "cpu_offload_use_pin_memory": _hint("DeepSpeed's deprecated pinning switch, which DeepSpeed no longer maps "
+                                            "to anything (pinning is offload_optimizer.pin_memory)"),
         "zenflow": _unsupported("ZenFlow's asynchronous updates"),
         "leaf_module": _unsupported("ZeRO-3 leaf modules"),
         "save_muon_momentum_buffer_in_memory": _unsupported("the Muon optimizer", False),
@@ -129,7 +139,6 @@ DEEPSPEED_KEYS: dict[str, dict[str, DeepSpeedKey]] = {
         "super_offload": _unsupported("SuperOffload for superchips", False),
     },
     "fp16": {
-        "auto_cast": _unsupported("casting the inputs to fp16", False),
         "fp16_master_weights_and_grads": _unsupported("fp16 master weights", False),
     },
     "bf16": {
@@ -154,6 +163,9 @@ DEEPSPEED_KEYS: dict[str, dict[str, DeepSpeedKey]] = {
 # Any zero_optimization key with this prefix is a ZeRO-3 setting.
 STAGE3_PREFIX = "stage3_"
 _STAGE3 = _unsupported("a ZeRO-3 setting (parameter partitioning)")
+# zero_optimization keys DeepSpeed reads at stage 3 only: at stages 0-2 it ignores them, and so do we
+# (with a warning), because configs generated for any stage carry them (DeepSpeed-Chat's always do).
+_STAGE3_ONLY = {"offload_param", "cpu_offload_param"}
 
 
 def _harmless(key: DeepSpeedKey, value) -> bool:
@@ -187,14 +199,22 @@ def _lookup(section: str, name) -> DeepSpeedKey | None:
     return None
 
 
-def _sort_section(data: dict, section: str, errors: list, warnings: list, skip=()) -> None:
+def _stage3_only(section: str, name, key: DeepSpeedKey) -> bool:
+    return section == "zero_optimization" and (name in _STAGE3_ONLY or key is _STAGE3 or
+                                               key.reason == _STAGE3.reason)
+
+
+def _sort_section(data: dict, section: str, errors: list, warnings: list, skip=(), zero_stage=None) -> None:
     for name in list(data):
         key = _lookup(section, name)
         if key is None or name in skip:
             continue
         value = data.pop(name)
         path = join_path(section, name)
-        if key.kind == HINT:
+        if zero_stage is not None and zero_stage < 3 and _stage3_only(section, name, key):
+            warnings.append(f"{path} applies at ZeRO stage 3 only ({key.reason}); DeepSpeed ignores it at stage "
+                            f"{zero_stage}, and so does offload_engine")
+        elif key.kind == HINT:
             warnings.append(f"{path} has no effect in offload_engine ({key.reason}); ignored")
         elif _harmless(key, value):
             warnings.append(f"{path} = {show(value)} keeps DeepSpeed's default, which is what offload_engine does "
@@ -204,6 +224,30 @@ def _sort_section(data: dict, section: str, errors: list, warnings: list, skip=(
             errors.append((path, f"{key.reason} is not supported by offload_engine{instead}; remove the key"))
 
 
+def _map_cpu_offload(zero: dict, errors: list, warnings: list) -> None:
+    """DeepSpeed's deprecated ``zero_optimization.cpu_offload``, mapped as DeepSpeed maps it: true is
+    ``offload_optimizer: {"device": "cpu"}``, false nothing; given beside ``offload_optimizer`` it
+    is an error, as in DeepSpeed (two spellings of one setting)."""
+    if "cpu_offload" not in zero:
+        return
+    value = zero.pop("cpu_offload")
+    path = "zero_optimization.cpu_offload"
+    if value is None:
+        return
+    if not isinstance(value, bool):
+        errors.append((path, f"must be true or false (DeepSpeed's deprecated spelling of offload_optimizer), "
+                             f"got {show(value)}"))
+    elif zero.get("offload_optimizer") is not None:
+        errors.append((path, "is DeepSpeed's deprecated spelling of offload_optimizer, which is given too; "
+                             "keep offload_optimizer and remove cpu_offload (DeepSpeed refuses both as well)"))
+    elif value:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        warnings.append(f"{path} = true is deprecated; read as offload_optimizer: {{\"device\": \"cpu\"}}, "
+                        "as DeepSpeed reads it")
+    else:
+        warnings.append(f"{path} = false is deprecated and changes nothing; ignored")
+
+
 def sort_deepspeed_keys(data: dict, optimizer_algorithm=None) -> tuple[list[tuple[str, str]], list[str]]:
     """Removes the DeepSpeed-only keys from ``data`` (a private copy) and returns (errors,
     warnings). ``optimizer_algorithm``: "adam"/"lion" when the optimizer type is known, so that
@@ -211,10 +255,14 @@ def sort_deepspeed_keys(data: dict, optimizer_algorithm=None) -> tuple[list[tupl
     errors: list[tuple[str, str]] = []
     warnings: list[str] = []
     _sort_section(data, "", errors, warnings)
+    zero = data.get("zero_optimization")
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    stage = stage if isinstance(stage, int) and not isinstance(stage, bool) else None  # a bad one: models.py says
+    if isinstance(zero, dict):
+        _map_cpu_offload(zero, errors, warnings)
     for section in ("fp16", "bf16", "zero_optimization", "optimizer"):
         if isinstance(data.get(section), dict):
-            _sort_section(data[section], section, errors, warnings)
-    zero = data.get("zero_optimization")
+            _sort_section(data[section], section, errors, warnings, zero_stage=stage)
     if isinstance(zero, dict) and isinstance(zero.get("offload_optimizer"), dict):
         offload = zero["offload_optimizer"]
         _sort_section(offload, "zero_optimization.offload_optimizer", errors, warnings)

@@ -67,9 +67,19 @@ Examples with a comment on every key: `configs/` (see configs/README.md).
   is an error (JSON itself would silently keep the last one).
 * **Comments.** JSON has none, so any key that starts with `_comment` (`"_comment"`,
   `"_comment_batch"`, ...) is ignored, at any depth.
-* **DeepSpeed keys this package does not implement** are sorted into hints (accepted with one
-  `ConfigWarning` per key) and unsupported features (a `ConfigError` per key), listed at the end
-  of this page. Warnings are issued only when the config loads.
+* **DeepSpeed keys this package does not implement** follow one rule: a config DeepSpeed
+  accepts loads here with the same meaning, or fails naming the key whose meaning cannot be
+  honoured. Where DeepSpeed ignores a key, or it changes nothing here, it is accepted with one
+  `ConfigWarning` naming it and saying why: a *hint* (speed, logging, keys DeepSpeed's engine does
+  not read itself, such as `activation_checkpointing` or `cuda_visible_devices`), a ZeRO-3 key
+  (`offload_param`, `stage3_*`, ...) in a config of stage 0-2, where DeepSpeed ignores it too (the
+  configs DeepSpeed-Chat generates carry them at every stage), or an unsupported key given the
+  value this package does anyway. A deprecated spelling is mapped as DeepSpeed maps it
+  (`zero_optimization.cpu_offload: true` is `offload_optimizer: {"device": "cpu"}`; with
+  `offload_optimizer` beside it, an error, as in DeepSpeed). A key whose meaning this package
+  does not implement is a `ConfigError` naming it. The tables are at the end of this page;
+  tests/test_real_deepspeed_configs.py loads real configs from public repositories
+  (tests/fixtures/ds_configs) by this rule. Warnings are issued only when the config loads.
 """
 
 BATCH = """\
@@ -154,6 +164,8 @@ DIFFERENCES = """\
   coerce some of them.
 * An unknown scheduler `warmup_type` is an error (DeepSpeed falls back to `log` with a warning),
   and so is `total_num_steps` below `warmup_num_steps` (DeepSpeed warns).
+* `warmup_num_steps: 0`, the Hugging Face Trainer's default warmup, warms up over 2 steps with a
+  warning, as DeepSpeed before 0.19.6 did; DeepSpeed 0.19.6 and later refuse it.
 * `optimizer.params.adam_w_mode: false` with type `AdamW` is an error (DeepSpeed ignores it).
 * `torch_adam` is accepted with a warning: the same math runs in this package's kernels.
 * Performance hints are accepted with a warning, and features this package lacks are errors,
@@ -282,8 +294,13 @@ def _deepspeed_table() -> str:
                     note += f" (DeepSpeed's default {' or '.join(_json(v) for v in entry.harmless)}: a warning)"
                 rows.append([f"`{path}`", "unsupported: error", note])
     rows.append([f"`zero_optimization.{STAGE3_PREFIX}*`", "unsupported: error", "ZeRO-3 settings"])
-    return ("## DeepSpeed keys without an equivalent here\n\nA *hint* changes speed or logging only and is "
-            "accepted with a warning. An *unsupported* key controls a feature this package does not implement "
+    rows.append(["`zero_optimization.cpu_offload`", "deprecated: mapped",
+                 "true is `offload_optimizer: {\"device\": \"cpu\"}`, false nothing (a warning either way); "
+                 "an error beside `offload_optimizer`"])
+    return ("## DeepSpeed keys without an equivalent here\n\nA *hint* changes speed or logging only, or is "
+            "read by DeepSpeed elsewhere than its engine, and is accepted with a warning. At ZeRO stages 0-2 the "
+            "ZeRO-3 keys (`offload_param`, `cpu_offload_param`, `stage3_*` and the other ZeRO-3 settings below) "
+            "are accepted with a warning, as DeepSpeed ignores them there. An *unsupported* key controls a feature this package does not implement "
             "and is an error, unless its value is what this package does anyway (null, an empty object, an "
             "object with `\"enabled\": false`, or the DeepSpeed default listed), which is accepted with a "
             "warning. Any other unknown key is an error with a did-you-mean.\n\n"

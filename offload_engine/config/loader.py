@@ -113,6 +113,11 @@ def _prepare(raw: dict) -> tuple[dict, list[Problem], list[str]]:
     algorithm = _canonical_types(data, problems)
     ds_problems, notes = sort_deepspeed_keys(data, algorithm)
     problems += ds_problems
+    scheduler = data.get("scheduler")
+    params = scheduler.get("params") if isinstance(scheduler, dict) else None
+    if isinstance(params, dict) and params.get("warmup_num_steps") == 0 and params["warmup_num_steps"] is not False:
+        notes.append("scheduler.params.warmup_num_steps = 0 (the Hugging Face Trainer's default) warms up over 2 "
+                     "steps, as DeepSpeed before 0.19.6 did (0.19.6 and later refuse 0)")
     _check_engine_owned(data, problems)
     return data, problems, notes
 

@@ -47,6 +47,10 @@ class FP16Config(Section):
     consecutive_hysteresis: bool = Field(
         False, description="Refill the hysteresis budget after every step without overflow.")
     min_loss_scale: PositiveFloat = Field(1.0, description="The dynamic loss scale never drops below this.")
+    auto_cast: bool = Field(
+        False, description="engine(...) casts the floating-point tensors among its inputs (nested in lists, tuples "
+                           "and dicts too) to fp16 before the module sees them, as DeepSpeed's auto_cast does; "
+                           "with enabled true only.")
 
 
 class BF16Config(Section):

@@ -5,7 +5,9 @@ schedules themselves are offload_engine/schedulers.py.
 Where this is stricter than DeepSpeed (as offload_engine/schedulers.py is): an unknown
 ``warmup_type`` is an error (DeepSpeed logs a warning and falls back to ``log``), so is a
 ``total_num_steps`` below ``warmup_num_steps`` (resolve.py; DeepSpeed warns), and lrs must be
-finite and >= 0, ratios in [0, 1]. ``warmup_num_steps`` must be an int >= 1, as DeepSpeed checks.
+finite and >= 0, ratios in [0, 1]. More lenient: ``warmup_num_steps`` 0 (the Hugging Face
+Trainer's default warmup) warms up over 2 steps, as DeepSpeed before 0.19.6 did, with a warning
+(loader.py); DeepSpeed 0.19.6 and later refuse it.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, PlainValidator, create_model
 
-from .base import PositiveInt, Section
+from .base import NonNegativeInt, PositiveInt, Section
 
 __all__ = ["DEEPSPEED_ONLY_SCHEDULERS", "SCHEDULER_PARAMS_MODELS", "SCHEDULER_SECTIONS", "SCHEDULER_SUMMARIES"]
 
@@ -45,8 +47,12 @@ _FIELDS = {
                                  "group).")),
     "warmup_max_lr": (LrOrList | None, ("Learning rate reached at the end of the warmup (a number or a list per "
                                         "param group).")),
-    "warmup_num_steps": (PositiveInt, ("Number of warmup steps (an int >= 1; as in DeepSpeed, fewer than 2 act as "
-                                       "2).")),
+    "warmup_num_steps": (NonNegativeInt, ("Number of warmup steps (an int >= 0; as in DeepSpeed, fewer than 2 act "
+                                          "as 2).")),
+    "last_batch_iteration": (Annotated[int, Field(ge=-1)], ("The index of the last batch already trained: -1 starts "
+                                                            "the schedule from the beginning, k >= 0 resumes it "
+                                                            "after step k (the optimizer's lrs are left alone), as "
+                                                            "DeepSpeed's schedules do.")),
     "warmup_type": (WarmupType, "Shape of the warmup: 'log' (logarithmic, DeepSpeed's default) or 'linear'."),
     "total_num_steps": (PositiveInt, ("Total number of training steps (optimizer steps), at least "
                                       "warmup_num_steps; required.")),
@@ -59,11 +65,12 @@ _FIELDS = {
 _REQUIRED = ...
 _DEFAULTS: dict[str, dict] = {
     # DeepSpeed's WarmupLR: warmup_max_lr None means "the optimizer's lr" (DeepSpeed >= 0.14).
-    "WarmupLR": {"warmup_min_lr": 0.0, "warmup_max_lr": None, "warmup_num_steps": 1000, "warmup_type": "log"},
+    "WarmupLR": {"warmup_min_lr": 0.0, "warmup_max_lr": None, "warmup_num_steps": 1000, "warmup_type": "log",
+                 "last_batch_iteration": -1},
     "WarmupDecayLR": {"total_num_steps": _REQUIRED, "warmup_min_lr": 0.0, "warmup_max_lr": 0.001, "warmup_num_steps": 1000,
-                          "warmup_type": "log"},
+                          "warmup_type": "log", "last_batch_iteration": -1},
     "WarmupCosineLR": {"total_num_steps": _REQUIRED, "warmup_min_ratio": 0.0, "warmup_num_steps": 1000,
-                           "cos_min_ratio": 0.0001, "warmup_type": "log"},
+                           "cos_min_ratio": 0.0001, "warmup_type": "log", "last_batch_iteration": -1},
 }
 
 SCHEDULER_SUMMARIES = {

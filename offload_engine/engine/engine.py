@@ -28,6 +28,18 @@ from .loss_scaler import LossScaler
 log = logging.getLogger("offload_engine")
 
 
+def _floats_to_half(value):
+    """fp16.auto_cast: floating-point tensors to fp16, through lists, tuples and dicts; the rest
+    (token ids, masks, other objects) as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.half() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {key: _floats_to_half(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_floats_to_half(item) for item in value)
+    return value
+
+
 class OffloadEngine:
     """Returned by offload_engine.initialize(); see the module docstring."""
 
@@ -65,6 +77,8 @@ class OffloadEngine:
         return self.forward(*inputs, **kwargs)
 
     def forward(self, *inputs, **kwargs):
+        if self.precision == "fp16" and self.config.fp16.auto_cast:
+            inputs, kwargs = _floats_to_half(inputs), _floats_to_half(kwargs)
         return self.module(*inputs, **kwargs)
 
     def train(self, mode: bool = True):
