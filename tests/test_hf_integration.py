@@ -12,8 +12,10 @@ two CPU cores. Skipped where transformers or peft are not installed (the ``test`
 both).
 """
 import inspect
+import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -434,3 +436,53 @@ def test_lora_through_the_engine_holds_state_for_adapters_only(config):
             assert torch.equal(p.detach(), expected.to(p.dtype)), n
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0]
     opt.close()
+
+
+# ---- an engine config with "auto" values, through the Trainer -----------------------------------
+HF_ZERO2 = Path(__file__).parent / "fixtures" / "hf_ds_config_zero2.json"
+
+
+def test_trainer_optimizers_fill_auto_as_the_trainer_fills_deepspeeds(tmp_path):
+    from offload_engine.hf import trainer_optimizers
+
+    model = tiny_gpt2()
+    args = training_args(tmp_path / "out", 10, learning_rate=3e-3, adam_beta1=0.8, weight_decay=0.05,
+                         warmup_steps=3)
+    opt, sched = trainer_optimizers(HF_ZERO2, model, args)
+    group = opt.param_groups[0]
+    assert (group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"]) == (
+        pytest.approx(0.0), (0.8, 0.999), 1e-8, 0.05)  # the warmup starts at warmup_min_lr 0
+    assert (sched.warmup_num_steps, sched.total_num_steps, sched.max_lrs) == (3, 10, [3e-3] * len(opt.param_groups))
+    # offload_optimizer device cpu: the fp32 state in host pages, as the engine reads the same config
+    assert isinstance(opt, PagedAdamW) and len(group["params"]) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="gradient_clipping"):  # a value in both places that disagrees
+        cfg = json.loads(HF_ZERO2.read_text())
+        cfg["gradient_clipping"] = 0.5
+        trainer_optimizers(cfg, model, args)
+    with pytest.raises(ValueError, match="num_training_steps= or set TrainingArguments.max_steps"):
+        trainer_optimizers(HF_ZERO2, model, training_args(tmp_path / "out", -1, num_train_epochs=1))
+
+
+def test_trainer_with_an_auto_config_resumes_bit_for_bit(tmp_path):
+    from offload_engine.hf import trainer_optimizers
+
+    def run(resume=None):
+        model = tiny_gpt2()
+        args = training_args(tmp_path / "out", 10, save_strategy="steps", save_steps=5, learning_rate=1e-2,
+                             warmup_steps=2)
+        opt, sched = trainer_optimizers(HF_ZERO2, model, args)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=PatternDataset(),
+                                       optimizers=(opt, sched))
+        trainer.train(resume_from_checkpoint=resume)
+        return model, opt, sched, logged_losses(trainer)
+
+    full, full_opt, full_sched, losses = run()
+    assert losses[-1] < losses[0]
+    resumed, resumed_opt, resumed_sched, _ = run(resume=str(tmp_path / "out" / "checkpoint-5"))
+    assert resumed_sched.last_batch_iteration == full_sched.last_batch_iteration == 9
+    assert resumed_opt.paging_stats()["steps"] == 5  # it did resume: only the second half ran here
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(bits(p), bits(q)), name
+        assert torch.equal(full_opt.logical_state(p)["exp_avg"], resumed_opt.logical_state(q)["exp_avg"]), name
+    full_opt.close()
+    resumed_opt.close()

@@ -35,7 +35,9 @@ def _floats_to_half(value):
         return value.half() if value.is_floating_point() else value
     if isinstance(value, dict):
         return {key: _floats_to_half(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple takes its fields as arguments
+        return type(value)(*(_floats_to_half(item) for item in value))
+    if isinstance(value, (list, tuple)):
         return type(value)(_floats_to_half(item) for item in value)
     return value
 
