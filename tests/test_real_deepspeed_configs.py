@@ -148,3 +148,41 @@ def test_a_warmup_of_0_is_a_warmup_of_2_with_a_warning():
     assert lrs(0) == lrs(2) and lrs(0) != lrs(3)
     _, notes = _load({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 0}}})
     assert [n for n in notes if n.startswith("scheduler.params.warmup_num_steps = 0")]
+
+
+# ---- "auto" without the Trainer --------------------------------------------------------------------
+HF_ZERO2 = Path(__file__).parent / "fixtures" / "hf_ds_config_zero2.json"
+
+
+def test_auto_without_the_trainer_is_refused_naming_what_is_missing():
+    with pytest.raises(ConfigError) as err:
+        load_config(str(HF_ZERO2))
+    paths = sorted(p for p, _ in err.value.errors)
+    assert paths == ["gradient_clipping", "scheduler.params.total_num_steps", "scheduler.params.warmup_num_steps"]
+    assert "max_grad_norm" in str(err.value) and "run's length" in str(err.value)
+
+
+def test_auto_without_the_trainer_is_filled_from_what_the_engine_knows():
+    raw = json.loads(HF_ZERO2.read_text())
+    raw["gradient_clipping"] = 1.0
+    raw["optimizer"]["params"]["lr"] = 3e-3
+    raw["scheduler"]["params"].update(warmup_num_steps=2, total_num_steps=20)
+    model = torch.nn.Linear(8, 8)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always", ConfigWarning)
+        engine, opt, _, sched = offload_engine.initialize(model, raw)
+    notes = [str(w.message) for w in record if issubclass(w.category, ConfigWarning)]
+    # the type's defaults: the same config with the "auto" keys left out
+    plain = {**raw, "optimizer": {"type": "AdamW", "params": {"lr": 3e-3}}}
+    _, reference, _, _ = offload_engine.initialize(torch.nn.Linear(8, 8), plain)
+    group, default = opt.param_groups[0], reference.param_groups[0]
+    reference.close()
+    assert type(opt) is type(reference)
+    assert {k: v for k, v in group.items() if k != "params"} == {k: v for k, v in default.items() if k != "params"}
+    assert sched.max_lrs == [3e-3] and sched.min_lrs == [0.0]  # warmup_max_lr: the optimizer's lr
+    assert engine.train_batch_size == 1 and engine.gradient_accumulation_steps == 1
+    for key in ("optimizer.params.betas", "optimizer.params.eps", "optimizer.params.weight_decay",
+                "scheduler.params.warmup_max_lr", "scheduler.params.warmup_min_lr", "fp16.enabled",
+                "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        assert [n for n in notes if n.startswith(f"{key} = \"auto\"")], key
+    opt.close()

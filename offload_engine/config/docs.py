@@ -56,7 +56,15 @@ Examples with a comment on every key: `configs/` (see configs/README.md).
 
 * **Strict values.** A boolean is JSON `true`/`false` (not `"yes"`, not `1`); an integer is a
   JSON integer (not `2.0`); a number is never a string (`"1e-3"` is rejected) and never NaN or
-  infinite. Hugging Face's `"auto"` placeholders are rejected with a note saying so.
+  infinite.
+* **`"auto"`**, the Hugging Face Trainer's placeholder: with the Trainer,
+  `offload_engine.hf.trainer_optimizers` fills every one from the TrainingArguments by
+  transformers' own code ([huggingface.md](huggingface.md)). Without it, the batch sizes are
+  derived from the other batch keys, `optimizer.params` take the type's defaults, `fp16.enabled`
+  is false, the schedule's `warmup_min_lr` its default and `warmup_max_lr` the optimizer's lr,
+  each with a warning; `gradient_clipping`, `warmup_num_steps` and `total_num_steps` are errors
+  naming what they need (the Trainer's `max_grad_norm`, warmup, the run's length), and so is
+  `"auto"` anywhere else. `bf16.enabled: "auto"` is the engine's own (below).
 * **Unknown keys are errors**, with the closest valid key suggested
   (`gradient_cliping` -> "did you mean 'gradient_clipping'?"). Optimizer and scheduler type names
   match case-insensitively, as in DeepSpeed; an unknown one gets a suggestion too.

@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .auto import fill_auto
 from .deepspeed_keys import sort_deepspeed_keys
 from .errors import ConfigError, ConfigWarning, closest, join_path, one_of, show
 from .models import EngineConfig
@@ -66,11 +67,11 @@ def load_config(config: str | os.PathLike[str] | dict[str, Any], world_size: int
     if not isinstance(raw, dict):
         raise ConfigError.single("", f"the config must be a JSON object (a dict) or the path of a JSON file, got "
                                      f"{type(raw).__name__} {show(raw)}", source=source)
-    data, problems, notes = _prepare(raw)
+    data, problems, notes, refused = _prepare(raw)
     try:
         cfg = EngineConfig.model_validate(data)
     except ValidationError as err:
-        problems += problems_from_validation_error(err, EngineConfig, data)
+        problems += [p for p in problems_from_validation_error(err, EngineConfig, data) if p[0] not in refused]
         cfg = None
     if cfg is None or problems:
         raise ConfigError(_in_input_order(_as_written(problems, raw), raw), source=source)
@@ -100,8 +101,9 @@ def load_config(config: str | os.PathLike[str] | dict[str, Any], world_size: int
     return cfg
 
 
-def _prepare(raw: dict) -> tuple[dict, list[Problem], list[str]]:
-    """Steps 2-4 of the module docstring: (the data to validate, problems, warnings)."""
+def _prepare(raw: dict) -> tuple[dict, list[Problem], list[str], set[str]]:
+    """Steps 2-4 of the module docstring: (the data to validate, problems, warnings, the paths
+    whose "auto" was refused)."""
     data = _without_comments(raw)
     problems: list[Problem] = list(getattr(raw, "duplicate_problems", ()))
     if "bfloat16" in data:  # DeepSpeed's old name for the bf16 section
@@ -113,13 +115,14 @@ def _prepare(raw: dict) -> tuple[dict, list[Problem], list[str]]:
     algorithm = _canonical_types(data, problems)
     ds_problems, notes = sort_deepspeed_keys(data, algorithm)
     problems += ds_problems
+    refused = fill_auto(data, problems, notes)
     scheduler = data.get("scheduler")
     params = scheduler.get("params") if isinstance(scheduler, dict) else None
     if isinstance(params, dict) and params.get("warmup_num_steps") == 0 and params["warmup_num_steps"] is not False:
         notes.append("scheduler.params.warmup_num_steps = 0 (the Hugging Face Trainer's default) warms up over 2 "
                      "steps, as DeepSpeed before 0.19.6 did (0.19.6 and later refuse 0)")
     _check_engine_owned(data, problems)
-    return data, problems, notes
+    return data, problems, notes, refused
 
 
 def _as_written(problems: list[Problem], raw: dict) -> list[Problem]:
