@@ -76,7 +76,7 @@ setup(
     install_requires=["torch>=2.4", "ninja", "psutil", "pydantic>=2.5", "tqdm"],
     package_data={"offload_engine.train": ["data/*.txt", "data/*.json"]},
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "numpy", "transformers>=4.40", "peft>=0.10", "matplotlib>=3.7",
+        "test": ["pytest>=7", "hypothesis>=6", "numpy", "transformers>=4.40", "peft>=0.10", "accelerate>=1.0", "matplotlib>=3.7",
                  # the mpiexec launcher test: MPICH's binary wheel (mpiexec) and mpi4py's (seconds to install)
                  "mpich", "mpi4py",
                  # the deepspeed launcher tests (one host, and two with a hostfile) and the DeepSpeed

@@ -486,3 +486,45 @@ def test_trainer_with_an_auto_config_resumes_bit_for_bit(tmp_path):
         assert torch.equal(full_opt.logical_state(p)["exp_avg"], resumed_opt.logical_state(q)["exp_avg"]), name
     full_opt.close()
     resumed_opt.close()
+
+
+# ---- QLoRA on CPU: a bitsandbytes 4-bit base, a peft adapter, our 8-bit paged state -----------
+def qlora_model(saved):
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(saved, quantization_config=quant, device_map="cpu")
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+
+
+def test_qlora_on_cpu_through_the_trainer(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    saved = tmp_path / "base"
+    tiny_llama().save_pretrained(saved)
+
+    def run(make_opt):
+        torch.manual_seed(0)
+        model = qlora_model(saved)
+        packed = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        adapters = [p for p in model.parameters() if p.requires_grad]
+        opt = make_opt(adapters)
+        trainer = transformers.Trainer(model=model, args=training_args(tmp_path / "out", 12, learning_rate=1e-2),
+                                       train_dataset=PatternDataset(), optimizers=(opt, None))
+        trainer.train()
+        return model, opt, packed, adapters, logged_losses(trainer)
+
+    model, opt, packed, adapters, losses = run(
+        lambda ps: PagedAdamW8bit(ps, lr=1e-2, min_8bit_size=0, page_size_mb=MIN_PAGE_MB))
+    assert packed and all(isinstance(dict(model.named_modules())[n], bnb.nn.Linear4bit) for n in packed)
+    for name, module in model.named_modules():  # the 4-bit base is frozen: its packed codes unchanged
+        if name in packed:
+            assert torch.equal(module.weight, packed[name]), name
+    assert sum(losses[-3:]) < sum(losses[:3])
+    # state for the adapters only, 8-bit
+    assert opt.paging_stats()["state_bytes"] == sum(int8_state_bytes(p.numel()) for p in adapters)
+    # and bit for bit the unpaged 8-bit optimizer's run
+    _, twin, _, twin_adapters, twin_losses = run(lambda ps: AdamW8bit(ps, lr=1e-2, min_8bit_size=0))
+    assert losses == twin_losses
+    for p, q in zip(adapters, twin_adapters):
+        assert torch.equal(bits(p), bits(q))
+    opt.close()
